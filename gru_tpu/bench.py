@@ -1,0 +1,188 @@
+"""Side-by-side GRU benchmark: gru_tpu vs torch.nn.GRU vs Flax linen nn.RNN(nn.GRUCell).
+
+  python scripts/bench.py --json bench.json          (also: gru-tpu bench ...)
+
+All three run the same function: linen and gru_tpu get torch's weights (nonzero biases), and the
+largest output difference is recorded so a speed-up can never come from computing something else.
+Reports tokens/s for a train step (forward + backward to parameter gradients, loss = mean(y²)) and
+a forward pass, T-scaling (T=256 -> 1024), and compiled activation memory with and without remat.
+Ratios are what to quote: absolute numbers move with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+SHAPES = [(32, 256, 256), (64, 128, 512)]  # (B, T, H = I)
+QUICK_SHAPES = [(4, 16, 32)]
+
+
+def _timeit(fn, repeats: int) -> float:
+  fn()
+  fn()  # compile + warm caches
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _torch_gru(H: int, seed: int = 0):
+  import torch
+  torch.manual_seed(seed)
+  return torch.nn.GRU(H, H, batch_first=True)
+
+
+def _linen_params(ref, H: int):
+  """torch weights as linen GRUCell params (linen folds b_hr, b_hz into the input biases)."""
+  w = lambda n: ref.state_dict()[n].numpy()
+  W_i, W_h, b_i, b_h = w("weight_ih_l0"), w("weight_hh_l0"), w("bias_ih_l0"), w("bias_hh_l0")
+  cell = {}
+  for k, name in enumerate("rzn"):
+    rows = slice(k * H, (k + 1) * H)
+    cell[f"i{name}"] = {"kernel": W_i[rows].T,
+                        "bias": b_i[rows] + (b_h[rows] if name != "n" else 0)}
+    cell[f"h{name}"] = {"kernel": W_h[rows].T}
+  cell["hn"]["bias"] = b_h[2 * H:]
+  return {"params": {"cell": jax.tree.map(jnp.asarray, cell)}}
+
+
+def bench_shape(B: int, T: int, H: int, repeats: int) -> dict:
+  import flax.linen as linen
+  import torch
+
+  from gru_tpu.convert import gru_from_torch
+
+  ref = _torch_gru(H)
+  x_np = np.random.default_rng(0).standard_normal((B, T, H)).astype(np.float32)
+  x_t, x_j = torch.tensor(x_np), jnp.asarray(x_np)
+  tokens = B * T
+
+  def torch_fwd():
+    with torch.no_grad():
+      return ref(x_t)[0]
+
+  def torch_train():
+    ref.zero_grad(set_to_none=True)
+    y, _ = ref(x_t)
+    (y * y).mean().backward()
+
+  ours = gru_from_torch(ref)
+  graphdef, params = nnx.split(ours)
+  ours_fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0])
+  ours_train = jax.jit(jax.grad(lambda p, x: jnp.mean(nnx.merge(graphdef, p)(x)[0] ** 2)))
+
+  rnn = linen.RNN(linen.GRUCell(H))
+  lparams = _linen_params(ref, H)
+  linen_fwd = jax.jit(rnn.apply)
+  linen_train = jax.jit(jax.grad(lambda p, x: jnp.mean(rnn.apply(p, x) ** 2)))
+
+  y_ref = torch_fwd().numpy()
+  max_diff = {"gru_tpu": float(np.abs(np.asarray(ours_fwd(params, x_j)) - y_ref).max()),
+              "flax_linen": float(np.abs(np.asarray(linen_fwd(lparams, x_j)) - y_ref).max())}
+  block = jax.block_until_ready
+  rows = {
+      "torch": (torch_train, torch_fwd),
+      "gru_tpu": (lambda: block(ours_train(params, x_j)), lambda: block(ours_fwd(params, x_j))),
+      "flax_linen": (lambda: block(linen_train(lparams, x_j)),
+                     lambda: block(linen_fwd(lparams, x_j))),
+  }
+  out = {"B": B, "T": T, "H": H, "max_abs_diff_vs_torch": max_diff}
+  for name, (train, fwd) in rows.items():
+    out[name] = {"train_tok_s": tokens / _timeit(train, repeats),
+                 "fwd_tok_s": tokens / _timeit(fwd, repeats)}
+  for name in ("torch", "flax_linen"):
+    out[f"train_vs_{name}"] = out["gru_tpu"]["train_tok_s"] / out[name]["train_tok_s"]
+    out[f"fwd_vs_{name}"] = out["gru_tpu"]["fwd_tok_s"] / out[name]["fwd_tok_s"]
+  return out
+
+
+def _train_fn(B: int, T: int, H: int, remat: bool):
+  from gru_tpu.models import GRU
+  graphdef, params = nnx.split(GRU(H, H, remat=remat, rngs=nnx.Rngs(0)))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((B, T, H)), jnp.float32)
+  train = jax.jit(jax.grad(lambda p, x: jnp.mean(nnx.merge(graphdef, p)(x)[0] ** 2)))
+  return train, params, x
+
+
+def bench_scaling(B: int, H: int, Ts: tuple[int, int], repeats: int) -> dict:
+  """Time per token must stay flat in T; quadratic output stacking (jax#40101) would show here."""
+  secs = {}
+  for T in Ts:
+    train, params, x = _train_fn(B, T, H, remat=False)
+    secs[T] = _timeit(lambda: jax.block_until_ready(train(params, x)), repeats)
+  return {"B": B, "H": H, "T": list(Ts), "train_s": [secs[T] for T in Ts],
+          "time_ratio": secs[Ts[1]] / secs[Ts[0]], "length_ratio": Ts[1] / Ts[0]}
+
+
+def bench_remat(B: int, T: int, H: int, repeats: int) -> dict:
+  """Activation memory = compiled temp buffers of the train step (params/inputs excluded)."""
+  out = {"B": B, "T": T, "H": H}
+  for remat in (False, True):
+    train, params, x = _train_fn(B, T, H, remat)
+    mem = train.lower(params, x).compile().memory_analysis()
+    out["remat" if remat else "no_remat"] = {
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "train_s": _timeit(lambda: jax.block_until_ready(train(params, x)), repeats)}
+  out["memory_cut"] = out["no_remat"]["temp_bytes"] / out["remat"]["temp_bytes"]
+  out["time_cost"] = out["remat"]["train_s"] / out["no_remat"]["train_s"]
+  return out
+
+
+def run(quick: bool = False, repeats: int = 5) -> dict:
+  import torch
+  shapes = QUICK_SHAPES if quick else SHAPES
+  result = {
+      "machine": {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+                  "processor": platform.processor() or platform.machine(),
+                  "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
+                  "torch": torch.__version__},
+      "shapes": [bench_shape(*s, repeats=repeats) for s in shapes],
+      "t_scaling": bench_scaling(*((4, 16) if quick else (32, 256)),
+                                 Ts=(16, 64) if quick else (256, 1024), repeats=repeats),
+      "remat": bench_remat(*((4, 64, 16) if quick else (32, 1024, 256)), repeats=repeats),
+  }
+  return result
+
+
+def format_table(r: dict) -> str:
+  lines = [f"{'B,T,H':>14} | {'impl':>10} | {'train ktok/s':>12} | {'fwd ktok/s':>10}"]
+  for s in r["shapes"]:
+    for name in ("gru_tpu", "torch", "flax_linen"):
+      lines.append(f"{s['B']:>4},{s['T']:>4},{s['H']:>4} | {name:>10} | "
+                   f"{s[name]['train_tok_s'] / 1e3:12.1f} | {s[name]['fwd_tok_s'] / 1e3:10.1f}")
+    lines.append(f"{'':>14} | {'ratios':>10} | train {s['train_vs_torch']:.2f}x torch, "
+                 f"{s['train_vs_flax_linen']:.2f}x linen; fwd {s['fwd_vs_torch']:.2f}x torch, "
+                 f"{s['fwd_vs_flax_linen']:.2f}x linen")
+  sc, rm = r["t_scaling"], r["remat"]
+  lines.append(f"T-scaling train time T={sc['T'][1]}/T={sc['T'][0]}: {sc['time_ratio']:.2f} "
+               f"(linear = {sc['length_ratio']:.0f})")
+  lines.append(f"remat at (B,T,H)=({rm['B']},{rm['T']},{rm['H']}): activation memory "
+               f"{rm['no_remat']['temp_bytes'] / 2**20:.1f} -> {rm['remat']['temp_bytes'] / 2**20:.1f}"
+               f" MiB ({rm['memory_cut']:.1f}x less) at {rm['time_cost']:.2f}x time")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="gru-tpu bench", description=__doc__.splitlines()[0])
+  parser.add_argument("--json", default="bench.json", help="where to write the results")
+  parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+  parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run, for tests)")
+  args = parser.parse_args(argv)
+  result = run(quick=args.quick, repeats=args.repeats)
+  print(format_table(result))
+  with open(args.json, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {args.json}", file=sys.stderr)
+  return 0

@@ -1,0 +1,26 @@
+"""The `gru-tpu` command: thin dispatch to each subcommand's main(argv)."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "bench": ("gru_tpu.bench", "GRU speed/memory vs PyTorch and Flax linen, side by side"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    usage = "\n".join(f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items())
+    print(f"usage: gru-tpu COMMAND [ARGS]\n\ncommands:\n{usage}", file=sys.stderr)
+    known = not argv or argv[0] in ("-h", "--help")
+    if not known:
+      print(f"gru-tpu: unknown command {argv[0]!r}", file=sys.stderr)
+    return 0 if known else 2
+  import importlib
+  return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+
+
+if __name__ == "__main__":
+  sys.exit(main())

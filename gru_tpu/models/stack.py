@@ -1,0 +1,272 @@
+"""What every recurrent stack shares: argument checks, directions, layers, dropout, remat, step.
+
+A cell class (GRU, LSTM, MinGRU) supplies three pure functions of arrays:
+  _layer(p, x_TxDxBxI, mask_TxB, carry_DxBxH, rmask_DxBxH) -> (y_TxDxBxH, carry)
+  _cell_step(p, carry_DxBxH, x_BxI) -> (carry, y_BxH)            (D = 1)
+  _zero_carry(D, B) -> carry pytree of (D, B, H) leaves
+Everything here is time-major inside: the batch-major input is transposed once on entry and once
+on exit, and a bidirectional layer runs both directions in one scan stacked on a D axis.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Carry = Any  # an array (GRU, MinGRU) or a tuple (h, c) (LSTM); leaves shaped (L·D, B, H)
+
+
+class RecurrentLayer(nnx.Module):
+  """One layer's parameters, both directions stacked on a leading D axis.
+
+  Gate blocks are concatenated along the last axis in PyTorch's order (GRU r|z|n, LSTM i|f|g|o),
+  kernels are (in, out) so the hoisted projection is a single x @ w_i.
+  """
+
+  def __init__(self, in_features: int, hidden: int, gates: int, directions: int, recurrent: bool,
+               param_dtype, rngs: nnx.Rngs):
+    # PyTorch's init: U(-1/sqrt(H), 1/sqrt(H)) for every weight and bias.
+    bound = 1.0 / math.sqrt(hidden)
+    init = lambda *shape: jax.random.uniform(rngs.params(), shape, param_dtype, -bound, bound)
+    self.w_i = nnx.Param(init(directions, in_features, gates * hidden))
+    self.b_i = nnx.Param(init(directions, gates * hidden))
+    if recurrent:
+      self.w_h = nnx.Param(init(directions, hidden, gates * hidden))
+      self.b_h = nnx.Param(init(directions, gates * hidden))
+
+  def arrays(self) -> dict[str, jax.Array]:
+    return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+class RecurrentStack(nnx.Module):
+  """Multi-layer, optionally bidirectional recurrent stack with torch.nn.RNN(batch_first=True) layouts."""
+
+  num_gates: int = 0
+  recurrent_weights: bool = True
+
+  def __init__(self, in_features: int, hidden_features: int, *, num_layers: int = 1,
+               bidirectional: bool = False, dropout: float = 0.0, recurrent_dropout: float = 0.0,
+               unroll: int = 1, remat: bool = False, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    name = type(self).__name__
+    for arg, value in (("in_features", in_features), ("hidden_features", hidden_features),
+                       ("num_layers", num_layers), ("unroll", unroll)):
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
+    for arg, value in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout)):
+      if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}: {arg} must be in [0, 1), got {value!r}")
+    self.in_features = in_features
+    self.hidden_features = hidden_features
+    self.num_layers = num_layers
+    self.bidirectional = bidirectional
+    self.num_directions = 2 if bidirectional else 1
+    self.dropout = dropout
+    self.recurrent_dropout = recurrent_dropout
+    self.unroll = unroll
+    self.remat = remat
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.deterministic = False  # flipped by model.eval() / model.train(), like nnx.Dropout
+    self.layers = nnx.List([
+        RecurrentLayer(in_features if l == 0 else hidden_features * self.num_directions,
+                       hidden_features, self.num_gates, self.num_directions,
+                       self.recurrent_weights, param_dtype, rngs)
+        for l in range(num_layers)])
+    self.rngs = rngs["dropout"].fork() if (dropout or recurrent_dropout) else nnx.data(None)
+
+  # -- cell hooks -----------------------------------------------------------------------------
+
+  def _layer(self, p, x_TxDxBxI, mask_TxB, carry, rmask_DxBxH):
+    raise NotImplementedError
+
+  def _cell_step(self, p, carry, x_BxI):
+    raise NotImplementedError
+
+  def _zero_carry(self, directions: int, batch: int) -> Carry:
+    return jnp.zeros((directions, batch, self.hidden_features), jnp.float32)
+
+  # -- helpers shared by the cells ------------------------------------------------------------
+
+  def _compute_dtype(self, x: jax.Array):
+    return self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, self.param_dtype)
+
+  def _project(self, p, x_TxDxBxI: jax.Array) -> jax.Array:
+    """The hoisted input projection: every timestep of a layer in one matmul, f32 out."""
+    cdt = self._compute_dtype(x_TxDxBxI)
+    gi = jnp.einsum("tdbi,dig->tdbg", x_TxDxBxI.astype(cdt), p["w_i"].astype(cdt),
+                    preferred_element_type=jnp.float32)
+    return gi + p["b_i"].astype(jnp.float32)[None, :, None, :]
+
+  # -- public API -----------------------------------------------------------------------------
+
+  def __call__(self, x_BxTxI: jax.Array, seq_lengths: jax.Array | None = None,
+               initial_carry: Carry | None = None, *, deterministic: bool | None = None,
+               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, Carry]:
+    """Runs the stack. Returns y (B, T, D·H) and the final carry, leaves (num_layers·D, B, H).
+
+    seq_lengths (B,) marks right padding: the carry freezes after each sequence's end, y is zero
+    there, and the reverse direction starts at each sequence's own last valid step.
+    """
+    x_BxTxI = jnp.asarray(x_BxTxI)
+    B, T = self._check_input(x_BxTxI)
+    seq_lengths = self._check_lengths(seq_lengths, B, T)
+    L, D = self.num_layers, self.num_directions
+    carry0 = self._check_carry(initial_carry, B)
+    deterministic = self.deterministic if deterministic is None else deterministic
+    train_noise = not deterministic and (self.dropout or self.recurrent_dropout)
+    stream = (rngs if rngs is not None else self.rngs) if train_noise else None
+    if train_noise and stream is None:
+      raise ValueError(f"{type(self).__name__}: dropout is on but no rngs were given; pass "
+                       "rngs=nnx.Rngs(dropout=...) to the constructor or the call, or use .eval()")
+    if isinstance(stream, nnx.Rngs):
+      stream = stream["dropout"]
+
+    mask_TxB = None if seq_lengths is None else jnp.arange(T)[:, None] < seq_lengths[None, :]
+    x_TxBxI = jnp.swapaxes(x_BxTxI, 0, 1)
+    finals = []
+    for l, layer in enumerate(self.layers):
+      if l > 0 and self.dropout and not deterministic:
+        keep = 1.0 - self.dropout
+        x_TxBxI = jnp.where(jax.random.bernoulli(stream(), keep, x_TxBxI.shape),
+                            x_TxBxI / keep, 0).astype(x_TxBxI.dtype)
+      rmask = None
+      if self.recurrent_dropout and not deterministic:
+        keep = 1.0 - self.recurrent_dropout
+        # Variational (Gal & Ghahramani): one mask per sequence, drawn outside the scan.
+        rmask = jax.random.bernoulli(stream(), keep, (D, B, self.hidden_features)) / keep
+      x_TxDxBxI = (x_TxBxI[:, None] if D == 1 else
+                   jnp.stack([x_TxBxI, reverse_padded(x_TxBxI, seq_lengths)], axis=1))
+      carry_l = jax.tree.map(lambda c: c[l * D:(l + 1) * D], carry0)
+      y_TxDxBxH, carry_l = self._run_layer(layer.arrays(), x_TxDxBxI, mask_TxB, carry_l, rmask)
+      if D == 2:
+        y_TxDxBxH = jnp.stack([y_TxDxBxH[:, 0], reverse_padded(y_TxDxBxH[:, 1], seq_lengths)], 1)
+      x_TxBxI = jnp.swapaxes(y_TxDxBxH, 1, 2).reshape(T, B, D * self.hidden_features)
+      finals.append(carry_l)
+    carry_n = jax.tree.map(lambda *cs: jnp.concatenate(cs, axis=0), *finals)
+    return jnp.swapaxes(x_TxBxI, 0, 1), carry_n
+
+  def _run_layer(self, p, x_TxDxBxI, mask_TxB, carry, rmask):
+    if not self.remat:
+      return self._layer(p, x_TxDxBxI, mask_TxB, carry, rmask)
+    # Remat: save only the carry at chunk boundaries (and the layer input); each chunk's
+    # projection and recurrence are recomputed in the backward pass. Chunks of ~sqrt(T) steps
+    # make both the saved boundaries and the recomputed chunk O(sqrt(T)).
+    T = x_TxDxBxI.shape[0]
+    K = max(1, round(math.sqrt(T)))
+    n = -(-T // K)
+    if n * K != T or mask_TxB is not None:
+      valid = jnp.arange(n * K) < T
+      mask_TxB = valid[:, None] & (jnp.ones((1, x_TxDxBxI.shape[2]), bool) if mask_TxB is None
+                                   else jnp.pad(mask_TxB, ((0, n * K - T), (0, 0))))
+      x_TxDxBxI = jnp.pad(x_TxDxBxI, ((0, n * K - T),) + ((0, 0),) * 3)
+    xs = x_TxDxBxI.reshape(n, K, *x_TxDxBxI.shape[1:])
+    ms = None if mask_TxB is None else mask_TxB.reshape(n, K, -1)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk(c, inp):
+      y, c = self._layer(p, inp[0], inp[1], c, rmask)
+      return c, y
+
+    carry, ys = jax.lax.scan(chunk, carry, (xs, ms))
+    return ys.reshape(n * K, *ys.shape[2:])[:T], carry
+
+  def initial_carry(self, batch_size: int) -> Carry:
+    """Zeros in the layout `step` takes: leaves (num_layers, B, H)."""
+    return self._zero_carry(self.num_layers, batch_size)
+
+  def step(self, carry: Carry, x_BxI: jax.Array) -> tuple[Carry, jax.Array]:
+    """One timestep through all layers (unidirectional, deterministic): for decoding."""
+    if self.bidirectional:
+      raise ValueError(f"{type(self).__name__}.step: a bidirectional stack cannot run one step "
+                       "at a time (the reverse direction needs the whole sequence)")
+    x_BxI = jnp.asarray(x_BxI)
+    if x_BxI.ndim != 2 or x_BxI.shape[-1] != self.in_features:
+      raise ValueError(f"{type(self).__name__}.step: x_BxI must have shape (batch, "
+                       f"{self.in_features}), got {x_BxI.shape}")
+    self._check_carry_shape(carry, (self.num_layers, x_BxI.shape[0], self.hidden_features),
+                            "carry")
+    outs = []
+    for l, layer in enumerate(self.layers):
+      c_l = jax.tree.map(lambda c: c[l:l + 1], carry)
+      c_l, x_BxI = self._cell_step(layer.arrays(), c_l, x_BxI)
+      outs.append(c_l)
+    return jax.tree.map(lambda *cs: jnp.concatenate(cs, axis=0), *outs), x_BxI
+
+  # -- argument checks ------------------------------------------------------------------------
+
+  def _check_input(self, x):
+    name = type(self).__name__
+    if x.ndim != 3:
+      raise ValueError(f"{name}: x_BxTxI must be rank 3 (batch, time, {self.in_features}), "
+                       f"got shape {x.shape}")
+    if x.shape[-1] != self.in_features:
+      raise ValueError(f"{name}: x_BxTxI has {x.shape[-1]} features but the model was built with "
+                       f"in_features={self.in_features}; expected shape (batch, time, "
+                       f"{self.in_features}), got {x.shape}")
+    if x.shape[1] == 0:
+      raise ValueError(f"{name}: x_BxTxI has no timesteps (shape {x.shape})")
+    return x.shape[0], x.shape[1]
+
+  def _check_lengths(self, seq_lengths, B, T):
+    if seq_lengths is None:
+      return None
+    name = type(self).__name__
+    seq_lengths = jnp.asarray(seq_lengths)
+    if seq_lengths.shape != (B,) or not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
+      raise ValueError(f"{name}: seq_lengths must be an int array of shape ({B},) (one length per "
+                       f"sequence), got {seq_lengths.dtype} {seq_lengths.shape}")
+    if not isinstance(seq_lengths, jax.core.Tracer):
+      lo, hi = int(seq_lengths.min()), int(seq_lengths.max())
+      if lo < 0 or hi > T:
+        raise ValueError(f"{name}: seq_lengths must lie in [0, {T}] (T = x_BxTxI.shape[1]), got "
+                         f"values in [{lo}, {hi}]")
+    return seq_lengths
+
+  def _check_carry(self, initial_carry, B):
+    LD = self.num_layers * self.num_directions
+    if initial_carry is None:
+      return self._zero_carry(LD, B)
+    self._check_carry_shape(initial_carry, (LD, B, self.hidden_features), "initial_carry")
+    return jax.tree.map(lambda c: jnp.asarray(c, jnp.float32), initial_carry)
+
+  def _check_carry_shape(self, carry, shape, arg):
+    want = jax.tree.map(lambda c: shape, self._zero_carry(1, 1))
+    got = jax.tree.map(lambda c: tuple(jnp.shape(c)), carry)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+      raise ValueError(f"{type(self).__name__}: {arg} must be {want} (num_layers·directions, "
+                       f"batch, hidden), got {got}")
+
+
+def _reverse_index(T: int, seq_lengths: jax.Array) -> jax.Array:
+  t_TxB = jnp.arange(T)[:, None]
+  return jnp.where(t_TxB < seq_lengths[None, :], seq_lengths[None, :] - 1 - t_TxB, t_TxB)
+
+
+@jax.custom_vjp
+def _reverse_gather(x_TxB_, idx_TxB):
+  return jnp.take_along_axis(x_TxB_, idx_TxB.reshape(idx_TxB.shape + (1,) * (x_TxB_.ndim - 2)), 0)
+
+
+def _reverse_fwd(x, idx):
+  return _reverse_gather(x, idx), idx
+
+
+def _reverse_bwd(idx, g):
+  # The per-sequence reversal is its own inverse: its transpose is itself (no scatter-add).
+  return _reverse_gather(g, idx), None
+
+
+_reverse_gather.defvjp(_reverse_fwd, _reverse_bwd)
+
+
+def reverse_padded(x_TxB_: jax.Array, seq_lengths: jax.Array | None) -> jax.Array:
+  """Reverses time within each sequence's valid prefix; padding stays where it is."""
+  if seq_lengths is None:
+    return x_TxB_[::-1]
+  return _reverse_gather(x_TxB_, _reverse_index(x_TxB_.shape[0], seq_lengths))

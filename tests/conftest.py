@@ -1,0 +1,29 @@
+"""Shared test setup: small shapes, CPU, and torch models with nonzero random biases."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# Tests use tiny shapes: compile time dominates, so trade run-time speed for compile speed.
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture
+def rng():
+  return np.random.default_rng(0)
+
+
+def randomize_biases(module, seed=0):
+  """torch's default init already has nonzero biases; make them larger so a missing one shows."""
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      if name.startswith("bias"):
+        p.copy_(torch.rand(p.shape, generator=g) * 2 - 1)
+  return module

@@ -1,0 +1,252 @@
+"""GRU parity with torch.nn.GRU (outputs, h_n, gradients), masks, step API, knobs, bad input."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from conftest import randomize_biases
+from gru_tpu.convert import gru_from_torch, lstm_from_torch
+from gru_tpu.models import GRU
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+I, H, B, T = 5, 6, 4, 7
+
+
+def make_pair(L, bi, torch_cls=torch.nn.GRU, seed=0, **kwargs):
+  torch.manual_seed(seed)
+  ref = randomize_biases(torch_cls(I, H, num_layers=L, bidirectional=bi, batch_first=True), seed)
+  convert = gru_from_torch if torch_cls is torch.nn.GRU else lstm_from_torch
+  ours = convert(ref, **kwargs)
+  return ref.double(), ours
+
+
+def torch_grads_as_ours(ref, model):
+  """torch's .grad of every weight, laid out like the gru_tpu params: {(l, name): (D, ...)}."""
+  out = {}
+  D = model.num_directions
+  for l in range(model.num_layers):
+    for ours_name, torch_name in (("w_i", "weight_ih"), ("w_h", "weight_hh"), ("b_i", "bias_ih"),
+                                  ("b_h", "bias_hh")):
+      gs = [getattr(ref, f"{torch_name}_l{l}{sfx}").grad.numpy() for sfx in ("", "_reverse")[:D]]
+      out[l, ours_name] = np.stack([g.T for g in gs])
+  return out
+
+
+def assert_grads_match(ref, model, dmodel):
+  for (l, name), want in torch_grads_as_ours(ref, model).items():
+    np.testing.assert_allclose(np.asarray(getattr(dmodel.layers[l], name)[...]), want,
+                               err_msg=f"d{name} layer {l}", **TOL)
+
+
+def check_parity(torch_cls, L, bi, with_lengths, rng):
+  """Outputs, final state and every gradient (params, x, h0) against torch, ≤ 1e-5."""
+  ref, model = make_pair(L, bi, torch_cls)
+  D = 2 if bi else 1
+  lstm = torch_cls is torch.nn.LSTM
+  x = rng.standard_normal((B, T, I))
+  lengths = np.array([T, 3, 1, 5]) if with_lengths else np.full(B, T)
+  h0 = rng.standard_normal((1 + lstm, L * D, B, H))
+  gy, gh = rng.standard_normal((B, T, D * H)), rng.standard_normal((1 + lstm, L * D, B, H))
+
+  # Reference: every sequence on its own unpadded slice, so padding cannot leak into torch.
+  x_t = torch.tensor(x, requires_grad=True)
+  h0_t = torch.tensor(h0, requires_grad=True)
+  ys, hs, loss = [], [], 0
+  for b in range(B):
+    carry = h0_t[:, :, b:b + 1]
+    y_b, h_b = ref(x_t[b:b + 1, :lengths[b]], (carry[0], carry[1]) if lstm else carry[0])
+    h_b = torch.stack(h_b if lstm else (h_b,))[:, :, 0]
+    ys.append(y_b[0].detach().numpy())
+    hs.append(h_b.detach().numpy())
+    loss = loss + (y_b[0] * torch.tensor(gy[b, :lengths[b]])).sum() + (
+        h_b * torch.tensor(gh[:, :, b])).sum()
+  loss.backward()
+
+  graphdef, params = nnx.split(model)
+
+  def ours_loss(params, x, h0):
+    y, h_n = nnx.merge(graphdef, params)(x, jnp.asarray(lengths) if with_lengths else None,
+                                         tuple(h0) if lstm else h0[0])
+    h_n = jnp.stack(h_n if lstm else (h_n,))
+    return (y * gy).sum() + (h_n * gh).sum(), (y, h_n)
+
+  (_, (y, h_n)), (dparams, dx, dh0) = jax.value_and_grad(ours_loss, argnums=(0, 1, 2),
+                                                         has_aux=True)(
+      params, jnp.asarray(x, jnp.float32), jnp.asarray(h0, jnp.float32))
+  y, h_n = np.asarray(y), np.asarray(h_n)
+  for b in range(B):
+    np.testing.assert_allclose(y[b, :lengths[b]], ys[b], **TOL)
+    np.testing.assert_array_equal(y[b, lengths[b]:], 0.0)
+    np.testing.assert_allclose(h_n[:, :, b], hs[b], **TOL)
+  np.testing.assert_allclose(np.asarray(dx), x_t.grad.numpy(), **TOL)
+  np.testing.assert_allclose(np.asarray(dh0), h0_t.grad.numpy(), **TOL)
+  assert_grads_match(ref, model, nnx.merge(graphdef, dparams))
+
+
+@pytest.mark.parametrize("L,bi,with_lengths",
+                         list(itertools.product([1, 2], [False, True], [False, True])))
+def test_gru_matches_torch_outputs_state_and_gradients(L, bi, with_lengths, rng):
+  check_parity(torch.nn.GRU, L, bi, with_lengths, rng)
+
+
+@pytest.mark.parametrize("bi", [False, True])
+def test_lstm_matches_torch_outputs_state_and_gradients(bi, rng):
+  check_parity(torch.nn.LSTM, 2, bi, True, rng)
+
+
+def test_reset_before_matches_cho_et_al_loop(rng):
+  model = GRU(I, H, reset_after=False, rngs=nnx.Rngs(1))
+  p = {k: np.asarray(v[...][0], np.float64) for k, v in vars(model.layers[0]).items()
+       if isinstance(v, nnx.Param)}
+  p["b_h"] = p["b_h"] + 0.5  # make sure b_hn is exercised
+  model.layers[0].b_h[...] = jnp.asarray(p["b_h"][None], jnp.float32)
+  x = rng.standard_normal((B, T, I))
+  sig = lambda v: 1 / (1 + np.exp(-v))
+  h = np.zeros((B, H))
+  for t in range(T):
+    gi = x[:, t] @ p["w_i"] + p["b_i"]
+    gh_rz = h @ p["w_h"][:, :2 * H] + p["b_h"][:2 * H]
+    r, z = sig(gi[:, :H] + gh_rz[:, :H]), sig(gi[:, H:2 * H] + gh_rz[:, H:])
+    n = np.tanh(gi[:, 2 * H:] + (r * h) @ p["w_h"][:, 2 * H:] + p["b_h"][2 * H:])
+    h = (1 - z) * n + z * h
+  y, h_n = model(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(np.asarray(y)[:, -1], h, **TOL)
+  np.testing.assert_allclose(np.asarray(h_n)[0], h, **TOL)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_scan_equals_step_loop(reset_after, rng):
+  model = GRU(I, H, num_layers=2, reset_after=reset_after, rngs=nnx.Rngs(2))
+  x = jnp.asarray(rng.standard_normal((B, T, I)), jnp.float32)
+  h0 = jnp.asarray(rng.standard_normal((2, B, H)), jnp.float32)
+  y, h_n = model(x, initial_carry=h0)
+  carry, ys = h0, []
+  for t in range(T):
+    carry, y_t = model.step(carry, x[:, t])
+    ys.append(y_t)
+  np.testing.assert_allclose(np.stack(ys, 1), y, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(carry, h_n, rtol=1e-6, atol=1e-6)
+
+
+def _outputs_and_grads(model, x, lengths):
+  graphdef, params = nnx.split(model)
+
+  def loss(params):
+    y, h_n = nnx.merge(graphdef, params)(x, lengths)
+    return (y ** 2).sum() + (h_n ** 3).sum(), (y, h_n)
+
+  (_, out), g = jax.value_and_grad(loss, has_aux=True)(params)
+  return out, jax.tree.leaves(g)
+
+
+@pytest.mark.parametrize("knobs", [dict(remat=True), dict(unroll=3), dict(remat=True, unroll=2)])
+def test_remat_and_unroll_change_nothing(knobs, rng):
+  kw = dict(num_layers=2, bidirectional=True)
+  base, other = GRU(I, H, rngs=nnx.Rngs(3), **kw), GRU(I, H, rngs=nnx.Rngs(3), **kw, **knobs)
+  x = jnp.asarray(rng.standard_normal((B, 11, I)), jnp.float32)  # 11: not a multiple of chunks
+  lengths = jnp.asarray([11, 4, 9, 1])
+  (y0, h0), g0 = _outputs_and_grads(base, x, lengths)
+  (y1, h1), g1 = _outputs_and_grads(other, x, lengths)
+  np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(h1, h0, rtol=1e-6, atol=1e-6)
+  for a, b in zip(g1, g0, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_compute_within_tolerance(rng):
+  """bf16 matmuls with f32 params, gates and carry: outputs within 2e-2 of f32."""
+  f32 = GRU(I, H, num_layers=2, rngs=nnx.Rngs(4))
+  bf16 = GRU(I, H, num_layers=2, dtype=jnp.bfloat16, rngs=nnx.Rngs(4))
+  x = jnp.asarray(rng.standard_normal((B, 16, I)), jnp.float32)
+  y32, h32 = f32(x)
+  y16, h16 = bf16(x)
+  assert y16.dtype == jnp.bfloat16 and h16.dtype == jnp.float32
+  assert bf16.layers[0].w_i[...].dtype == jnp.float32
+  err = float(jnp.abs(y16.astype(jnp.float32) - y32).max())
+  assert 0 < err < 2e-2, err
+  assert float(jnp.abs(h16 - h32).max()) < 2e-2
+
+
+def test_causal_in_time(rng):
+  model = GRU(3, 4, num_layers=2, rngs=nnx.Rngs(5))
+  x = jnp.asarray(rng.standard_normal((1, 6, 3)), jnp.float32)
+  jac = jax.jacrev(lambda x: model(x)[0])(x)[0, :, :, 0]  # (T, H, T, I)
+  for t in range(6):
+    assert float(jnp.abs(jac[t, :, t + 1:]).max(initial=0.0)) == 0.0, f"y_{t} depends on future x"
+    assert float(jnp.abs(jac[t, :, :t + 1]).min()) >= 0 and float(jnp.abs(jac[t, :, t]).max()) > 0
+
+
+def test_dropout_train_vs_eval(rng):
+  kw = dict(num_layers=2, dropout=0.3, recurrent_dropout=0.3)
+  model = GRU(I, H, rngs=nnx.Rngs(6), **kw)
+  plain = GRU(I, H, num_layers=2, rngs=nnx.Rngs(6))
+  x = jnp.asarray(rng.standard_normal((B, T, I)), jnp.float32)
+  y_a, _ = model(x)
+  y_b, _ = model(x)
+  assert float(jnp.abs(y_a - y_b).max()) > 1e-3, "train mode must draw fresh masks per call"
+  model.eval()
+  y_c, _ = model(x)
+  np.testing.assert_array_equal(y_c, model(x)[0])
+  np.testing.assert_allclose(y_c, plain(x)[0], rtol=1e-6, atol=1e-6)
+  model.train()
+  g = nnx.grad(lambda m: (m(x)[0] ** 2).sum())(model)
+  assert all(bool(jnp.isfinite(v).all()) for v in jax.tree.leaves(g))
+
+
+def test_recurrent_dropout_mask_is_fixed_over_time(monkeypatch, rng):
+  """Variational dropout: exactly one (D, B, H) mask per call, drawn outside the scan."""
+  drawn = []
+  real = jax.random.bernoulli
+
+  def spy(key, p, shape):
+    drawn.append(tuple(shape))
+    return real(key, p, shape)
+
+  monkeypatch.setattr(jax.random, "bernoulli", spy)
+  model = GRU(I, H, recurrent_dropout=0.5, bidirectional=True, rngs=nnx.Rngs(7))
+  model(jnp.asarray(rng.standard_normal((B, T, I)), jnp.float32))
+  assert drawn == [(2, B, H)]
+
+
+BAD_CALLS = [
+    (dict(x=np.zeros((B, I))), "x_BxTxI must be rank 3"),
+    (dict(x=np.zeros((B, T, I + 1))), "in_features=5"),
+    (dict(seq_lengths=np.array([1, 2])), r"seq_lengths must be an int array of shape \(4,\)"),
+    (dict(seq_lengths=np.array([1, 2, 3, T + 1])), r"seq_lengths must lie in \[0, 7\]"),
+    (dict(seq_lengths=np.array([1, 2, 3, -1])), r"seq_lengths must lie in \[0, 7\]"),
+    (dict(seq_lengths=np.ones(B, np.float32)), "seq_lengths must be an int array"),
+    (dict(initial_carry=np.zeros((1, B, H))), r"initial_carry must be \(2, 4, 6\)"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_CALLS)
+def test_bad_input_is_a_clear_value_error(bad, message):
+  model = GRU(I, H, num_layers=2, rngs=nnx.Rngs(0))
+  args = dict(x=np.zeros((B, T, I), np.float32), seq_lengths=None, initial_carry=None) | bad
+  with pytest.raises(ValueError, match=message):
+    model(args.pop("x"), **args)
+
+
+def test_bad_constructor_and_step_arguments():
+  with pytest.raises(ValueError, match="hidden_features must be a positive int"):
+    GRU(I, 0, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+    GRU(I, H, dropout=1.0, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="bidirectional stack cannot run one step"):
+    GRU(I, H, bidirectional=True, rngs=nnx.Rngs(0)).step(jnp.zeros((2, B, H)), jnp.zeros((B, I)))
+  with pytest.raises(ValueError, match=r"carry must be \(1, 4, 6\)"):
+    GRU(I, H, rngs=nnx.Rngs(0)).step(jnp.zeros((2, B, H)), jnp.zeros((B, I)))
+
+
+def test_jit_of_whole_model_traces_lengths(rng):
+  """seq_lengths may be a tracer under jit (range checks then happen only eagerly)."""
+  model = GRU(I, H, rngs=nnx.Rngs(0))
+  x = jnp.asarray(rng.standard_normal((B, T, I)), jnp.float32)
+  lengths = jnp.asarray([T, 2, 3, 4])
+  y_jit, _ = nnx.jit(lambda m, x, n: m(x, n))(model, x, lengths)
+  np.testing.assert_allclose(y_jit, model(x, lengths)[0], rtol=1e-6, atol=1e-6)
