@@ -12,6 +12,7 @@ Ratios are what to quote: absolute numbers move with the machine's load.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from gru_tpu.models import GRU, compiler_options
 
 SHAPES = [(32, 256, 256), (64, 128, 512)]  # (B, T, H = I)
 QUICK_SHAPES = [(4, 16, 32)]
@@ -80,13 +83,15 @@ def bench_shape(B: int, T: int, H: int, repeats: int) -> dict:
 
   ours = gru_from_torch(ref)
   graphdef, params = nnx.split(ours)
-  ours_fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0])
-  ours_train = jax.jit(jax.grad(lambda p, x: jnp.mean(nnx.merge(graphdef, p)(x)[0] ** 2)))
+  # Both JAX implementations get the same XLA options (they help linen's scan too).
+  jit = functools.partial(jax.jit, compiler_options=compiler_options())
+  ours_fwd = jit(lambda p, x: nnx.merge(graphdef, p)(x)[0])
+  ours_train = jit(jax.grad(lambda p, x: jnp.mean(nnx.merge(graphdef, p)(x)[0] ** 2)))
 
   rnn = linen.RNN(linen.GRUCell(H))
   lparams = _linen_params(ref, H)
-  linen_fwd = jax.jit(rnn.apply)
-  linen_train = jax.jit(jax.grad(lambda p, x: jnp.mean(rnn.apply(p, x) ** 2)))
+  linen_fwd = jit(rnn.apply)
+  linen_train = jit(jax.grad(lambda p, x: jnp.mean(rnn.apply(p, x) ** 2)))
 
   y_ref = torch_fwd().numpy()
   max_diff = {"gru_tpu": float(np.abs(np.asarray(ours_fwd(params, x_j)) - y_ref).max()),
@@ -109,10 +114,10 @@ def bench_shape(B: int, T: int, H: int, repeats: int) -> dict:
 
 
 def _train_fn(B: int, T: int, H: int, remat: bool):
-  from gru_tpu.models import GRU
   graphdef, params = nnx.split(GRU(H, H, remat=remat, rngs=nnx.Rngs(0)))
   x = jnp.asarray(np.random.default_rng(0).standard_normal((B, T, H)), jnp.float32)
-  train = jax.jit(jax.grad(lambda p, x: jnp.mean(nnx.merge(graphdef, p)(x)[0] ** 2)))
+  loss = lambda p, x: jnp.mean(nnx.merge(graphdef, p)(x)[0] ** 2)
+  train = jax.jit(jax.grad(loss), compiler_options=compiler_options())
   return train, params, x
 
 

@@ -14,7 +14,7 @@ from gru_tpu.convert import gru_from_torch, lstm_from_torch
 from gru_tpu.models import GRU
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-I, H, B, T = 5, 6, 4, 7
+I, H, B, T = 5, 6, 8, 7
 
 
 def make_pair(L, bi, torch_cls=torch.nn.GRU, seed=0, **kwargs):
@@ -49,7 +49,7 @@ def check_parity(torch_cls, L, bi, with_lengths, rng):
   D = 2 if bi else 1
   lstm = torch_cls is torch.nn.LSTM
   x = rng.standard_normal((B, T, I))
-  lengths = np.array([T, 3, 1, 5]) if with_lengths else np.full(B, T)
+  lengths = np.array([T, 3, 1, 5, 7, 2, 6, 4]) if with_lengths else np.full(B, T)
   h0 = rng.standard_normal((1 + lstm, L * D, B, H))
   gy, gh = rng.standard_normal((B, T, D * H)), rng.standard_normal((1 + lstm, L * D, B, H))
 
@@ -149,7 +149,7 @@ def test_remat_and_unroll_change_nothing(knobs, rng):
   kw = dict(num_layers=2, bidirectional=True)
   base, other = GRU(I, H, rngs=nnx.Rngs(3), **kw), GRU(I, H, rngs=nnx.Rngs(3), **kw, **knobs)
   x = jnp.asarray(rng.standard_normal((B, 11, I)), jnp.float32)  # 11: not a multiple of chunks
-  lengths = jnp.asarray([11, 4, 9, 1])
+  lengths = jnp.asarray([11, 4, 9, 1, 2, 11, 10, 3])
   (y0, h0), g0 = _outputs_and_grads(base, x, lengths)
   (y1, h1), g1 = _outputs_and_grads(other, x, lengths)
   np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-6)
@@ -216,11 +216,11 @@ def test_recurrent_dropout_mask_is_fixed_over_time(monkeypatch, rng):
 BAD_CALLS = [
     (dict(x=np.zeros((B, I))), "x_BxTxI must be rank 3"),
     (dict(x=np.zeros((B, T, I + 1))), "in_features=5"),
-    (dict(seq_lengths=np.array([1, 2])), r"seq_lengths must be an int array of shape \(4,\)"),
-    (dict(seq_lengths=np.array([1, 2, 3, T + 1])), r"seq_lengths must lie in \[0, 7\]"),
-    (dict(seq_lengths=np.array([1, 2, 3, -1])), r"seq_lengths must lie in \[0, 7\]"),
+    (dict(seq_lengths=np.array([1, 2])), r"seq_lengths must be an int array of shape \(8,\)"),
+    (dict(seq_lengths=np.array([1, 2, 3, 4, 5, 6, 7, T + 1])), r"seq_lengths must lie in \[0, 7\]"),
+    (dict(seq_lengths=np.array([1, 2, 3, 4, 5, 6, 7, -1])), r"seq_lengths must lie in \[0, 7\]"),
     (dict(seq_lengths=np.ones(B, np.float32)), "seq_lengths must be an int array"),
-    (dict(initial_carry=np.zeros((1, B, H))), r"initial_carry must be \(2, 4, 6\)"),
+    (dict(initial_carry=np.zeros((1, B, H))), r"initial_carry must be \(2, 8, 6\)"),
 ]
 
 
@@ -239,7 +239,7 @@ def test_bad_constructor_and_step_arguments():
     GRU(I, H, dropout=1.0, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="bidirectional stack cannot run one step"):
     GRU(I, H, bidirectional=True, rngs=nnx.Rngs(0)).step(jnp.zeros((2, B, H)), jnp.zeros((B, I)))
-  with pytest.raises(ValueError, match=r"carry must be \(1, 4, 6\)"):
+  with pytest.raises(ValueError, match=r"carry must be \(1, 8, 6\)"):
     GRU(I, H, rngs=nnx.Rngs(0)).step(jnp.zeros((2, B, H)), jnp.zeros((B, I)))
 
 
@@ -247,6 +247,20 @@ def test_jit_of_whole_model_traces_lengths(rng):
   """seq_lengths may be a tracer under jit (range checks then happen only eagerly)."""
   model = GRU(I, H, rngs=nnx.Rngs(0))
   x = jnp.asarray(rng.standard_normal((B, T, I)), jnp.float32)
-  lengths = jnp.asarray([T, 2, 3, 4])
+  lengths = jnp.asarray([T, 2, 3, 4, 1, 7, 6, 5])
   y_jit, _ = nnx.jit(lambda m, x, n: m(x, n))(model, x, lengths)
   np.testing.assert_allclose(y_jit, model(x, lengths)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_compiler_options_keep_the_numbers(rng):
+  """The CPU speed options (legacy fusion emitter) must not change results."""
+  from gru_tpu.models import compiler_options
+  assert compiler_options("cpu") == {"xla_cpu_use_fusion_emitters": False}
+  assert compiler_options("tpu") == {}
+  model = GRU(I, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(8))
+  graphdef, params = nnx.split(model)
+  x = jnp.asarray(rng.standard_normal((B, 12, I)), jnp.float32)
+  grad = jax.grad(lambda p: (nnx.merge(graphdef, p)(x)[0] ** 2).sum())
+  fast = jax.jit(grad, compiler_options=compiler_options("cpu"))(params)
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(jax.jit(grad)(params)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

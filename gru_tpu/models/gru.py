@@ -34,81 +34,192 @@ def _recurrent_dot(h_DxBxH: jax.Array, w_h_DxHxG: jax.Array) -> jax.Array:
                     preferred_element_type=f32)
 
 
-def _gru_cell(gi_DxBx3H, h_DxBxH, w_h, b_h, rmask):
-  """One reset_after=True step. Returns the new state and what the backward pass needs."""
-  H = h_DxBxH.shape[-1]
-  hm = h_DxBxH if rmask is None else h_DxBxH * rmask
-  gh_DxBx3H = _recurrent_dot(hm, w_h) + b_h[:, None, :]
-  r = sigmoid(gi_DxBx3H[..., :H] + gh_DxBx3H[..., :H])
-  z = sigmoid(gi_DxBx3H[..., H:2 * H] + gh_DxBx3H[..., H:2 * H])
-  ghn = gh_DxBx3H[..., 2 * H:]
-  n = jnp.tanh(gi_DxBx3H[..., 2 * H:] + r * ghn)
-  return n + z * (h_DxBxH - n), (r, z, n, ghn)
+# On CPU at least this many steps run per loop iteration (see gru_recurrence).
+CPU_MIN_UNROLL = 4
 
 
-def _fwd_scan(gi_TxDxBx3H, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll):
-  def body(h, inp):
+def compiler_options(backend: str | None = None) -> dict[str, object]:
+  """XLA options for jitting a step that runs these models: pass to jax.jit(compiler_options=).
+
+  On CPU the new fusion emitters compile the gate fusion of the scan body into code ~6x slower
+  than the legacy emitter's, which would dominate the step; elsewhere nothing is needed.
+  """
+  return {"xla_cpu_use_fusion_emitters": False} if (backend or jax.default_backend()) == "cpu" else {}
+
+
+def _gates(g_Bx3H, gh_Bx3H):
+  """PyTorch's r, z, n from the input part g = x W_i + b_i and the recurrent part gh = h W_h + b_h."""
+  H = g_Bx3H.shape[-1] // 3
+  r = sigmoid(g_Bx3H[..., :H] + gh_Bx3H[..., :H])
+  z = sigmoid(g_Bx3H[..., H:2 * H] + gh_Bx3H[..., H:2 * H])
+  n = jnp.tanh(g_Bx3H[..., 2 * H:] + r * gh_Bx3H[..., 2 * H:])
+  return r, z, n
+
+
+def _gru_cell(g_Bx3H, h_BxH, w_h_Hx3H, b_h_3H, rmask_BxH=None):
+  """One reset_after=True step: the single recurrent matmul, then the gates -> (h', gh)."""
+  hm = h_BxH if rmask_BxH is None else h_BxH * rmask_BxH
+  gh = jnp.dot(hm.astype(w_h_Hx3H.dtype), w_h_Hx3H, preferred_element_type=f32) + b_h_3H
+  r, z, n = _gates(g_Bx3H, gh)
+  return n + z * (h_BxH - n), gh
+
+
+def _chains(a_DxBx_, chains: int) -> list[jax.Array]:
+  """Split the (direction, batch) axes into independent recurrences ("chains") of (B/P, ...)."""
+  D, B = a_DxBx_.shape[:2]
+  Bp = B // chains
+  return [a_DxBx_[d, p * Bp:(p + 1) * Bp] for d in range(D) for p in range(chains)]
+
+
+def _unchain(parts: list[jax.Array], D: int) -> jax.Array:
+  P = len(parts) // D
+  return jnp.stack([jnp.concatenate(parts[d * P:(d + 1) * P], axis=0) for d in range(D)])
+
+
+def _per_chain(a_Dx_, chains: int) -> list[jax.Array]:
+  return [a_Dx_[d] for d in range(a_Dx_.shape[0]) for _ in range(chains)]
+
+
+def _per_direction_dot(spec: str, a, b):
+  """einsum with a direction axis d, as one plain matmul per direction.
+
+  XLA:CPU lays out a d-batched einsum with a transposed output plus relayout copies; per
+  direction the operands are ordinary 2-D matrices (T·B rows). spec: 'tdb?,d??->tdb?' or
+  'tdb?,tdb?->d??'.
+  """
+  D = a.shape[1]
+  if spec.endswith("->tdbg"):
+    T, _, B, K = a.shape
+    outs = [jnp.dot(a[:, d].reshape(T * B, K), b[d], preferred_element_type=f32)
+            .reshape(T, 1, B, -1) for d in range(D)]
+    return outs[0] if D == 1 else jnp.concatenate(outs, axis=1)
+  T, _, B, K = a.shape
+  outs = [jnp.dot(a[:, d].reshape(T * B, K).T, b[:, d].reshape(T * B, -1),
+                  preferred_element_type=f32) for d in range(D)]
+  return jnp.stack(outs)
+
+
+def _block_scan(step, carry, xs, k: int, reverse: bool = False):
+  """lax.scan over time that runs k steps per loop iteration on (T/k, k, ...) blocks.
+
+  Unlike lax.scan(unroll=k), each iteration reads one input block and writes one output block,
+  which keeps XLA:CPU's loop body small. k is lowered to a divisor of T.
+  """
+  T = jax.tree.leaves(xs)[0].shape[0]
+  k = max(d for d in range(1, min(k, T) + 1) if T % d == 0)
+  blocks = jax.tree.map(lambda a: a.reshape(T // k, k, *a.shape[1:]), xs)
+
+  def body(carry, xk):
+    ys = [None] * k
+    for j in (reversed(range(k)) if reverse else range(k)):
+      carry, ys[j] = step(carry, jax.tree.map(lambda a: a[j], xk))
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+  carry, ys = jax.lax.scan(body, carry, blocks, reverse=reverse)
+  return carry, jax.tree.map(lambda a: a.reshape(T, *a.shape[2:]), ys)
+
+
+def _fwd_scan(gi_TxDxBx3H, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, chains,
+              save_gh=False):
+  D = h0_DxBxH.shape[0]
+  w, bi, bh = (_per_chain(a, chains) for a in (w_h, b_i, b_h))
+  rm = _chains(rmask, chains) if rmask is not None else [None] * len(w)
+
+  def body(hs, inp):
     gi, m_B = inp
-    h_new, (r, z, n, ghn) = _gru_cell(gi, h, w_h, b_h, rmask)
-    y = h_new
-    if m_B is not None:
-      keep = m_B[None, :, None]
-      h_new = jnp.where(keep, h_new, h)
-      y = jnp.where(keep, h_new, 0.0)
-    return h_new, (y, r, z, n, ghn)
+    gis = _chains(gi, chains)
+    keeps = ([None] * len(hs) if m_B is None else
+             _chains(jnp.broadcast_to(m_B[None, :, None], (D, m_B.shape[0], 1)), chains))
+    new, ys, ghs = [], [], []
+    for c, h in enumerate(hs):
+      h_new, gh = _gru_cell(gis[c] + bi[c], h, w[c], bh[c], rm[c])
+      ghs.append(gh)
+      if keeps[c] is not None:
+        h_new, y = jnp.where(keeps[c], h_new, h), jnp.where(keeps[c], h_new, 0.0)
+      else:
+        y = h_new
+      new.append(h_new)
+      ys.append(y)
+    return tuple(new), (_unchain(ys, D), _unchain(ghs, D) if save_gh else None)
 
-  return jax.lax.scan(body, h0_DxBxH, (gi_TxDxBx3H, mask_TxB), unroll=unroll)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def gru_recurrence(gi_TxDxBx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxBxH, mask_TxB, rmask_DxBxH, unroll):
-  """y (T, D, B, H) f32 and h_T (D, B, H) from hoisted projections gi = x W_i + b_i."""
-  h_T, (y, *_) = _fwd_scan(gi_TxDxBx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxBxH, mask_TxB, rmask_DxBxH,
-                           unroll)
-  return y, h_T
-
-
-def _gru_recurrence_fwd(gi, w_h, b_h, h0, mask, rmask, unroll):
-  h_T, (y, r, z, n, ghn) = _fwd_scan(gi, w_h, b_h, h0, mask, rmask, unroll)
-  return (y, h_T), (y, r, z, n, ghn, w_h, h0, mask, rmask)
+  hs, (y, gh) = _block_scan(body, tuple(_chains(h0_DxBxH, chains)), (gi_TxDxBx3H, mask_TxB),
+                            unroll)
+  return (y, gh) if save_gh else y, _unchain(list(hs), D)
 
 
-def _gru_recurrence_bwd(unroll, res, cts):
-  y, r, z, n, ghn, w_h, h0, mask, rmask = res
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _recurrence(gi_TxDxBx3H, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, chains):
+  return _fwd_scan(gi_TxDxBx3H, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, chains)
+
+
+def _recurrence_fwd(gi, b_i, w_h, b_h, h0, mask, rmask, unroll, chains):
+  (y, gh), h_T = _fwd_scan(gi, b_i, w_h, b_h, h0, mask, rmask, unroll, chains, save_gh=True)
+  # Kept: gi, gh and y. r, z, n are recomputed in bulk (cheap elementwise) in the backward pass.
+  return (y, h_T), (gi, gh, b_i, w_h, h0, mask, rmask, y)
+
+
+def _recurrence_bwd(unroll, chains, res, cts):
+  gi, gh, b_i, w_h, h0, mask, rmask, y = res
   dy_TxDxBxH, dh_T = cts
-  H = h0.shape[-1]
-  # h_{t-1}; where a sequence has ended y is 0 but so is every gate gradient, so this is exact.
-  hprev_TxDxBxH = jnp.concatenate([h0[None], y[:-1]], axis=0)
+  D, _, H = h0.shape
+  hprev = jnp.concatenate([h0[None], y[:-1]], axis=0)  # h_{t-1}; 0 past a sequence's end
+  hm = hprev if rmask is None else hprev * rmask
+  r, z, n = _gates(gi + b_i[None, :, None], gh)
+  # d loss/d h_t =: d. Then dn_pre = d·a, dz_pre = d·(h_{t-1} - n)z(1-z), dr_pre = d·a·ghn·r(1-r)
+  # and the recurrent-side gate gradient is dgh = [d d d] ⊙ A, so the loop needs only A and z.
+  a = (1.0 - z) * (1.0 - n * n)
+  rz = [a * gh[..., 2 * H:] * r * (1.0 - r), (hprev - n) * z * (1.0 - z)]
+  A = jnp.concatenate(rz + [a * r], axis=-1)  # dgh = [d d d] ⊙ A
+  A_in = jnp.concatenate(rz + [a], axis=-1)   # dgi = [d d d] ⊙ A_in
+  if mask is not None:
+    # Past a sequence's end the carry passes through unchanged and no gate gradient flows.
+    keep = mask[:, None, :, None]
+    A, A_in = jnp.where(keep, A, 0.0), jnp.where(keep, A_in, 0.0)
+    z, dy_TxDxBxH = jnp.where(keep, z, 1.0), jnp.where(keep, dy_TxDxBxH, 0.0)
+  # W_h^T made contiguous once: a dot with a transposed operand is ~1.7x slower on XLA:CPU.
+  w_t = _per_chain(jnp.swapaxes(w_h, 1, 2), chains)
+  rm = _chains(rmask, chains) if rmask is not None else [None] * len(w_t)
 
-  def body(dh, inp):
-    dy, hp, r, z, n, ghn, m_B = inp
-    d = dh + dy
-    if m_B is not None:
-      keep = m_B[None, :, None]
-      d, passthrough = jnp.where(keep, d, 0.0), jnp.where(keep, 0.0, dh)
-    dn_pre = d * (1.0 - z) * (1.0 - n * n)
-    dz_pre = d * (hp - n) * z * (1.0 - z)
-    dr_pre = dn_pre * ghn * r * (1.0 - r)
-    dgi = jnp.concatenate([dr_pre, dz_pre, dn_pre], axis=-1)
-    dgh = jnp.concatenate([dr_pre, dz_pre, dn_pre * r], axis=-1)
-    dhm = jnp.einsum("dbg,dhg->dbh", dgh.astype(w_h.dtype), w_h, preferred_element_type=f32)
-    dh_prev = d * z + (dhm if rmask is None else dhm * rmask)
-    if m_B is not None:
-      dh_prev = dh_prev + passthrough
-    return dh_prev, dgi
+  def body(dhs, inp):
+    dys, As, zs = (_chains(v, chains) for v in inp)
+    new, ds = [], []
+    for c, dh in enumerate(dhs):
+      d = dh + dys[c]
+      dgh = jnp.tile(d, (1, 3)) * As[c]
+      dhm = jnp.dot(dgh.astype(w_t[c].dtype), w_t[c], preferred_element_type=f32)
+      new.append(d * zs[c] + (dhm if rm[c] is None else dhm * rm[c]))
+      ds.append(d)
+    return tuple(new), _unchain(ds, D)
 
-  dh0, dgi_TxDxBx3H = jax.lax.scan(body, dh_T, (dy_TxDxBxH, hprev_TxDxBxH, r, z, n, ghn, mask),
-                                   reverse=True, unroll=unroll)
-  # dgh differs from dgi only in the n block (scaled by r): rebuilt in bulk, not in the loop.
-  dgh = jnp.concatenate([dgi_TxDxBx3H[..., :2 * H], dgi_TxDxBx3H[..., 2 * H:] * r], axis=-1)
-  hm = hprev_TxDxBxH if rmask is None else hprev_TxDxBxH * rmask
-  dw_h = jnp.einsum("tdbh,tdbg->dhg", hm.astype(w_h.dtype), dgh.astype(w_h.dtype),
-                    preferred_element_type=f32).astype(w_h.dtype)
-  db_h = dgh.sum(axis=(0, 2))
-  return dgi_TxDxBx3H, dw_h, db_h, dh0, None, None
+  dh0, d = _block_scan(body, tuple(_chains(dh_T, chains)), (dy_TxDxBxH, A, z), unroll,
+                       reverse=True)
+  d3 = jnp.tile(d, (1, 1, 1, 3))
+  dgh, dgi = d3 * A, d3 * A_in
+  dw_h = _per_direction_dot("tdbh,tdbg->dhg", hm.astype(w_h.dtype),
+                            dgh.astype(w_h.dtype)).astype(w_h.dtype)
+  return (dgi, dgi.sum(axis=(0, 2)), dw_h, dgh.sum(axis=(0, 2)), _unchain(list(dh0), D), None,
+          None)
 
 
-gru_recurrence.defvjp(_gru_recurrence_fwd, _gru_recurrence_bwd)
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def gru_recurrence(gi_TxDxBx3H, b_i_Dx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxBxH, mask_TxB=None,
+                   rmask_DxBxH=None, unroll: int = 1):
+  """y (T, D, B, H) f32 and h_T (D, B, H) from the hoisted projections gi = x W_i (no bias).
+
+  On CPU the batch is split into two independent recurrences and at least two steps run per loop
+  iteration: XLA:CPU then runs the two half-batch matmuls concurrently on two cores (a loop body
+  of few ops runs sequentially, one core per dot). Elsewhere it is one dot per step over the
+  whole batch, which is what the MXU / tensor cores want.
+  """
+  B = h0_DxBxH.shape[1]
+  args = (gi_TxDxBx3H, b_i_Dx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxBxH, mask_TxB, rmask_DxBxH)
+  if B % 2 or B < 8:
+    return _recurrence(*args, unroll, 1)
+  return jax.lax.platform_dependent(
+      *args, cpu=lambda *a: _recurrence(*a, max(unroll, CPU_MIN_UNROLL), 2),
+      default=lambda *a: _recurrence(*a, unroll, 1))
 
 
 def _reset_before_scan(gi_TxDxBx3H, w_h, b_h, h0, mask_TxB, rmask, unroll):
@@ -155,10 +266,13 @@ class GRU(RecurrentStack):
 
   def _layer(self, p, x_TxDxBxI, mask_TxB, h0_DxBxH, rmask):
     cdt = self._compute_dtype(x_TxDxBxI)
-    gi = self._project(p, x_TxDxBxI)
     w_h, b_h = p["w_h"].astype(cdt), p["b_h"].astype(f32)
-    run = gru_recurrence if self.reset_after else _reset_before_scan
-    y, h_T = run(gi, w_h, b_h, h0_DxBxH, mask_TxB, rmask, self.unroll)
+    if self.reset_after:  # b_i is added inside the loop's gate fusion, not in a bulk pass
+      y, h_T = gru_recurrence(self._project(p, x_TxDxBxI, bias=False), p["b_i"].astype(f32), w_h,
+                              b_h, h0_DxBxH, mask_TxB, rmask, self.unroll)
+    else:
+      y, h_T = _reset_before_scan(self._project(p, x_TxDxBxI), w_h, b_h, h0_DxBxH, mask_TxB,
+                                  rmask, self.unroll)
     return y.astype(cdt), h_T
 
   def _cell_step(self, p, h_1xBxH, x_BxI):
@@ -166,7 +280,7 @@ class GRU(RecurrentStack):
     gi = self._project(p, x_BxI[None, None])[0]
     w_h, b_h = p["w_h"].astype(cdt), p["b_h"].astype(f32)
     if self.reset_after:
-      h, _ = _gru_cell(gi, h_1xBxH, w_h, b_h, None)
+      h = _gru_cell(gi[0], h_1xBxH[0], w_h[0], b_h[0])[0][None]
     else:
       _, h = _reset_before_scan(gi[None], w_h, b_h, h_1xBxH, None, None, 1)
     return h, h[0].astype(cdt)

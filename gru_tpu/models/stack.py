@@ -96,12 +96,18 @@ class RecurrentStack(nnx.Module):
   def _compute_dtype(self, x: jax.Array):
     return self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, self.param_dtype)
 
-  def _project(self, p, x_TxDxBxI: jax.Array) -> jax.Array:
-    """The hoisted input projection: every timestep of a layer in one matmul, f32 out."""
+  def _project(self, p, x_TxDxBxI: jax.Array, bias: bool = True) -> jax.Array:
+    """The hoisted input projection: every timestep of a layer in one matmul, f32 out.
+
+    One plain 2-D matmul per direction: XLA:CPU picks a transposed output layout (and a slow
+    relayout copy) for the equivalent batched einsum.
+    """
+    T, D, B, I = x_TxDxBxI.shape
     cdt = self._compute_dtype(x_TxDxBxI)
-    gi = jnp.einsum("tdbi,dig->tdbg", x_TxDxBxI.astype(cdt), p["w_i"].astype(cdt),
-                    preferred_element_type=jnp.float32)
-    return gi + p["b_i"].astype(jnp.float32)[None, :, None, :]
+    gs = [jnp.dot(x_TxDxBxI[:, d].reshape(T * B, I).astype(cdt), p["w_i"][d].astype(cdt),
+                  preferred_element_type=jnp.float32).reshape(T, 1, B, -1) for d in range(D)]
+    gi = gs[0] if D == 1 else jnp.concatenate(gs, axis=1)
+    return gi + p["b_i"].astype(jnp.float32)[None, :, None, :] if bias else gi
 
   # -- public API -----------------------------------------------------------------------------
 
