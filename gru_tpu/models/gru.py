@@ -6,9 +6,10 @@
   n = tanh(W_in x + b_in + (r ⊙ h) W_hn + b_hn)        reset_after=False (Cho et al. 2014)
   h' = (1 - z) ⊙ n + z ⊙ h
 
-The reset_after=True recurrence has a hand-written VJP: the backward scan carries only dh and
-emits the gate gradients; dW_h, db_h and the input-projection gradients are then single large
-matmuls after the loop instead of per-step accumulations.
+The reset_after=True recurrence has a hand-written VJP: the forward keeps gh = h W_h + b_h per
+step, the backward scan carries only dh (one matmul with W_h^T per step) and emits d loss/d h_t;
+gate gradients, dW_h, db_h and the input-projection gradients are then bulk elementwise ops and
+single large matmuls after the loop instead of per-step accumulations.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def compiler_options(backend: str | None = None) -> dict[str, object]:
   On CPU the new fusion emitters compile the gate fusion of the scan body into code ~6x slower
   than the legacy emitter's, which would dominate the step; elsewhere nothing is needed.
   """
-  return {"xla_cpu_use_fusion_emitters": False} if (backend or jax.default_backend()) == "cpu" else {}
+  if (backend or jax.default_backend()) == "cpu":
+    return {"xla_cpu_use_fusion_emitters": False}
+  return {}
 
 
 def _gates(g_Bx3H, gh_Bx3H):
@@ -102,8 +105,8 @@ def _per_direction_dot(spec: str, a, b):
 def _block_scan(step, carry, xs, k: int, reverse: bool = False):
   """lax.scan over time that runs k steps per loop iteration on (T/k, k, ...) blocks.
 
-  Unlike lax.scan(unroll=k), each iteration reads one input block and writes one output block,
-  which keeps XLA:CPU's loop body small. k is lowered to a divisor of T.
+  Each iteration reads one (k, ...) input block and writes one output block. k is lowered to a
+  divisor of T.
   """
   T = jax.tree.leaves(xs)[0].shape[0]
   k = max(d for d in range(1, min(k, T) + 1) if T % d == 0)
@@ -208,10 +211,12 @@ def gru_recurrence(gi_TxDxBx3H, b_i_Dx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxBxH, mask_T
                    rmask_DxBxH=None, unroll: int = 1):
   """y (T, D, B, H) f32 and h_T (D, B, H) from the hoisted projections gi = x W_i (no bias).
 
-  On CPU the batch is split into two independent recurrences and at least two steps run per loop
-  iteration: XLA:CPU then runs the two half-batch matmuls concurrently on two cores (a loop body
-  of few ops runs sequentially, one core per dot). Elsewhere it is one dot per step over the
-  whole batch, which is what the MXU / tensor cores want.
+  On CPU (batch even and >= 8) the batch is split into two independent recurrences and at least
+  CPU_MIN_UNROLL steps run per loop iteration: XLA:CPU then runs the two half-batch matmuls
+  concurrently on two cores (a loop body of few ops runs sequentially, one core per dot).
+  Elsewhere it is one dot per step over the whole batch, which is what the MXU / tensor cores
+  want; the choice is made at lowering time (lax.platform_dependent), so AOT compiles for TPU
+  from a CPU host get the TPU form.
   """
   B = h0_DxBxH.shape[1]
   args = (gi_TxDxBx3H, b_i_Dx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxBxH, mask_TxB, rmask_DxBxH)
