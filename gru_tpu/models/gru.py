@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gru_tpu.models.stack import RecurrentStack
+from gru_tpu.models.stack import RecurrentStack, direction_dot
 
 f32 = jnp.float32
 
@@ -83,36 +83,26 @@ def _per_chain(a_Dx_, chains: int) -> list[jax.Array]:
   return [a_Dx_[d] for d in range(a_Dx_.shape[0]) for _ in range(chains)]
 
 
-def _per_direction_dot(spec: str, a, b):
-  """einsum with a direction axis d, as one plain matmul per direction.
-
-  XLA:CPU lays out a d-batched einsum with a transposed output plus relayout copies; per
-  direction the operands are ordinary 2-D matrices (T·B rows). spec: 'tdb?,d??->tdb?' or
-  'tdb?,tdb?->d??'.
-  """
-  D = a.shape[1]
-  if spec.endswith("->tdbg"):
-    T, _, B, K = a.shape
-    outs = [jnp.dot(a[:, d].reshape(T * B, K), b[d], preferred_element_type=f32)
-            .reshape(T, 1, B, -1) for d in range(D)]
-    return outs[0] if D == 1 else jnp.concatenate(outs, axis=1)
-  T, _, B, K = a.shape
-  outs = [jnp.dot(a[:, d].reshape(T * B, K).T, b[:, d].reshape(T * B, -1),
-                  preferred_element_type=f32) for d in range(D)]
-  return jnp.stack(outs)
+def _weight_grad(a_TxDxBxK, g_TxDxBxN):
+  """sum over t, b of a^T g per direction -> (D, K, N) f32."""
+  T, D, B, K = a_TxDxBxK.shape
+  return jnp.stack([jnp.dot(a_TxDxBxK[:, d].reshape(T * B, K).T,
+                            g_TxDxBxN[:, d].reshape(T * B, -1), preferred_element_type=f32)
+                    for d in range(D)])
 
 
-def _block_scan(step, carry, xs, k: int, reverse: bool = False):
+def _block_scan(step, carry, xs, k: int, reverse: bool = False, prepare=None):
   """lax.scan over time that runs k steps per loop iteration on (T/k, k, ...) blocks.
 
-  Each iteration reads one (k, ...) input block and writes one output block. k is lowered to a
-  divisor of T.
+  Each iteration reads one (k, ...) input block, maps it with `prepare` if given, and writes one
+  output block. k is lowered to a divisor of T.
   """
   T = jax.tree.leaves(xs)[0].shape[0]
   k = max(d for d in range(1, min(k, T) + 1) if T % d == 0)
   blocks = jax.tree.map(lambda a: a.reshape(T // k, k, *a.shape[1:]), xs)
 
   def body(carry, xk):
+    xk = xk if prepare is None else prepare(xk)
     ys = [None] * k
     for j in (reversed(range(k)) if reverse else range(k)):
       carry, ys[j] = step(carry, jax.tree.map(lambda a: a[j], xk))
@@ -123,7 +113,9 @@ def _block_scan(step, carry, xs, k: int, reverse: bool = False):
 
 
 def _fwd_scan(gi_TxDxBx3H, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, chains,
-              save_gh=False):
+              save_gh=False, w_i=None):
+  """The recurrence. With w_i, the first argument is x (T, D, B, I) and each block of steps is
+  projected inside the loop: no (T, D, B, 3H) buffer, and the block stays in cache."""
   D = h0_DxBxH.shape[0]
   w, bi, bh = (_per_chain(a, chains) for a in (w_h, b_i, b_h))
   rm = _chains(rmask, chains) if rmask is not None else [None] * len(w)
@@ -145,24 +137,27 @@ def _fwd_scan(gi_TxDxBx3H, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, cha
       ys.append(y)
     return tuple(new), (_unchain(ys, D), _unchain(ghs, D) if save_gh else None)
 
+  project = None if w_i is None else (lambda xk: (direction_dot(xk[0], w_i), xk[1]))
   hs, (y, gh) = _block_scan(body, tuple(_chains(h0_DxBxH, chains)), (gi_TxDxBx3H, mask_TxB),
-                            unroll)
+                            unroll, prepare=project)
   return (y, gh) if save_gh else y, _unchain(list(hs), D)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _recurrence(gi_TxDxBx3H, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, chains):
-  return _fwd_scan(gi_TxDxBx3H, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, chains)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _recurrence(x_TxDxBxI, w_i, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, chains):
+  return _fwd_scan(x_TxDxBxI, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, chains, w_i=w_i)
 
 
-def _recurrence_fwd(gi, b_i, w_h, b_h, h0, mask, rmask, unroll, chains):
+def _recurrence_fwd(x, w_i, b_i, w_h, b_h, h0, mask, rmask, unroll, chains):
+  # Training: project in bulk (gi is needed again in the backward pass) and keep gh and y.
+  # r, z, n are then recomputed in bulk (cheap elementwise) rather than stored.
+  gi = direction_dot(x, w_i)
   (y, gh), h_T = _fwd_scan(gi, b_i, w_h, b_h, h0, mask, rmask, unroll, chains, save_gh=True)
-  # Kept: gi, gh and y. r, z, n are recomputed in bulk (cheap elementwise) in the backward pass.
-  return (y, h_T), (gi, gh, b_i, w_h, h0, mask, rmask, y)
+  return (y, h_T), (x, w_i, gi, gh, b_i, w_h, h0, mask, rmask, y)
 
 
 def _recurrence_bwd(unroll, chains, res, cts):
-  gi, gh, b_i, w_h, h0, mask, rmask, y = res
+  x, w_i, gi, gh, b_i, w_h, h0, mask, rmask, y = res
   dy_TxDxBxH, dh_T = cts
   D, _, H = h0.shape
   hprev = jnp.concatenate([h0[None], y[:-1]], axis=0)  # h_{t-1}; 0 past a sequence's end
@@ -198,18 +193,24 @@ def _recurrence_bwd(unroll, chains, res, cts):
                        reverse=True)
   d3 = jnp.tile(d, (1, 1, 1, 3))
   dgh, dgi = d3 * A, d3 * A_in
-  dw_h = _per_direction_dot("tdbh,tdbg->dhg", hm.astype(w_h.dtype),
-                            dgh.astype(w_h.dtype)).astype(w_h.dtype)
-  return (dgi, dgi.sum(axis=(0, 2)), dw_h, dgh.sum(axis=(0, 2)), _unchain(list(dh0), D), None,
-          None)
+  cdt = w_h.dtype
+  dx = direction_dot(dgi.astype(cdt), jnp.swapaxes(w_i, 1, 2)).astype(x.dtype)
+  dw_i = _weight_grad(x, dgi.astype(cdt)).astype(w_i.dtype)
+  dw_h = _weight_grad(hm.astype(cdt), dgh.astype(cdt)).astype(cdt)
+  return (dx, dw_i, dgi.sum(axis=(0, 2)), dw_h, dgh.sum(axis=(0, 2)), _unchain(list(dh0), D),
+          None, None)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def gru_recurrence(gi_TxDxBx3H, b_i_Dx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxBxH, mask_TxB=None,
-                   rmask_DxBxH=None, unroll: int = 1):
-  """y (T, D, B, H) f32 and h_T (D, B, H) from the hoisted projections gi = x W_i (no bias).
+def gru_recurrence(x_TxDxBxI, w_i_DxIx3H, b_i_Dx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxBxH,
+                   mask_TxB=None, rmask_DxBxH=None, unroll: int = 1):
+  """One GRU layer, both directions: y (T, D, B, H) f32 and h_T (D, B, H).
+
+  Matmul operands are used in the dtype they come in (bf16 for bf16 compute); gates, carry and
+  outputs are f32. The input projection is hoisted out of the per-step loop: one matmul per block
+  of steps in inference, one bulk matmul for the whole sequence when differentiated.
 
   On CPU (batch even and >= 8) the batch is split into two independent recurrences and at least
   CPU_MIN_UNROLL steps run per loop iteration: XLA:CPU then runs the two half-batch matmuls
@@ -219,7 +220,7 @@ def gru_recurrence(gi_TxDxBx3H, b_i_Dx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxBxH, mask_T
   from a CPU host get the TPU form.
   """
   B = h0_DxBxH.shape[1]
-  args = (gi_TxDxBx3H, b_i_Dx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxBxH, mask_TxB, rmask_DxBxH)
+  args = (x_TxDxBxI, w_i_DxIx3H, b_i_Dx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxBxH, mask_TxB, rmask_DxBxH)
   if B % 2 or B < 8:
     return _recurrence(*args, unroll, 1)
   return jax.lax.platform_dependent(
@@ -272,9 +273,9 @@ class GRU(RecurrentStack):
   def _layer(self, p, x_TxDxBxI, mask_TxB, h0_DxBxH, rmask):
     cdt = self._compute_dtype(x_TxDxBxI)
     w_h, b_h = p["w_h"].astype(cdt), p["b_h"].astype(f32)
-    if self.reset_after:  # b_i is added inside the loop's gate fusion, not in a bulk pass
-      y, h_T = gru_recurrence(self._project(p, x_TxDxBxI, bias=False), p["b_i"].astype(f32), w_h,
-                              b_h, h0_DxBxH, mask_TxB, rmask, self.unroll)
+    if self.reset_after:
+      y, h_T = gru_recurrence(x_TxDxBxI.astype(cdt), p["w_i"].astype(cdt), p["b_i"].astype(f32),
+                              w_h, b_h, h0_DxBxH, mask_TxB, rmask, self.unroll)
     else:
       y, h_T = _reset_before_scan(self._project(p, x_TxDxBxI), w_h, b_h, h0_DxBxH, mask_TxB,
                                   rmask, self.unroll)

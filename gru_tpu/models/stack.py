@@ -96,18 +96,11 @@ class RecurrentStack(nnx.Module):
   def _compute_dtype(self, x: jax.Array):
     return self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, self.param_dtype)
 
-  def _project(self, p, x_TxDxBxI: jax.Array, bias: bool = True) -> jax.Array:
-    """The hoisted input projection: every timestep of a layer in one matmul, f32 out.
-
-    One plain 2-D matmul per direction: XLA:CPU picks a transposed output layout (and a slow
-    relayout copy) for the equivalent batched einsum.
-    """
-    T, D, B, I = x_TxDxBxI.shape
+  def _project(self, p, x_TxDxBxI: jax.Array) -> jax.Array:
+    """The hoisted input projection: every timestep of a layer in one matmul, f32 out."""
     cdt = self._compute_dtype(x_TxDxBxI)
-    gs = [jnp.dot(x_TxDxBxI[:, d].reshape(T * B, I).astype(cdt), p["w_i"][d].astype(cdt),
-                  preferred_element_type=jnp.float32).reshape(T, 1, B, -1) for d in range(D)]
-    gi = gs[0] if D == 1 else jnp.concatenate(gs, axis=1)
-    return gi + p["b_i"].astype(jnp.float32)[None, :, None, :] if bias else gi
+    gi = direction_dot(x_TxDxBxI.astype(cdt), p["w_i"].astype(cdt))
+    return gi + p["b_i"].astype(jnp.float32)[None, :, None, :]
 
   # -- public API -----------------------------------------------------------------------------
 
@@ -247,6 +240,17 @@ class RecurrentStack(nnx.Module):
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
       raise ValueError(f"{type(self).__name__}: {arg} must be {want} (num_layers·directions, "
                        f"batch, hidden), got {got}")
+
+
+def direction_dot(a_TxDxBxK: jax.Array, w_DxKxN: jax.Array) -> jax.Array:
+  """(T, D, B, K) @ (D, K, N) -> (T, D, B, N) f32 as one plain 2-D matmul per direction.
+
+  XLA:CPU lays out the equivalent d-batched einsum with a transposed output and relayout copies.
+  """
+  T, D, B, K = a_TxDxBxK.shape
+  outs = [jnp.dot(a_TxDxBxK[:, d].reshape(T * B, K), w_DxKxN[d],
+                  preferred_element_type=jnp.float32).reshape(T, 1, B, -1) for d in range(D)]
+  return outs[0] if D == 1 else jnp.concatenate(outs, axis=1)
 
 
 def _reverse_index(T: int, seq_lengths: jax.Array) -> jax.Array:
