@@ -1,6 +1,7 @@
 """GRU parity with torch.nn.GRU (outputs, h_n, gradients), masks, step API, knobs, bad input."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -264,3 +265,45 @@ def test_cpu_compiler_options_keep_the_numbers(rng):
   fast = jax.jit(grad, compiler_options=compiler_options("cpu"))(params)
   for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(jax.jit(grad)(params)), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _region(text: str, start: int) -> str:
+  """The brace-balanced region opened by the first '{' that ends a line at or after `start`."""
+  i = text.index("{\n", start)
+  depth = 0
+  for j in range(i, len(text)):
+    depth += {"{": 1, "}": -1}.get(text[j], 0)
+    if depth == 0:
+      return text[i:j + 1]
+  raise ValueError("unbalanced braces")
+
+
+def _dots(mlir: str, body: str, funcs: dict) -> int:
+  """dot_generals in `body`, following func.call into the module's private functions."""
+  return body.count("stablehlo.dot_general") + sum(
+      _dots(mlir, funcs[name], funcs) for name in re.findall(r"func\.call @([\w.]+)\(", body))
+
+
+def loop_and_total_dots(mlir: str) -> tuple[list[int], int]:
+  funcs = {m.group(1): _region(mlir, m.end())
+           for m in re.finditer(r"func\.func (?:private|public) @([\w.]+)\(", mlir)}
+  main = funcs["main"]
+  loops = [_dots(mlir, _region(main, m.end() + main[m.end():].index("do {")), funcs)
+           for m in re.finditer(r"stablehlo\.while", main)]
+  return loops, _dots(mlir, main, funcs)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_tpu_lowering_has_one_recurrent_dot_per_step_and_a_hoisted_projection(train):
+  """Lowered for TPU (from this CPU host): each time loop holds exactly one matmul, h·W_h (or
+  dh·W_h^T going backwards), and the input projections sit outside every loop."""
+  model = GRU(8, 16, num_layers=2, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  x = jnp.zeros((16, 12, 8))
+  fwd = lambda p, x: (nnx.merge(graphdef, p)(x)[0] ** 2).sum()
+  fn = jax.jit(jax.grad(fwd) if train else fwd)
+  mlir = jax.export.export(fn, platforms=["tpu"])(params, x).mlir_module()
+  loops, total = loop_and_total_dots(mlir)
+  loops = [n for n in loops if n]
+  assert loops == [1] * (4 if train else 2)  # per layer: forward loop (+ backward loop)
+  assert total - len(loops) >= 2  # the projections (and weight gradients) are outside the loops

@@ -143,12 +143,17 @@ def _fwd_scan(gi_TxDxBx3H, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, cha
   return (y, gh) if save_gh else y, _unchain(list(hs), D)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def _recurrence(x_TxDxBxI, w_i, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, chains):
-  return _fwd_scan(x_TxDxBxI, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, chains, w_i=w_i)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _recurrence(x_TxDxBxI, w_i, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, chains,
+                block_projection):
+  if block_projection:
+    return _fwd_scan(x_TxDxBxI, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, chains,
+                     w_i=w_i)
+  return _fwd_scan(direction_dot(x_TxDxBxI, w_i), b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask,
+                   unroll, chains)
 
 
-def _recurrence_fwd(x, w_i, b_i, w_h, b_h, h0, mask, rmask, unroll, chains):
+def _recurrence_fwd(x, w_i, b_i, w_h, b_h, h0, mask, rmask, unroll, chains, block_projection):
   # Training: project in bulk (gi is needed again in the backward pass) and keep gh and y.
   # r, z, n are then recomputed in bulk (cheap elementwise) rather than stored.
   gi = direction_dot(x, w_i)
@@ -156,7 +161,7 @@ def _recurrence_fwd(x, w_i, b_i, w_h, b_h, h0, mask, rmask, unroll, chains):
   return (y, h_T), (x, w_i, gi, gh, b_i, w_h, h0, mask, rmask, y)
 
 
-def _recurrence_bwd(unroll, chains, res, cts):
+def _recurrence_bwd(unroll, chains, block_projection, res, cts):
   x, w_i, gi, gh, b_i, w_h, h0, mask, rmask, y = res
   dy_TxDxBxH, dh_T = cts
   D, _, H = h0.shape
@@ -209,23 +214,24 @@ def gru_recurrence(x_TxDxBxI, w_i_DxIx3H, b_i_Dx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxB
   """One GRU layer, both directions: y (T, D, B, H) f32 and h_T (D, B, H).
 
   Matmul operands are used in the dtype they come in (bf16 for bf16 compute); gates, carry and
-  outputs are f32. The input projection is hoisted out of the per-step loop: one matmul per block
-  of steps in inference, one bulk matmul for the whole sequence when differentiated.
+  outputs are f32. The input projection x W_i for the whole sequence is one matmul before the
+  loop, and inside it one recurrent matmul per step (per direction).
 
-  On CPU (batch even and >= 8) the batch is split into two independent recurrences and at least
-  CPU_MIN_UNROLL steps run per loop iteration: XLA:CPU then runs the two half-batch matmuls
-  concurrently on two cores (a loop body of few ops runs sequentially, one core per dot).
-  Elsewhere it is one dot per step over the whole batch, which is what the MXU / tensor cores
-  want; the choice is made at lowering time (lax.platform_dependent), so AOT compiles for TPU
-  from a CPU host get the TPU form.
+  On CPU (batch even and >= 8) three things differ, chosen at lowering time
+  (lax.platform_dependent, so AOT compiles for TPU from a CPU host get the form above): the batch
+  is split into two independent recurrences, whose half-batch matmuls XLA:CPU runs concurrently
+  on two cores (a loop body of few ops runs sequentially, one core per dot); at least
+  CPU_MIN_UNROLL steps run per loop iteration; and when not differentiated, each block of steps
+  is projected inside the loop (a fresh (T, D, B, 3H) buffer costs more in page faults there
+  than the matmul itself).
   """
   B = h0_DxBxH.shape[1]
   args = (x_TxDxBxI, w_i_DxIx3H, b_i_Dx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxBxH, mask_TxB, rmask_DxBxH)
   if B % 2 or B < 8:
-    return _recurrence(*args, unroll, 1)
+    return _recurrence(*args, unroll, 1, False)
   return jax.lax.platform_dependent(
-      *args, cpu=lambda *a: _recurrence(*a, max(unroll, CPU_MIN_UNROLL), 2),
-      default=lambda *a: _recurrence(*a, unroll, 1))
+      *args, cpu=lambda *a: _recurrence(*a, max(unroll, CPU_MIN_UNROLL), 2, True),
+      default=lambda *a: _recurrence(*a, unroll, 1, False))
 
 
 def _reset_before_scan(gi_TxDxBx3H, w_h, b_h, h0, mask_TxB, rmask, unroll):
