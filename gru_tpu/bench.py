@@ -173,9 +173,10 @@ def format_table(r: dict) -> str:
   sc, rm = r["t_scaling"], r["remat"]
   lines.append(f"T-scaling train time T={sc['T'][1]}/T={sc['T'][0]}: {sc['time_ratio']:.2f} "
                f"(linear = {sc['length_ratio']:.0f})")
+  mib = lambda key: rm[key]["temp_bytes"] / 2**20
   lines.append(f"remat at (B,T,H)=({rm['B']},{rm['T']},{rm['H']}): activation memory "
-               f"{rm['no_remat']['temp_bytes'] / 2**20:.1f} -> {rm['remat']['temp_bytes'] / 2**20:.1f}"
-               f" MiB ({rm['memory_cut']:.1f}x less) at {rm['time_cost']:.2f}x time")
+               f"{mib('no_remat'):.1f} -> {mib('remat'):.1f} MiB ({rm['memory_cut']:.1f}x less) "
+               f"at {rm['time_cost']:.2f}x time")
   return "\n".join(lines)
 
 

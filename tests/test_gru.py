@@ -179,7 +179,7 @@ def test_causal_in_time(rng):
   jac = jax.jacrev(lambda x: model(x)[0])(x)[0, :, :, 0]  # (T, H, T, I)
   for t in range(6):
     assert float(jnp.abs(jac[t, :, t + 1:]).max(initial=0.0)) == 0.0, f"y_{t} depends on future x"
-    assert float(jnp.abs(jac[t, :, :t + 1]).min()) >= 0 and float(jnp.abs(jac[t, :, t]).max()) > 0
+    assert float(jnp.abs(jac[t, :, t]).max()) > 0, f"y_{t} must depend on x_{t}"
 
 
 def test_dropout_train_vs_eval(rng):

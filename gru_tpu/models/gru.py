@@ -2,8 +2,8 @@
 
   r = σ(W_ir x + b_ir + W_hr h + b_hr)
   z = σ(W_iz x + b_iz + W_hz h + b_hz)
-  n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))        reset_after=True  (PyTorch, cuDNN, Keras v2)
-  n = tanh(W_in x + b_in + (r ⊙ h) W_hn + b_hn)        reset_after=False (Cho et al. 2014)
+  n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))     reset_after=True  (PyTorch, cuDNN, Keras v2)
+  n = tanh(W_in x + b_in + (r ⊙ h) W_hn + b_hn)     reset_after=False (Cho et al. 2014)
   h' = (1 - z) ⊙ n + z ⊙ h
 
 The reset_after=True recurrence has a hand-written VJP: the forward keeps gh = h W_h + b_h per
@@ -51,7 +51,7 @@ def compiler_options(backend: str | None = None) -> dict[str, object]:
 
 
 def _gates(g_Bx3H, gh_Bx3H):
-  """PyTorch's r, z, n from the input part g = x W_i + b_i and the recurrent part gh = h W_h + b_h."""
+  """PyTorch's r, z, n from the input part g = x W_i + b_i and recurrent part gh = h W_h + b_h."""
   H = g_Bx3H.shape[-1] // 3
   r = sigmoid(g_Bx3H[..., :H] + gh_Bx3H[..., :H])
   z = sigmoid(g_Bx3H[..., H:2 * H] + gh_Bx3H[..., H:2 * H])
@@ -168,7 +168,7 @@ def _recurrence_bwd(unroll, chains, block_projection, res, cts):
   hprev = jnp.concatenate([h0[None], y[:-1]], axis=0)  # h_{t-1}; 0 past a sequence's end
   hm = hprev if rmask is None else hprev * rmask
   r, z, n = _gates(gi + b_i[None, :, None], gh)
-  # d loss/d h_t =: d. Then dn_pre = d·a, dz_pre = d·(h_{t-1} - n)z(1-z), dr_pre = d·a·ghn·r(1-r)
+  # With d = d loss/d h_t: dn_pre = d·a, dz_pre = d·(h_{t-1} - n)z(1-z), dr_pre = d·a·ghn·r(1-r)
   # and the recurrent-side gate gradient is dgh = [d d d] ⊙ A, so the loop needs only A and z.
   a = (1.0 - z) * (1.0 - n * n)
   rz = [a * gh[..., 2 * H:] * r * (1.0 - r), (hprev - n) * z * (1.0 - z)]

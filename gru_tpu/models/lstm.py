@@ -1,6 +1,6 @@
 """LSTM with PyTorch-exact gates (i, f, g, o; both bias vectors), on the GRU's interface.
 
-  c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g),  h' = σ(o) ⊙ tanh(c'),  [i f g o] = x W_i + b_i + h W_h + b_h
+  [i f g o] = x W_i + b_i + h W_h + b_h,  c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g),  h' = σ(o) ⊙ tanh(c')
 The carry is the tuple (h, c); `h_n` is returned as (h_n, c_n) like torch.nn.LSTM.
 """
 
@@ -23,7 +23,7 @@ def _lstm_cell(gi_DxBx4H, h, c, w_h, b_h, rmask):
 
 
 class LSTM(RecurrentStack):
-  """Multi-layer (bi)directional LSTM; `y, (h_n, c_n) = lstm(x_BxTxI, seq_lengths, initial_carry)`."""
+  """Multi-layer (bi)directional LSTM: `y, (h_n, c_n) = lstm(x_BxTxI, seq_lengths, carry0)`."""
 
   num_gates = 4
 

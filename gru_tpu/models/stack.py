@@ -44,7 +44,7 @@ class RecurrentLayer(nnx.Module):
 
 
 class RecurrentStack(nnx.Module):
-  """Multi-layer, optionally bidirectional recurrent stack with torch.nn.RNN(batch_first=True) layouts."""
+  """Multi-layer, optionally bidirectional stack with torch.nn.RNN(batch_first=True) layouts."""
 
   num_gates: int = 0
   recurrent_weights: bool = True
