@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
+    "train": ("gru_tpu.train", "train a model: --config configs/X.py[:arg] --workdir DIR"),
     "bench": ("gru_tpu.bench", "GRU speed/memory vs PyTorch and Flax linen, side by side"),
 }
 

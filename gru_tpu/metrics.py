@@ -1,0 +1,46 @@
+"""Run metrics: workdir/metrics.jsonl (one JSON object per event) and TensorBoard events.
+
+Every line has `step` and `split` ("train", "eval" or "test") plus metric names; the training
+loss is `loss`. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+
+
+class MetricsWriter:
+
+  def __init__(self, workdir: Path):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    from tensorboardX import SummaryWriter
+    self.path = Path(workdir) / "metrics.jsonl"
+    self.file = self.path.open("a")
+    self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), "split": split}
+    row.update({k: float(v) for k, v in metrics.items()})
+    self.file.write(json.dumps(row) + "\n")
+    self.file.flush()
+    for k, v in metrics.items():
+      if math.isfinite(float(v)):
+        self.tb.add_scalar(f"{split}/{k}", float(v), int(step))
+
+  def close(self) -> None:
+    if self.enabled:
+      self.file.close()
+      self.tb.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+  path = Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

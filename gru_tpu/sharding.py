@@ -1,0 +1,91 @@
+"""Meshes and partition rules: pjit semantics through jax.jit in/out shardings.
+
+config.mesh is a tuple of (axis name, size) pairs, size -1 meaning "the rest of the devices",
+e.g. (("data", -1), ("model", 1)). config.sharding picks how parameters are laid out:
+  dp    parameters replicated, batch split on "data"
+  fsdp  each parameter's largest "data"-divisible dimension split on "data" (ZeRO-3 style)
+and a "model" axis larger than 1 adds tensor parallelism on top of either: input kernels w_i/b_i
+split on their gate dimension (3H for a GRU), embeddings and the logits head on the vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from gru_tpu.errors import UserError
+
+STRATEGIES = ("dp", "fsdp")
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh over all (or the given) devices; jax.make_mesh orders them so ICI/DCN axes are right."""
+  devices = list(devices) if devices is not None else jax.devices()
+  names = tuple(str(name) for name, _ in axes)
+  sizes = [int(size) for _, size in axes]
+  if sizes.count(-1) > 1:
+    raise UserError(f"config.mesh={tuple(axes)}: at most one axis may be -1 (the rest)")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if fixed <= 0 or len(devices) % fixed:
+      raise UserError(f"config.mesh={tuple(axes)}: {len(devices)} devices are not divisible by "
+                      f"the fixed axes' product {fixed}; change config.mesh")
+    sizes[sizes.index(-1)] = len(devices) // fixed
+  if math.prod(sizes) != len(devices):
+    raise UserError(f"config.mesh={tuple(axes)} needs {math.prod(sizes)} devices but "
+                    f"{len(devices)} are available; set config.mesh to match (e.g. "
+                    f"(('data', -1), ('model', 1)))")
+  # Auto axes: pjit semantics (XLA propagates shardings), not sharding-in-types.
+  return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names),
+                       devices=devices)
+
+
+def _key_name(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def param_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, strategy: str) -> P:
+  """The PartitionSpec of one parameter (or optimizer moment shaped like one)."""
+  spec: list[Any] = [None] * len(shape)
+  model = mesh.shape.get("model", 1)
+  name = path[-1] if path else ""
+  if model > 1 and shape:
+    if name in ("w_i", "b_i") and shape[-1] % model == 0:
+      spec[-1] = "model"  # the gate dimension (G·H) of the hoisted input projection
+    elif name == "embedding" and shape[0] % model == 0:
+      spec[0] = "model"  # vocabulary rows
+    elif "head" in path and name in ("kernel", "bias") and shape[-1] % model == 0:
+      spec[-1] = "model"  # vocabulary columns of the logits
+  data = mesh.shape.get("data", 1)
+  if strategy == "fsdp" and data > 1:
+    free = [i for i, s in enumerate(spec) if s is None and shape[i] % data == 0]
+    if free:
+      spec[max(free, key=lambda i: shape[i])] = "data"
+  return P(*spec)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, strategy: str) -> Any:
+  """NamedShardings for a pytree of (abstract) arrays, from each leaf's path and shape."""
+  if strategy not in STRATEGIES:
+    raise UserError(f"config.sharding={strategy!r} is not one of {STRATEGIES}")
+
+  def one(path, leaf):
+    names = tuple(n for n in (_key_name(p) for p in path) if n != "value")  # nnx Variable
+    return NamedSharding(mesh, param_spec(names, tuple(getattr(leaf, "shape", ())), mesh, strategy))
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches are split on their leading (batch) axis over "data", replicated over "model"."""
+  return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

@@ -1,0 +1,269 @@
+"""The training engine shared by every task: sharded state, one jitted train step, eval, checkpoints.
+
+  gru-tpu train --config configs/synthetic.py:size=tiny --workdir /tmp/run [--config.key=value]
+
+A task is chosen by `config.task` and loaded by name from gru_tpu.tasks (this module never
+imports one). It hands the engine a model constructor, a pure loss function, per-process batch
+iterators, and JSON metadata; see gru_tpu/tasks/__init__.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gru_tpu import sharding
+from gru_tpu.checkpoint import Checkpointer
+from gru_tpu.errors import UserError
+from gru_tpu.metrics import MetricsWriter
+from gru_tpu.models import compiler_options
+
+log = logging.getLogger("gru_tpu")
+
+# Config sections whose change makes an existing checkpoint unusable for this run.
+COMPATIBLE_KEYS = ("task", "model", "data")
+
+
+class TrainingDiverged(UserError):
+  """The loss became NaN or Inf."""
+
+
+def load_task(config) -> Any:
+  try:
+    module = importlib.import_module(f"gru_tpu.tasks.{config.task}")
+  except ModuleNotFoundError as e:
+    raise UserError(f"config.task={config.task!r}: no module gru_tpu.tasks.{config.task}") from e
+  return module.make_task(config)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  o = config.optimizer
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, o.learning_rate, max(1, o.warmup_steps), max(o.warmup_steps + 1, config.num_steps),
+      end_value=o.learning_rate * o.final_lr_fraction)
+  return optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                     optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+
+
+def _init_state(task, tx, seed: int) -> dict:
+  model = task.build_model(nnx.Rngs(params=seed, dropout=seed + 1))
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  return {"params": params, "rest": rest, "opt_state": tx.init(params),
+          "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed + 2))}
+
+
+def train_step(state: dict, batch: dict, *, graphdef, task, tx, grad_accum: int):
+  """One optimizer step on a global batch, split into `grad_accum` micro-batches."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+  def loss_fn(params, micro, key):
+    return task.loss_fn(nnx.merge(graphdef, params, state["rest"]), micro, key)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum == 1:
+    (loss, aux), grads = grad_fn(state["params"], batch, rng)
+  else:
+    micro = jax.tree.map(lambda a: a.reshape(grad_accum, -1, *a.shape[1:]), batch)
+
+    def accumulate(carry, inp):
+      i, mb = inp
+      (l, a), g = grad_fn(state["params"], mb, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state["params"],
+                                                        jax.tree.map(lambda a: a[0], micro), rng))
+    zeros = (zeros[0][0], zeros[0][1], zeros[1])
+    (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+    loss, aux, grads = jax.tree.map(lambda a: a / grad_accum, (loss, aux, grads))
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  # param_norm makes a non-finite update visible in the step that made it, before any save.
+  metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(params))
+  return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
+
+
+def eval_step(state: dict, batch: dict, *, graphdef, task):
+  model = nnx.merge(graphdef, state["params"], state["rest"])
+  model.eval()
+  loss, aux = task.loss_fn(model, batch, jax.random.key(0))
+  return dict(aux, loss=loss)
+
+
+def _state_shardings(abstract_state: dict, mesh, strategy: str) -> dict:
+  shardings = sharding.tree_shardings(abstract_state, mesh, strategy)
+  shardings["step"] = shardings["rng"] = sharding.replicated(mesh)
+  return shardings
+
+
+def _check_batch(config, mesh) -> None:
+  data = mesh.shape.get("data", 1)
+  B = config.batch_size
+  for what, n in (("the data-parallel size (mesh axis 'data')", data),
+                  ("the number of processes", jax.process_count()),
+                  ("config.grad_accum", config.grad_accum)):
+    if n < 1 or B % n:
+      raise UserError(f"config.batch_size={B} is not divisible by {what} = {n}; pick a multiple")
+  if (B // config.grad_accum) % data:
+    raise UserError(f"config.batch_size / config.grad_accum = {B // config.grad_accum} is not "
+                    f"divisible by the data-parallel size {data}")
+
+
+def _check_compatible(saved: dict, config, step: int, directory: Path) -> None:
+  now = json.loads(config.to_json_best_effort())
+  for key in COMPATIBLE_KEYS:
+    if saved.get(key) != now.get(key):
+      raise UserError(
+          f"{directory} holds a checkpoint (step {step}) from a run with a different "
+          f"config.{key} ({saved.get(key)!r} vs now {now.get(key)!r}); use a fresh --workdir or "
+          f"the original config. Nothing was changed.")
+
+
+def _to_global(batch: dict, mesh) -> dict:
+  """Each process passes its own rows; the result is one global array sharded on 'data'."""
+  spec = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(spec, np.asarray(v)) for k, v in batch.items()}
+
+
+def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
+  """Trains config.num_steps steps (resuming from workdir), returns the eval metrics rows."""
+  workdir = Path(workdir)
+  task = load_task(config)
+  mesh = sharding.make_mesh(config.mesh)
+  _check_batch(config, mesh)
+  tx = make_optimizer(config)
+  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    _check_compatible(ckpt.restore_meta(latest)["config"], config, latest, ckpt.directory)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+  init = functools.partial(_init_state, task, tx, config.seed)
+  abstract = jax.eval_shape(init)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))))
+  state_sh = _state_shardings(abstract, mesh, config.sharding)
+  batch_sh = sharding.batch_sharding(mesh)
+  options = compiler_options()
+  if latest is None:
+    # Created inside jit with out_shardings: full parameters never exist on one host.
+    state = jax.jit(init, out_shardings=state_sh)()
+    start = 0
+  else:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sh)
+    state, meta = ckpt.restore(latest, target)
+    start = int(meta["data_step"])
+    log.info("resumed from step %d in %s", latest, ckpt.directory)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, task=task, tx=tx,
+                        grad_accum=config.grad_accum),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+      donate_argnums=(0,), compiler_options=options)
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, task=task),
+                    in_shardings=(state_sh, batch_sh), compiler_options=options)
+
+  writer = MetricsWriter(workdir)
+  batches = task.batches("train", start, jax.process_index(), jax.process_count())
+  evals = []
+  pending = None  # metrics are read one step late so the host never stalls the device
+  t_last, compile_logged = time.perf_counter(), False
+
+  def finish(step_done: int, metrics) -> None:
+    nonlocal t_last
+    m = jax.device_get(metrics)
+    if not all(math.isfinite(float(v)) for v in m.values()):
+      ckpt.wait()
+      bad = ", ".join(f"{k} = {float(v)}" for k, v in m.items() if not math.isfinite(float(v)))
+      raise TrainingDiverged(
+          f"{bad} at step {step_done}; training stopped. The last good "
+          f"checkpoint (step {ckpt.latest_step()}) is intact. Lower "
+          f"config.optimizer.learning_rate or raise config.optimizer.grad_clip.")
+    if step_done % config.log_every == 0 or step_done == config.num_steps:
+      now = time.perf_counter()
+      writer.write(step_done, "train", m)
+      log.info("step %d loss %.4f (%.1f steps/s)", step_done, m["loss"],
+               config.log_every / max(now - t_last, 1e-9))
+      t_last = now
+
+  for step in range(start, config.num_steps):
+    batch = _to_global(next(batches), mesh)
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    if not compile_logged:
+      log.info("first step (compile + run) took %.1fs", time.perf_counter() - t0)
+      compile_logged = True
+    if pending is not None:
+      finish(*pending)
+    pending = (step + 1, metrics)
+    done = step + 1
+    if done % config.eval_every == 0 or done == config.num_steps:
+      finish(*pending)
+      pending = None
+      evals.append(_evaluate(config, task, eval_fn, state, mesh, writer, done))
+    if done % config.checkpoint_every == 0 or done == config.num_steps:
+      if pending is not None:
+        finish(*pending)
+        pending = None
+      meta = {"config": json.loads(config.to_json_best_effort()), "data_step": done,
+              "task": task.metadata()}
+      ckpt.save(done, state, meta)
+  if pending is not None:
+    finish(*pending)
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  return evals
+
+
+def _evaluate(config, task, eval_fn, state, mesh, writer, step: int) -> dict:
+  totals: dict[str, float] = {}
+  batches = task.batches("eval", 0, jax.process_index(), jax.process_count())
+  for _ in range(config.eval_steps):
+    m = jax.device_get(eval_fn(state, _to_global(next(batches), mesh)))
+    for k, v in m.items():
+      totals[k] = totals.get(k, 0.0) + float(v) / config.eval_steps
+  writer.write(step, "eval", totals)
+  return dict(totals, step=step)
+
+
+def main(argv: list[str]) -> int:
+  """`gru-tpu train`: absl config flags; a user error is one line on stderr and exit code 2."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", flag_values=fv,
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl)",
+                      flag_values=fv)
+  try:
+    fv(["gru-tpu train", *argv])
+    if fv.config is None or fv.workdir is None:
+      raise UserError("both --config configs/NAME.py[:arg] and --workdir DIR are required")
+  except (flags.Error, UserError, KeyError, AttributeError, TypeError, ValueError) as e:
+    print(f"gru-tpu train: {e}".splitlines()[0] if "\n" in str(e) else f"gru-tpu train: {e}",
+          file=sys.stderr)
+    return 2
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  try:
+    train_and_evaluate(fv.config, fv.workdir)
+  except UserError as e:
+    print(f"gru-tpu train: {e}", file=sys.stderr)
+    return 2
+  return 0

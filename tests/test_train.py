@@ -1,0 +1,141 @@
+"""The training engine on the synthetic task: files, learning, exact resume, meshes, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+import synthetic  # noqa: E402
+
+from gru_tpu import train  # noqa: E402
+from gru_tpu.errors import UserError  # noqa: E402
+from gru_tpu.metrics import read_metrics  # noqa: E402
+
+CONFIG = str(Path(__file__).parents[1] / "configs" / "synthetic.py")
+
+
+def tiny(**overrides):
+  c = synthetic.get_config("size=tiny")
+  c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 30, 1, 30, 10
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def losses(workdir, split="train"):
+  return {r["step"]: r["loss"] for r in read_metrics(workdir) if r["split"] == split}
+
+
+def test_trains_writes_metrics_config_and_checkpoints(tmp_path):
+  evals = train.train_and_evaluate(tiny(num_steps=60, eval_every=60, checkpoint_every=30),
+                                   tmp_path)
+  train_loss = losses(tmp_path)
+  assert sorted(train_loss) == list(range(1, 61))
+  assert np.mean([train_loss[s] for s in range(51, 61)]) < 0.6 * train_loss[1]
+  assert evals[-1]["step"] == 60 and evals[-1]["loss"] < 0.6 * train_loss[1]
+  assert json.loads((tmp_path / "config.json").read_text())["task"] == "synthetic"
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["30", "60"]
+  assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train.train_and_evaluate(tiny(), straight)
+  real, calls = train._to_global, []
+
+  def crash_at_step_25(batch, mesh):
+    calls.append(1)
+    if len(calls) == 25:
+      raise KeyboardInterrupt("simulated crash")
+    return real(batch, mesh)
+
+  monkeypatch.setattr(train, "_to_global", crash_at_step_25)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(tiny(), resumed)
+  monkeypatch.setattr(train, "_to_global", real)
+  train.train_and_evaluate(tiny(), resumed)  # continues from the step-20 checkpoint
+  a, b = losses(straight), losses(resumed)  # steps 21-24 appear twice in `resumed`: last wins
+  assert sorted(b) == list(range(1, 31))
+  for step in range(21, 31):
+    assert a[step] == b[step], f"step {step}: {a[step]} vs {b[step]}"
+
+
+def test_grad_accumulation_matches_the_full_batch(tmp_path):
+  train.train_and_evaluate(tiny(num_steps=5), tmp_path / "full")
+  train.train_and_evaluate(tiny(num_steps=5, grad_accum=4), tmp_path / "accum")
+  a, b = losses(tmp_path / "full"), losses(tmp_path / "accum")
+  np.testing.assert_allclose([b[s] for s in range(1, 6)], [a[s] for s in range(1, 6)], rtol=1e-5)
+
+
+def run_cli(workdir, *flags, devices=1):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "gru_tpu.cli", "train", "--config",
+                         f"{CONFIG}:size=tiny", "--workdir", str(workdir), *flags],
+                        capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_same_losses_on_1_device_8_data_and_4x2_data_model(tmp_path):
+  common = ["--config.num_steps=12", "--config.log_every=1", "--config.checkpoint_every=12",
+            "--config.eval_every=12"]
+  runs = {
+      "one": run_cli(tmp_path / "one", *common),
+      "data8": run_cli(tmp_path / "data8", *common, devices=8),
+      "data4_model2_fsdp": run_cli(tmp_path / "data4_model2_fsdp", *common,
+                                   "--config.mesh=(('data', 4), ('model', 2))",
+                                   "--config.sharding=fsdp", devices=8),
+  }
+  for name, r in runs.items():
+    assert r.returncode == 0, f"{name}: {r.stderr[-2000:]}"
+  ref = losses(tmp_path / "one")
+  for name in ("data8", "data4_model2_fsdp"):
+    got = losses(tmp_path / name)
+    np.testing.assert_allclose([got[s] for s in range(1, 13)], [ref[s] for s in range(1, 13)],
+                               rtol=2e-5, err_msg=name)
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  r = run_cli(tmp_path, "--config.optimizer.learning_rat=0.1")
+  assert r.returncode == 2 and "learning_rat" in r.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_batch_not_divisible_by_data_parallel_size(tmp_path):
+  r = run_cli(tmp_path, "--config.batch_size=12", devices=8)
+  assert r.returncode == 2
+  assert "config.batch_size=12 is not divisible by the data-parallel size" in r.stderr
+
+
+def test_mesh_not_matching_devices(tmp_path):
+  r = run_cli(tmp_path, "--config.mesh=(('data', 3), ('model', 1))", devices=8)
+  assert r.returncode == 2 and "needs 3 devices but 8 are available" in r.stderr
+
+
+def snapshot(directory: Path) -> dict:
+  return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_incompatible_workdir_is_refused_untouched(tmp_path):
+  train.train_and_evaluate(tiny(num_steps=10), tmp_path)
+  before = snapshot(tmp_path / "checkpoints")
+  with pytest.raises(UserError, match=r"different config.model"):
+    train.train_and_evaluate(tiny(num_steps=20, **{"model.hidden": 64}), tmp_path)
+  assert snapshot(tmp_path / "checkpoints") == before
+
+
+def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path):
+  train.train_and_evaluate(tiny(num_steps=10), tmp_path)
+  before = snapshot(tmp_path / "checkpoints")
+  bad = tiny(num_steps=30, **{"optimizer.learning_rate": float("nan")})
+  with pytest.raises(train.TrainingDiverged, match="param_norm = nan at step 11"):
+    train.train_and_evaluate(bad, tmp_path)
+  assert snapshot(tmp_path / "checkpoints") == before
