@@ -242,6 +242,16 @@ def _evaluate(config, task, eval_fn, state, mesh, writer, step: int) -> dict:
   return dict(totals, step=step)
 
 
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Multi-process JAX; must run before anything touches a device."""
+  if coordinator and jax.config.jax_platforms in (None, "", "cpu"):
+    # Cross-process collectives on CPU need gloo (the default CPU client has none).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator, num_processes, process_id)
+  log.info("process %d of %d", jax.process_index(), jax.process_count())
+
+
 def main(argv: list[str]) -> int:
   """`gru-tpu train`: absl config flags; a user error is one line on stderr and exit code 2."""
   from absl import flags
@@ -252,6 +262,12 @@ def main(argv: list[str]) -> int:
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl)",
                       flag_values=fv)
+  flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (TPU pods: it "
+                    "finds the coordinator itself)", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process "
+                      "runs off TPU (implies --distributed)", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "with --coordinator_address", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "with --coordinator_address", flag_values=fv)
   try:
     fv(["gru-tpu train", *argv])
     if fv.config is None or fv.workdir is None:
@@ -261,6 +277,8 @@ def main(argv: list[str]) -> int:
           file=sys.stderr)
     return 2
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  if fv.coordinator_address or fv.distributed:
+    initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
   try:
     train_and_evaluate(fv.config, fv.workdir)
   except UserError as e:

@@ -103,6 +103,37 @@ def test_same_losses_on_1_device_8_data_and_4x2_data_model(tmp_path):
                                rtol=2e-5, err_msg=name)
 
 
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
+  """2 processes x 4 CPU devices (gloo) == 1 process x 8 devices, step for step."""
+  common = ["--config.num_steps=8", "--config.log_every=1", "--config.checkpoint_every=4",
+            "--config.eval_every=8"]
+  ref = run_cli(tmp_path / "one", *common, devices=8)
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  port = free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "gru_tpu.cli", "train", "--config", f"{CONFIG}:size=tiny",
+       "--workdir", str(tmp_path / "two"), *common, f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+  assert sorted(b) == list(range(1, 9))  # written once, by process 0
+  np.testing.assert_allclose([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)],
+                             rtol=2e-5)
+  assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["4", "8"]
+
+
 def test_unknown_config_key_is_an_error(tmp_path):
   r = run_cli(tmp_path, "--config.optimizer.learning_rat=0.1")
   assert r.returncode == 2 and "learning_rat" in r.stderr
