@@ -9,6 +9,7 @@ iterators, and JSON metadata; see gru_tpu/tasks/__init__.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -138,13 +139,45 @@ def _to_global(batch: dict, mesh) -> dict:
   return {k: jax.make_array_from_process_local_data(spec, np.asarray(v)) for k, v in batch.items()}
 
 
+@dataclasses.dataclass
+class Setup:
+  """Everything a run (or an AOT compile) needs, built from the config and a mesh."""
+  task: Any
+  graphdef: Any
+  init: Any
+  abstract_state: Any
+  state_shardings: Any
+  batch_sharding: Any
+  train_step: Any  # jitted (state, batch) -> (state, metrics)
+  eval_step: Any   # jitted (state, batch) -> metrics
+
+
+def setup(config, mesh) -> Setup:
+  task = load_task(config)
+  _check_batch(config, mesh)
+  tx = make_optimizer(config)
+  init = functools.partial(_init_state, task, tx, config.seed)
+  abstract = jax.eval_shape(init)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))))
+  state_sh = _state_shardings(abstract, mesh, config.sharding)
+  batch_sh = sharding.batch_sharding(mesh)
+  options = compiler_options(mesh.devices.flat[0].platform)
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, task=task, tx=tx,
+                        grad_accum=config.grad_accum),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+      donate_argnums=(0,), compiler_options=options)
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, task=task),
+                    in_shardings=(state_sh, batch_sh), compiler_options=options)
+  return Setup(task, graphdef, init, abstract, state_sh, batch_sh, step_fn, eval_fn)
+
+
 def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
   """Trains config.num_steps steps (resuming from workdir), returns the eval metrics rows."""
   workdir = Path(workdir)
-  task = load_task(config)
   mesh = sharding.make_mesh(config.mesh)
-  _check_batch(config, mesh)
-  tx = make_optimizer(config)
+  s = setup(config, mesh)
+  task, step_fn, eval_fn = s.task, s.train_step, s.eval_step
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is not None:
@@ -153,36 +186,23 @@ def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
-  init = functools.partial(_init_state, task, tx, config.seed)
-  abstract = jax.eval_shape(init)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))))
-  state_sh = _state_shardings(abstract, mesh, config.sharding)
-  batch_sh = sharding.batch_sharding(mesh)
-  options = compiler_options()
   if latest is None:
     # Created inside jit with out_shardings: full parameters never exist on one host.
-    state = jax.jit(init, out_shardings=state_sh)()
+    state = jax.jit(s.init, out_shardings=s.state_shardings)()
     start = 0
   else:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sh)
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          s.abstract_state, s.state_shardings)
     state, meta = ckpt.restore(latest, target)
     start = int(meta["data_step"])
     log.info("resumed from step %d in %s", latest, ckpt.directory)
-
-  step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, task=task, tx=tx,
-                        grad_accum=config.grad_accum),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
-      donate_argnums=(0,), compiler_options=options)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, task=task),
-                    in_shardings=(state_sh, batch_sh), compiler_options=options)
 
   writer = MetricsWriter(workdir)
   batches = task.batches("train", start, jax.process_index(), jax.process_count())
   evals = []
   pending = None  # metrics are read one step late so the host never stalls the device
   t_last, compile_logged = time.perf_counter(), False
+  tokens_per_step = config.batch_size * config.get("seq_len", 1)
 
   def finish(step_done: int, metrics) -> None:
     nonlocal t_last
@@ -197,8 +217,10 @@ def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
     if step_done % config.log_every == 0 or step_done == config.num_steps:
       now = time.perf_counter()
       writer.write(step_done, "train", m)
-      log.info("step %d loss %.4f (%.1f steps/s)", step_done, m["loss"],
-               config.log_every / max(now - t_last, 1e-9))
+      rate = config.log_every / max(now - t_last, 1e-9)
+      log.info("step %d/%d loss %.4f | %.2f steps/s, %.0f tokens/s | ETA %.0fs", step_done,
+               config.num_steps, m["loss"], rate, rate * tokens_per_step,
+               (config.num_steps - step_done) / rate)
       t_last = now
 
   for step in range(start, config.num_steps):
