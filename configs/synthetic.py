@@ -30,6 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_steps = 2
   c.checkpoint_every = 100
   c.keep_checkpoints = 3
+  # A jax.profiler trace of steps [profile_start, profile_start + profile_steps) -> workdir/profile
+  c.profile_start = 0
+  c.profile_steps = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.cell = "gru"
@@ -39,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dropout = 0.0
   c.model.recurrent_dropout = 0.0
   c.model.remat = False
+  c.model.dtype = "float32"  # compute dtype; "bfloat16" keeps f32 params, gates and carry
 
   c.data = ml_collections.ConfigDict()
   c.data.vocab_size = 16

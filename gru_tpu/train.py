@@ -223,7 +223,11 @@ def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
                (config.num_steps - step_done) / rate)
       t_last = now
 
+  profile = range(config.get("profile_start", 0),
+                  config.get("profile_start", 0) + config.get("profile_steps", 0))
   for step in range(start, config.num_steps):
+    if profile and step == profile.start:
+      jax.profiler.start_trace(str(workdir / "profile"))
     batch = _to_global(next(batches), mesh)
     t0 = time.perf_counter()
     state, metrics = step_fn(state, batch)
@@ -234,6 +238,9 @@ def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
       finish(*pending)
     pending = (step + 1, metrics)
     done = step + 1
+    if profile and done == profile.stop:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
     if done % config.eval_every == 0 or done == config.num_steps:
       finish(*pending)
       pending = None

@@ -69,6 +69,14 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     assert a[step] == b[step], f"step {step}: {a[step]} vs {b[step]}"
 
 
+def test_bf16_compute_trains_and_profile_window_is_written(tmp_path):
+  train.train_and_evaluate(tiny(num_steps=40, eval_every=40, profile_start=3, profile_steps=2,
+                                **{"model.dtype": "bfloat16"}), tmp_path)
+  loss = losses(tmp_path)
+  assert np.mean([loss[s] for s in range(31, 41)]) < 0.7 * loss[1]
+  assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+
+
 def test_grad_accumulation_matches_the_full_batch(tmp_path):
   train.train_and_evaluate(tiny(num_steps=5), tmp_path / "full")
   train.train_and_evaluate(tiny(num_steps=5, grad_accum=4), tmp_path / "accum")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -28,7 +29,8 @@ class SyntheticTask:
     m = self.config.model
     return SequenceLM(self.vocab_size, cell=m.cell, embed_dim=m.embed_dim, hidden=m.hidden,
                       num_layers=m.num_layers, dropout=m.dropout,
-                      recurrent_dropout=m.recurrent_dropout, remat=m.remat, rngs=rngs)
+                      recurrent_dropout=m.recurrent_dropout, remat=m.remat,
+                      dtype=jnp.dtype(m.dtype), rngs=rngs)
 
   def global_batch(self, split: str, step: int) -> np.ndarray:
     c = self.config
