@@ -14,6 +14,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from gru_tpu.errors import UserError
@@ -22,7 +23,7 @@ STRATEGIES = ("dp", "fsdp")
 
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
-  """A mesh over all (or the given) devices; jax.make_mesh orders them so ICI/DCN axes are right."""
+  """A mesh over all (or the given) devices, laid out so ICI and DCN axes are right."""
   devices = list(devices) if devices is not None else jax.devices()
   names = tuple(str(name) for name, _ in axes)
   sizes = [int(size) for _, size in axes]
@@ -38,9 +39,20 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = N
     raise UserError(f"config.mesh={tuple(axes)} needs {math.prod(sizes)} devices but "
                     f"{len(devices)} are available; set config.mesh to match (e.g. "
                     f"(('data', -1), ('model', 1)))")
-  # Auto axes: pjit semantics (XLA propagates shardings), not sharding-in-types.
-  return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names),
-                       devices=devices)
+  auto = (AxisType.Auto,) * len(names)  # pjit semantics, not sharding-in-types
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(tuple(sizes), names, axis_types=auto, devices=devices)
+  # Several TPU slices talk over DCN: only "data" (gradient all-reduce once per step) spans
+  # slices; every other axis stays inside a slice on ICI.
+  data = names.index("data") if "data" in names else 0
+  if sizes[data] % slices:
+    raise UserError(f"config.mesh={tuple(axes)}: the '{names[data]}' axis ({sizes[data]}) must "
+                    f"be a multiple of the number of TPU slices ({slices})")
+  ici, dcn = list(sizes), [1] * len(sizes)
+  ici[data], dcn[data] = sizes[data] // slices, slices
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  return Mesh(grid, names, axis_types=auto)
 
 
 def _key_name(entry) -> str:

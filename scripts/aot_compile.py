@@ -25,6 +25,7 @@ from gru_tpu import sharding, train
 
 config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
 flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5e:4x4, v6e:2x4, v4:2x2x2")
+flags.DEFINE_integer("num_slices", 1, "slices of that topology joined over DCN (multi-slice)")
 FLAGS = flags.FLAGS
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
@@ -83,7 +84,7 @@ def main(argv) -> int:
   config = FLAGS.config
   # v4/v5p pair two TensorCores per chip; meshes want one device per chip ("megacore").
   megacore = FLAGS.topology.split(":")[0] in ("v4", "v5p")
-  topo = topologies.get_topology_desc(FLAGS.topology, "tpu",
+  topo = topologies.get_topology_desc(FLAGS.topology, "tpu", num_slices=FLAGS.num_slices,
                                       **({"chip_config_name": "megacore"} if megacore else {}))
   devices = np.asarray(topo.devices)
   mesh = sharding.make_mesh(config.mesh, devices=list(devices.flat))
@@ -98,7 +99,8 @@ def main(argv) -> int:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   hosts = len({d.process_index for d in devices.flat})
-  print(f"topology {FLAGS.topology}: {devices.size} chips on {hosts} host(s), mesh "
+  print(f"topology {FLAGS.topology} x{FLAGS.num_slices} slice(s): {devices.size} chips on "
+        f"{hosts} host(s), mesh "
         f"{dict(mesh.shape)}, sharding {config.sharding}")
   hbm = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
          - mem.alias_size_in_bytes)

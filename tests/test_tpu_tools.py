@@ -21,6 +21,7 @@ def aot(*args):
 @pytest.mark.parametrize("topology,extra,hosts", [
     ("v5e:2x2", [], 1),
     ("v5e:4x4", ["--config.batch_size=64"], 4),  # a multi-host pod slice
+    ("v5e:2x2", ["--num_slices=2"], 2),  # two slices over DCN
 ])
 def test_aot_compile_for_tpu_topologies(topology, extra, hosts):
   r = aot("--topology", topology, *extra)
