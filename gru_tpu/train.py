@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -281,6 +282,35 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
   log.info("process %d of %d", jax.process_index(), jax.process_count())
 
 
+def _check_required(argv: list[str]) -> None:
+  def value(flag):
+    for i, a in enumerate(argv):
+      if a == flag and i + 1 < len(argv):
+        return argv[i + 1]
+      if a.startswith(flag + "="):
+        return a.split("=", 1)[1]
+    return None
+
+  config, workdir = value("--config"), value("--workdir")
+  if config is None or workdir is None:
+    raise UserError("both --config configs/NAME.py[:arg] and --workdir DIR are required")
+  path = config.split(":", 1)[0]
+  if not Path(path).is_file():
+    raise UserError(f"--config {path}: no such file (give a config such as "
+                    f"configs/synthetic.py:size=tiny)")
+
+
+def _one_line(e: Exception) -> str:
+  msg = " ".join(str(e).split())
+  m = re.search(r"'(\w+)'.*Did you mean \"(\w+)\"", msg.replace("\\", ""))
+  if m:  # ml_collections' KeyError for a locked config, quoted twice over
+    return f"unknown config key {m.group(1)!r} (did you mean {m.group(2)!r}?)"
+  bare = msg.strip("\"' ")
+  if isinstance(e, KeyError) or re.fullmatch(r"\w+", bare):
+    return f"unknown config key {bare!r}: check the --config.KEY=VALUE overrides"
+  return msg
+
+
 def main(argv: list[str]) -> int:
   """`gru-tpu train`: absl config flags; a user error is one line on stderr and exit code 2."""
   from absl import flags
@@ -298,12 +328,11 @@ def main(argv: list[str]) -> int:
   flags.DEFINE_integer("num_processes", None, "with --coordinator_address", flag_values=fv)
   flags.DEFINE_integer("process_id", None, "with --coordinator_address", flag_values=fv)
   try:
+    _check_required(argv)
     fv(["gru-tpu train", *argv])
-    if fv.config is None or fv.workdir is None:
-      raise UserError("both --config configs/NAME.py[:arg] and --workdir DIR are required")
-  except (flags.Error, UserError, KeyError, AttributeError, TypeError, ValueError) as e:
-    print(f"gru-tpu train: {e}".splitlines()[0] if "\n" in str(e) else f"gru-tpu train: {e}",
-          file=sys.stderr)
+    fv.config.to_dict()  # config files load lazily: surface a bad file or key now
+  except (flags.Error, UserError, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+    print("gru-tpu train: " + _one_line(e), file=sys.stderr)
     return 2
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   if fv.coordinator_address or fv.distributed:

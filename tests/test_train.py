@@ -142,10 +142,23 @@ def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
   assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["4", "8"]
 
 
-def test_unknown_config_key_is_an_error(tmp_path):
-  r = run_cli(tmp_path, "--config.optimizer.learning_rat=0.1")
-  assert r.returncode == 2 and "learning_rat" in r.stderr
+@pytest.mark.parametrize("flag,message", [
+    ("--config.optimizer.learning_rat=0.1",
+     "unknown config key 'learning_rat' (did you mean 'learning_rate'?)"),
+    ("--config.optimizer.zzz=1", "unknown config key 'zzz'"),
+    ("--config.batch_size=abc", "--config.batch_size=abc: invalid literal for int()"),
+])
+def test_bad_config_override_is_one_clear_line(tmp_path, flag, message):
+  r = run_cli(tmp_path, flag)
+  assert r.returncode == 2
+  assert message in r.stderr and "Traceback" not in r.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_config_file_is_one_clear_line(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "gru_tpu.cli", "train", "--config", "nope.py",
+                      "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "--config nope.py: no such file" in r.stderr
 
 
 def test_batch_not_divisible_by_data_parallel_size(tmp_path):
