@@ -85,9 +85,9 @@ def train_step(state: dict, batch: dict, *, graphdef, task, tx, grad_accum: int)
       (l, a), g = grad_fn(state["params"], mb, jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state["params"],
-                                                        jax.tree.map(lambda a: a[0], micro), rng))
-    zeros = (zeros[0][0], zeros[0][1], zeros[1])
+    (loss0, aux0), grads0 = jax.eval_shape(grad_fn, state["params"],
+                                           jax.tree.map(lambda a: a[0], micro), rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, aux0, grads0))
     (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
     loss, aux, grads = jax.tree.map(lambda a: a / grad_accum, (loss, aux, grads))
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
