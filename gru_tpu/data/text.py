@@ -1,0 +1,141 @@
+"""Text corpora and tokenizers for character/byte language modelling.
+
+Sources (config.data.source):
+  pystdlib     the running interpreter's standard-library .py files: sorted, split by file
+               (of every 20 files, 18 train, 1 validation, 1 test); files that are not UTF-8
+               (a handful of encoding tests) are left out. Offline everywhere.
+  files:GLOB   local text files, sorted and concatenated, split 90/5/5 in order like TFDS's
+               tiny_shakespeare (train first, then validation, then test).
+Corpora are bytes; the char tokenizer decodes them as UTF-8 (an error if they are not), the byte
+tokenizer takes them as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from gru_tpu.errors import UserError
+
+UNK = "<unk>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  name: str
+  train: bytes
+  validation: bytes
+  test: bytes
+
+  def split(self, name: str) -> bytes:
+    return {"train": self.train, "validation": self.validation, "eval": self.validation,
+            "test": self.test}[name]
+
+
+def split_90_5_5(name: str, data: bytes) -> Corpus:
+  """TFDS tiny_shakespeare's split: the first 90 % train, the rest halved into validation, test."""
+  n_train = int(0.9 * len(data))
+  n_val = (len(data) - n_train) // 2
+  return Corpus(name, data[:n_train], data[n_train:n_train + n_val], data[n_train + n_val:])
+
+
+def _pystdlib() -> Corpus:
+  root = Path(sysconfig.get_paths()["stdlib"])
+  files = sorted(p for p in root.rglob("*.py")
+                 if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+  parts: dict[str, list[bytes]] = {"train": [], "validation": [], "test": []}
+  for i, path in enumerate(files):
+    data = path.read_bytes()
+    try:
+      data.decode("utf-8")
+    except UnicodeDecodeError:
+      continue
+    split = "validation" if i % 20 == 18 else "test" if i % 20 == 19 else "train"
+    parts[split].append(data)
+  return Corpus("pystdlib", *(b"\n".join(parts[s]) for s in ("train", "validation", "test")))
+
+
+def load_corpus(source: str) -> Corpus:
+  """`pystdlib` or `files:GLOB`; raises UserError for an unknown source or an empty corpus."""
+  if source == "pystdlib":
+    corpus = _pystdlib()
+  elif source.startswith("files:"):
+    pattern = source[len("files:"):]
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not paths:
+      raise UserError(f"config.data.source={source!r}: the glob matches no files; check the "
+                      f"path (relative paths are from the current directory)")
+    corpus = split_90_5_5(source, b"".join(Path(p).read_bytes() for p in paths))
+  else:
+    raise UserError(f"config.data.source={source!r}: expected 'pystdlib' or 'files:GLOB'")
+  if not corpus.train:
+    raise UserError(f"config.data.source={source!r}: the corpus is empty")
+  return corpus
+
+
+class ByteTokenizer:
+  """UTF-8 bytes, a fixed vocabulary of 256; any byte string is valid."""
+
+  kind = "byte"
+  vocab_size = 256
+
+  def encode(self, data: bytes | str) -> np.ndarray:
+    if isinstance(data, str):
+      data = data.encode("utf-8")
+    return np.frombuffer(data, np.uint8).astype(np.int32)
+
+  def decode(self, ids) -> str:
+    return bytes(np.asarray(ids, np.uint8).tolist()).decode("utf-8", errors="replace")
+
+  def to_json(self) -> dict:
+    return {"kind": "byte"}
+
+
+class CharTokenizer:
+  """Characters seen in the training split; id 0 is <unk> for anything else."""
+
+  kind = "char"
+
+  def __init__(self, chars: list[str]):
+    self.chars = [UNK] + list(chars)
+    self.index = {c: i for i, c in enumerate(self.chars)}
+    self.index.pop(UNK)
+    self.vocab_size = len(self.chars)
+
+  @classmethod
+  def fit(cls, train: bytes, source: str = "the corpus") -> "CharTokenizer":
+    return cls(sorted(set(_utf8(train, source))))
+
+  def encode(self, data: bytes | str, source: str = "the text") -> np.ndarray:
+    text = _utf8(data, source) if isinstance(data, bytes) else data
+    return np.fromiter((self.index.get(c, 0) for c in text), np.int32, len(text))
+
+  def decode(self, ids) -> str:
+    return "".join(self.chars[i] if i else "\ufffd" for i in np.asarray(ids).tolist())
+
+  def to_json(self) -> dict:
+    return {"kind": "char", "chars": self.chars[1:]}
+
+
+def _utf8(data: bytes, source: str) -> str:
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise UserError(f"{source} is not valid UTF-8 (byte {e.start}): use config.data.tokenizer="
+                    f"'byte', or re-encode the text as UTF-8") from None
+
+
+def make_tokenizer(kind: str, corpus: Corpus) -> ByteTokenizer | CharTokenizer:
+  if kind == "byte":
+    return ByteTokenizer()
+  if kind == "char":
+    return CharTokenizer.fit(corpus.train, f"config.data.source={corpus.name!r}")
+  raise UserError(f"config.data.tokenizer={kind!r}: expected 'char' or 'byte'")
+
+
+def tokenizer_from_json(meta: dict) -> ByteTokenizer | CharTokenizer:
+  return ByteTokenizer() if meta["kind"] == "byte" else CharTokenizer(meta["chars"])
