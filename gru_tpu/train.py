@@ -268,6 +268,8 @@ def _evaluate(config, task, eval_fn, state, mesh, writer, step: int) -> dict:
     m = jax.device_get(eval_fn(state, _to_global(next(batches), mesh)))
     for k, v in m.items():
       totals[k] = totals.get(k, 0.0) + float(v) / config.eval_steps
+  if hasattr(task, "finalize_eval"):  # metrics that are not means of batch values
+    totals = task.finalize_eval(totals)
   writer.write(step, "eval", totals)
   return dict(totals, step=step)
 

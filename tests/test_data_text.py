@@ -64,3 +64,27 @@ def test_empty_corpus(tmp_path):
   (tmp_path / "empty.txt").write_bytes(b"")
   with pytest.raises(UserError, match="the corpus is empty"):
     text.load_corpus(f"files:{tmp_path}/*.txt")
+
+
+def test_windows_are_seeded_resumable_and_split_across_processes():
+  tokens = np.arange(1000, dtype=np.int32)
+  kw = dict(seq_len=10, batch_size=8, seed=1)
+  full = text.window_batches(tokens, **kw)
+  batches = [next(full) for _ in range(30)]  # 30 x 8 > 99 windows: crosses an epoch
+  assert batches[0].shape == (8, 11)
+  assert all((b[:, 1:] - b[:, :-1] == 1).all() for b in batches)  # contiguous windows
+  assert all((b[:, 0] % 10 == 0).all() for b in batches)
+  first_epoch = np.concatenate(batches)[:99, 0]
+  assert sorted(first_epoch.tolist()) == list(range(0, 990, 10))  # each window once per epoch
+  resumed = text.window_batches(tokens, start_step=17, **kw)
+  np.testing.assert_array_equal(next(resumed), batches[17])
+  halves = [next(text.window_batches(tokens, start_step=5, process_index=p, process_count=2,
+                                     **kw)) for p in range(2)]
+  np.testing.assert_array_equal(np.concatenate(halves), batches[5])
+  other_seed = next(text.window_batches(tokens, seq_len=10, batch_size=8, seed=2))
+  assert not np.array_equal(other_seed, batches[0])
+
+
+def test_seq_len_longer_than_the_split_is_an_error():
+  with pytest.raises(UserError, match="config.seq_len=64 is longer than the validation split"):
+    text.window_batches(np.arange(50), seq_len=64, batch_size=4, seed=0, split="validation")

@@ -101,7 +101,7 @@ class CharTokenizer:
   kind = "char"
 
   def __init__(self, chars: list[str]):
-    self.chars = [UNK] + list(chars)
+    self.chars = [UNK] + sorted(chars)
     self.index = {c: i for i, c in enumerate(self.chars)}
     self.index.pop(UNK)
     self.vocab_size = len(self.chars)
@@ -112,7 +112,12 @@ class CharTokenizer:
 
   def encode(self, data: bytes | str, source: str = "the text") -> np.ndarray:
     text = _utf8(data, source) if isinstance(data, bytes) else data
-    return np.fromiter((self.index.get(c, 0) for c in text), np.int32, len(text))
+    # Vectorised lookup: code points against the sorted vocabulary (chars[1:] is sorted).
+    points = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    vocab = np.frombuffer("".join(self.chars[1:]).encode("utf-32-le"), np.uint32)
+    at = np.searchsorted(vocab, points).clip(0, max(len(vocab) - 1, 0))
+    found = vocab[at] == points if len(vocab) else np.zeros(len(points), bool)
+    return np.where(found, at + 1, 0).astype(np.int32)
 
   def decode(self, ids) -> str:
     return "".join(self.chars[i] if i else "\ufffd" for i in np.asarray(ids).tolist())
@@ -139,3 +144,29 @@ def make_tokenizer(kind: str, corpus: Corpus) -> ByteTokenizer | CharTokenizer:
 
 def tokenizer_from_json(meta: dict) -> ByteTokenizer | CharTokenizer:
   return ByteTokenizer() if meta["kind"] == "byte" else CharTokenizer(meta["chars"])
+
+
+def window_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
+                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                   shuffle: bool = True, split: str = "train"):
+  """This process's rows of global batch start_step, start_step + 1, ... (endless).
+
+  Windows of seq_len + 1 tokens start every seq_len tokens; their order is shuffled with the
+  seed, anew each epoch (grain). Batch k is a pure function of (seed, k), so resuming at a step
+  needs only the step, and every process builds exactly its own rows.
+  """
+  import grain
+
+  n_windows = (len(tokens) - 1) // seq_len
+  if n_windows < 1:
+    raise UserError(f"config.seq_len={seq_len} is longer than the {split} split "
+                    f"({len(tokens)} tokens); lower config.seq_len")
+  rows = batch_size // process_count
+  lo = process_index * rows
+  offsets = np.arange(seq_len + 1)
+  ds = grain.MapDataset.range(n_windows)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = (ds.repeat(None).batch(batch_size)[start_step:]
+        .map(lambda idx: tokens[idx[lo:lo + rows, None] * seq_len + offsets]))
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))

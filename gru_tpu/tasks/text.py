@@ -1,0 +1,64 @@
+"""Character/byte language modelling: corpus -> tokenizer -> windows -> SequenceLM -> next token.
+
+Eval metrics: loss (nats per token), bits_per_char (bits per token: per byte for the byte
+tokenizer), perplexity (exp of the mean eval loss).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gru_tpu.data import text
+from gru_tpu.models.lm import SequenceLM
+
+
+class TextTask:
+
+  def __init__(self, config):
+    self.config = config
+    self.corpus = text.load_corpus(config.data.source)
+    self.tokenizer = text.make_tokenizer(config.data.tokenizer, self.corpus)
+    self._tokens: dict[str, np.ndarray] = {}
+
+  def tokens(self, split: str) -> np.ndarray:
+    if split not in self._tokens:
+      self._tokens[split] = self.tokenizer.encode(
+          self.corpus.split(split), f"the {split} split of {self.corpus.name}")
+    return self._tokens[split]
+
+  def build_model(self, rngs: nnx.Rngs) -> SequenceLM:
+    m = self.config.model
+    return SequenceLM(self.tokenizer.vocab_size, cell=m.cell, embed_dim=m.embed_dim,
+                      hidden=m.hidden, num_layers=m.num_layers, dropout=m.dropout,
+                      recurrent_dropout=m.recurrent_dropout, remat=m.remat,
+                      dtype=jnp.dtype(m.dtype), rngs=rngs)
+
+  def batches(self, split, start_step, process_index, process_count):
+    c = self.config
+    name = "train" if split == "train" else "validation"
+    windows = text.window_batches(
+        self.tokens(name), seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed,
+        start_step=start_step, process_index=process_index, process_count=process_count,
+        shuffle=split == "train", split=name)
+    return ({"tokens": w} for w in windows)
+
+  def loss_fn(self, model, batch, rng):
+    tokens = batch["tokens"]
+    logits = model(tokens[:, :-1], rngs=nnx.Rngs(dropout=rng))
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    return loss, {"bits_per_char": loss / math.log(2)}
+
+  def finalize_eval(self, metrics: dict) -> dict:
+    return dict(metrics, perplexity=math.exp(min(metrics["loss"], 700.0)))
+
+  def metadata(self) -> dict:
+    return {"task": "text", "source": self.corpus.name, "tokenizer": self.tokenizer.to_json()}
+
+
+def make_task(config) -> TextTask:
+  return TextTask(config)

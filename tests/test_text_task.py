@@ -1,0 +1,52 @@
+"""The text task end to end through `gru-tpu train`: learning, metadata, metrics, errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from gru_tpu.metrics import read_metrics
+
+CONFIG = str(Path(__file__).parents[1] / "configs" / "char_pystdlib.py") + ":size=tiny"
+
+
+def train(workdir, *flags):
+  return subprocess.run([sys.executable, "-m", "gru_tpu.cli", "train", "--config", CONFIG,
+                         "--workdir", str(workdir), "--config.log_every=1", *flags],
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_learns_a_learnable_text_and_saves_the_tokenizer(tmp_path):
+  (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 400)
+  r = train(tmp_path / "run", f"--config.data.source=files:{tmp_path}/*.txt",
+            "--config.num_steps=80", "--config.eval_every=80", "--config.checkpoint_every=80",
+            "--config.optimizer.warmup_steps=5", "--config.optimizer.learning_rate=1e-2")
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = read_metrics(tmp_path / "run")
+  loss = {x["step"]: x["loss"] for x in rows if x["split"] == "train"}
+  assert np.mean([loss[s] for s in range(71, 81)]) < 0.5 * loss[1]
+  (ev,) = [x for x in rows if x["split"] == "eval"]
+  assert abs(ev["bits_per_char"] - ev["loss"] / np.log(2)) < 1e-6
+  assert abs(ev["perplexity"] - np.exp(ev["loss"])) < 1e-3 * ev["perplexity"]
+  meta = json.loads((tmp_path / "run" / "checkpoints" / "80" / "meta" / "metadata").read_text())
+  assert meta["task"]["tokenizer"]["kind"] == "char"
+  assert sorted(meta["task"]["tokenizer"]["chars"]) == sorted(set("the quick brown fox jumps "
+                                                                   "over the lazy dog."))
+
+
+def test_pystdlib_default_source_runs(tmp_path):
+  r = train(tmp_path, "--config.num_steps=3", "--config.eval_every=3", "--config.eval_steps=1",
+            "--config.checkpoint_every=3")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert [x["step"] for x in read_metrics(tmp_path) if x["split"] == "eval"] == [3]
+
+
+def test_bad_text_inputs_exit_2(tmp_path):
+  r = train(tmp_path / "a", "--config.data.source=files:/nonexistent/*.txt")
+  assert r.returncode == 2 and "the glob matches no files" in r.stderr
+  (tmp_path / "short.txt").write_text("x" * 100)
+  r = train(tmp_path / "b", f"--config.data.source=files:{tmp_path}/short.txt",
+            "--config.num_steps=2")
+  assert r.returncode == 2 and "is longer than the" in r.stderr
