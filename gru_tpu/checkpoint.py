@@ -13,13 +13,14 @@ import orbax.checkpoint as ocp
 
 class Checkpointer:
 
-  def __init__(self, workdir: str | Path, *, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str | Path, *, keep: int, async_save: bool = True,
+               create: bool = True):
     self.directory = Path(workdir).absolute() / "checkpoints"
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep if create else None,
                                              enable_async_checkpointing=async_save,
-                                             create=True))
+                                             create=create, read_only=not create))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "train": ("gru_tpu.train", "train a model: --config configs/X.py[:arg] --workdir DIR"),
+    "sample": ("gru_tpu.api", "stream text from a trained model: --workdir DIR --prompt ..."),
     "bench": ("gru_tpu.bench", "GRU speed/memory vs PyTorch and Flax linen, side by side"),
 }
 

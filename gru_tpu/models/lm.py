@@ -31,3 +31,46 @@ class SequenceLM(nnx.Module):
   def __call__(self, tokens_BxT: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     y_BxTxH, _ = self.rnn(self.embed(tokens_BxT), rngs=rngs)
     return self.head(y_BxTxH).astype(jnp.float32)
+
+
+def _filter_logits(logits_BxV: jax.Array, top_k: int | None, top_p: float | None) -> jax.Array:
+  if top_k is not None:
+    kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
+  if top_p is not None:
+    order = jnp.argsort(-logits_BxV, axis=-1)
+    probs = jax.nn.softmax(jnp.take_along_axis(logits_BxV, order, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    drop_sorted = jnp.cumsum(probs, axis=-1) - probs >= top_p
+    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(order.shape[0])[:, None], order].set(
+        drop_sorted)
+    logits_BxV = jnp.where(drop, -jnp.inf, logits_BxV)
+  return logits_BxV
+
+
+def sample_tokens(model: SequenceLM, carry, last_logits_BxV: jax.Array, keys_N: jax.Array,
+                  temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None):
+  """One token per key, by lax.scan over the carried recurrent state (no prompt re-runs).
+
+  temperature 0 is greedy. Returns (carry, logits after the last token, tokens_BxN).
+  """
+  def pick(logits, k):
+    if temperature == 0:
+      return jnp.argmax(logits, axis=-1)
+    return jax.random.categorical(k, _filter_logits(logits / temperature, top_k, top_p))
+
+  def body(state, k):
+    carry, logits = state
+    tok = pick(logits, k)
+    carry, y_BxH = model.rnn.step(carry, model.embed(tok))
+    return (carry, model.head(y_BxH).astype(jnp.float32)), tok
+
+  (carry, logits), toks = jax.lax.scan(body, (carry, last_logits_BxV), keys_N)
+  return carry, logits, toks.T
+
+
+def prime(model: SequenceLM, prompt_BxP: jax.Array):
+  """Runs the prompt once through the scanned stack: (carry, logits at its last position)."""
+  y_BxPxH, carry = model.rnn(model.embed(prompt_BxP))
+  return carry, model.head(y_BxPxH[:, -1]).astype(jnp.float32)

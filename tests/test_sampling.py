@@ -1,0 +1,85 @@
+"""Sampling from a trained text model: determinism, greedy limits, priming, CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+import char_pystdlib  # noqa: E402
+
+import gru_tpu  # noqa: E402
+from gru_tpu import train  # noqa: E402
+from gru_tpu.errors import UserError  # noqa: E402
+from gru_tpu.models import lm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("sampling")
+  (root / "t.txt").write_text("to be or not to be, that is the question. " * 200)
+  c = char_pystdlib.get_config("size=tiny")
+  c.data.source = f"files:{root}/t.txt"
+  c.num_steps, c.eval_every, c.checkpoint_every, c.log_every = 25, 25, 25, 25
+  c.optimizer.warmup_steps = 5
+  c.model.num_layers = 2
+  train.train_and_evaluate(c, root / "run")
+  return root / "run"
+
+
+def test_same_seed_same_text_other_seed_other_text(workdir):
+  m = gru_tpu.load(workdir)
+  a = m.generate("to be", 80, temperature=1.5, seed=1)
+  assert a == m.generate("to be", 80, temperature=1.5, seed=1)
+  assert a != m.generate("to be", 80, temperature=1.5, seed=2)
+  assert len(a) == 80
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(workdir):
+  m = gru_tpu.load(workdir)
+  greedy = m.generate("not to", 60, temperature=0)
+  assert m.generate("not to", 60, top_k=1, seed=7) == greedy
+  assert m.generate("not to", 60, top_p=1e-6, seed=7) == greedy
+
+
+def test_chunked_streaming_equals_one_chunk(workdir):
+  m = gru_tpu.load(workdir)
+  chunks = ["".join(p[0] for p in m.stream("that", 50, seed=3, chunk=c)) for c in (7, 64)]
+  assert chunks[0] == chunks[1]
+
+
+def test_priming_equals_feeding_the_prompt_through_step(workdir):
+  m = gru_tpu.load(workdir)
+  ids = jnp.asarray(m.tokenizer.encode("that is the"))[None]
+  carry, logits = lm.prime(m.model, ids)
+  c = m.model.rnn.initial_carry(1)
+  for t in range(ids.shape[1]):
+    c, y = m.model.rnn.step(c, m.model.embed(ids[:, t]))
+  np.testing.assert_allclose(carry, c, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(logits, m.model.head(y), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_sampling_arguments(workdir, tmp_path):
+  m = gru_tpu.load(workdir)
+  with pytest.raises(UserError, match="top_k must be in"):
+    m.generate("x", 5, top_k=0)
+  with pytest.raises(UserError, match="holds no checkpoint"):
+    gru_tpu.load(tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_sample_cli(workdir, tmp_path):
+  run = lambda *a: subprocess.run([sys.executable, "-m", "gru_tpu.cli", "sample", *a],
+                                  capture_output=True, text=True, timeout=300)
+  r = run("--workdir", str(workdir), "--prompt", "to Zx", "--length", "40", "--seed", "4")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.startswith("to Zx") and len(r.stdout.rstrip("\n")) == 45
+  assert "become <unk>: 'Zx'" in r.stderr
+  assert run("--workdir", str(workdir), "--prompt", "to Zx", "--length", "40",
+             "--seed", "4").stdout == r.stdout
+  r = run("--workdir", str(tmp_path), "--length", "5")
+  assert r.returncode == 2 and "holds no checkpoint" in r.stderr
