@@ -40,6 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "pystdlib"  # or files:GLOB
   c.data.tokenizer = "char"   # or byte
+  c.data.sample_prompt = "def "  # a sample of sample_length tokens is logged at each eval
+  c.data.sample_length = 32 if presets.get("size") == "tiny" else 200
 
   c.model = ml_collections.ConfigDict()
   c.model.cell = "gru"  # gru | lstm | mingru

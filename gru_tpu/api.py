@@ -64,11 +64,11 @@ class Loaded:
     ids = self.tokenizer.encode(prompt or "\n")
     ids = np.broadcast_to(ids, (num_samples, len(ids)))
     graphdef, state = nnx.split(self.model)
-    carry, logits = _prime(graphdef, state, jnp.asarray(ids))
+    carry, logits = lm.prime_jit(graphdef, state, jnp.asarray(ids))
     key = jax.random.key(seed)
     for start in range(0, length, chunk):
       n = min(chunk, length - start)
-      carry, logits, toks = _advance(graphdef, state, carry, logits, key, start, n,
+      carry, logits, toks = lm.advance_jit(graphdef, state, carry, logits, key, start, n,
                                      float(temperature), top_k, top_p)
       yield [self.tokenizer.decode(t) for t in np.asarray(toks)]
 
@@ -77,19 +77,6 @@ class Loaded:
     """`length` new tokens after `prompt` (characters outside the vocabulary become <unk>)."""
     return "".join(piece[0] for piece in self.stream(prompt, length, temperature=temperature,
                                                      top_k=top_k, top_p=top_p, seed=seed))
-
-
-@jax.jit
-def _prime(graphdef, state, prompt):
-  return lm.prime(nnx.merge(graphdef, state), prompt)
-
-
-@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9))
-def _advance(graphdef, state, carry, logits, key, start, n, temperature, top_k, top_p):
-  # Token t's key depends on t alone, so the text does not depend on the chunking.
-  keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(start + jnp.arange(n))
-  return lm.sample_tokens(nnx.merge(graphdef, state), carry, logits, keys, temperature, top_k,
-                          top_p)
 
 
 def load(workdir: str | Path, step: int | None = None) -> Loaded:

@@ -35,6 +35,10 @@ class MetricsWriter:
       if math.isfinite(float(v)):
         self.tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    if self.enabled:
+      self.tb.add_text(tag, text, int(step))
+
   def close(self) -> None:
     if self.enabled:
       self.file.close()

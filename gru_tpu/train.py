@@ -245,7 +245,7 @@ def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
     if done % config.eval_every == 0 or done == config.num_steps:
       finish(*pending)
       pending = None
-      evals.append(_evaluate(config, task, eval_fn, state, mesh, writer, done))
+      evals.append(_evaluate(config, s, state, mesh, writer, done))
     if done % config.checkpoint_every == 0 or done == config.num_steps:
       if pending is not None:
         finish(*pending)
@@ -261,16 +261,23 @@ def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
   return evals
 
 
-def _evaluate(config, task, eval_fn, state, mesh, writer, step: int) -> dict:
+def _evaluate(config, s: Setup, state, mesh, writer, step: int) -> dict:
+  task = s.task
   totals: dict[str, float] = {}
   batches = task.batches("eval", 0, jax.process_index(), jax.process_count())
   for _ in range(config.eval_steps):
-    m = jax.device_get(eval_fn(state, _to_global(next(batches), mesh)))
+    m = jax.device_get(s.eval_step(state, _to_global(next(batches), mesh)))
     for k, v in m.items():
       totals[k] = totals.get(k, 0.0) + float(v) / config.eval_steps
   if hasattr(task, "finalize_eval"):  # metrics that are not means of batch values
     totals = task.finalize_eval(totals)
   writer.write(step, "eval", totals)
+  if hasattr(task, "sample_text"):  # e.g. generated text, to TensorBoard and the log
+    model = nnx.merge(s.graphdef, state["params"], state["rest"])
+    model.eval()
+    sample = task.sample_text(model, step)
+    writer.write_text(step, "eval/sample", sample)
+    log.info("step %d sample: %r", step, sample)
   return dict(totals, step=step)
 
 
@@ -336,7 +343,12 @@ def main(argv: list[str]) -> int:
   except (flags.Error, UserError, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
     print("gru-tpu train: " + _one_line(e), file=sys.stderr)
     return 2
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  # Our own handler: absl has already claimed the root logger (at WARNING).
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  log.handlers[:] = [handler]
+  log.setLevel(logging.INFO)
+  log.propagate = False
   if fv.coordinator_address or fv.distributed:
     initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
   try:

@@ -32,6 +32,7 @@ def test_learns_a_learnable_text_and_saves_the_tokenizer(tmp_path):
   assert abs(ev["perplexity"] - np.exp(ev["loss"])) < 1e-3 * ev["perplexity"]
   meta = json.loads((tmp_path / "run" / "checkpoints" / "80" / "meta" / "metadata").read_text())
   assert meta["task"]["tokenizer"]["kind"] == "char"
+  assert "step 80 sample: 'def " in r.stderr  # the eval-time sample, in the log
   assert sorted(meta["task"]["tokenizer"]["chars"]) == sorted(set("the quick brown fox jumps "
                                                                    "over the lazy dog."))
 

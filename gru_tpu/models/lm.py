@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -74,3 +76,18 @@ def prime(model: SequenceLM, prompt_BxP: jax.Array):
   """Runs the prompt once through the scanned stack: (carry, logits at its last position)."""
   y_BxPxH, carry = model.rnn(model.embed(prompt_BxP))
   return carry, model.head(y_BxPxH[:, -1]).astype(jnp.float32)
+
+
+@jax.jit
+def prime_jit(graphdef, state, prompt_BxP):
+  """prime() on a split model, jitted."""
+  return prime(nnx.merge(graphdef, state), prompt_BxP)
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9))
+def advance_jit(graphdef, state, carry, logits, key, start, n, temperature, top_k, top_p):
+  """Tokens start .. start + n - 1; token t's key depends on t alone, so the text does not
+  depend on how generation is chunked."""
+  keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(start + jnp.arange(n))
+  return sample_tokens(nnx.merge(graphdef, state), carry, logits, keys, temperature, top_k,
+                       top_p)

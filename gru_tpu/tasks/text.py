@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from gru_tpu.data import text
+from gru_tpu.models import lm
 from gru_tpu.models.lm import SequenceLM
 
 
@@ -55,6 +57,16 @@ class TextTask:
 
   def finalize_eval(self, metrics: dict) -> dict:
     return dict(metrics, perplexity=math.exp(min(metrics["loss"], 700.0)))
+
+  def sample_text(self, model, step: int) -> str:
+    """A short sample at each eval, for the log and TensorBoard."""
+    d = self.config.data
+    prompt = self.tokenizer.encode(d.sample_prompt or "\n")[None]
+    graphdef, state = nnx.split(model)
+    carry, logits = lm.prime_jit(graphdef, state, jnp.asarray(prompt))
+    _, _, toks = lm.advance_jit(graphdef, state, carry, logits, jax.random.key(step), 0,
+                                d.sample_length, 0.8, None, None)
+    return d.sample_prompt + self.tokenizer.decode(np.asarray(toks)[0])
 
   def metadata(self) -> dict:
     return {"task": "text", "source": self.corpus.name, "tokenizer": self.tokenizer.to_json()}
