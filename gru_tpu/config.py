@@ -1,0 +1,57 @@
+"""The engine's config keys with their defaults; configs/*.py start from these.
+
+Every key is documented in the README's Training section. Tasks add `data.*`; the model keys
+are those of gru_tpu.models.lm.SequenceLM.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """'size=tiny,foo=bar' -> {'size': 'tiny', 'foo': 'bar'} (the `:arg` of --config)."""
+  return dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
+
+
+def engine_defaults(*, task: str, batch_size: int, seq_len: int, num_steps: int, hidden: int,
+                    embed_dim: int, num_layers: int) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.seed = 0
+  c.mesh = (("data", -1), ("model", 1))
+  c.sharding = "dp"
+  c.batch_size = batch_size
+  c.seq_len = seq_len
+  c.grad_accum = 1
+  c.num_steps = num_steps
+  c.log_every = 50
+  c.eval_every = 500
+  c.eval_steps = 10
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  # A jax.profiler trace of steps [profile_start, profile_start + profile_steps) -> workdir/profile
+  c.profile_start = 0
+  c.profile_steps = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.cell = "gru"  # gru | lstm | mingru
+  c.model.hidden = hidden
+  c.model.embed_dim = embed_dim
+  c.model.num_layers = num_layers
+  c.model.dropout = 0.0
+  c.model.recurrent_dropout = 0.0
+  c.model.remat = False
+  c.model.dtype = "float32"  # compute dtype; "bfloat16" keeps f32 params, gates and carry
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 2e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.final_lr_fraction = 0.1
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.grad_clip = 1.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.99
+
+  c.data = ml_collections.ConfigDict()
+  return c
