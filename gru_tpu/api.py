@@ -81,7 +81,7 @@ class Loaded:
 
 def load(workdir: str | Path, step: int | None = None) -> Loaded:
   workdir = Path(workdir)
-  ckpt = Checkpointer(workdir, keep=1000, async_save=False, create=False)
+  ckpt = Checkpointer(workdir, async_save=False, create=False)
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise UserError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
@@ -93,7 +93,7 @@ def load(workdir: str | Path, step: int | None = None) -> Loaded:
                     f"supports text checkpoints")
   tokenizer = text.tokenizer_from_json(meta["task"]["tokenizer"])
   tx = train.make_optimizer(config)
-  init = functools.partial(train._init_state, _ModelOnly(config, tokenizer.vocab_size), tx,
+  init = functools.partial(train.init_state, _ModelOnly(config, tokenizer.vocab_size), tx,
                            config.seed)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),

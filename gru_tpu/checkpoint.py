@@ -13,12 +13,13 @@ import orbax.checkpoint as ocp
 
 class Checkpointer:
 
-  def __init__(self, workdir: str | Path, *, keep: int, async_save: bool = True,
+  def __init__(self, workdir: str | Path, *, keep: int | None = None, async_save: bool = True,
                create: bool = True):
+    """create=False opens an existing directory read-only (for loading)."""
     self.directory = Path(workdir).absolute() / "checkpoints"
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep if create else None,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                              enable_async_checkpointing=async_save,
                                              create=create, read_only=not create))
 

@@ -60,7 +60,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
                      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
 
 
-def _init_state(task, tx, seed: int) -> dict:
+def init_state(task, tx, seed: int) -> dict:
   model = task.build_model(nnx.Rngs(params=seed, dropout=seed + 1))
   _, params, rest = nnx.split(model, nnx.Param, ...)
   return {"params": params, "rest": rest, "opt_state": tx.init(params),
@@ -157,7 +157,7 @@ def setup(config, mesh) -> Setup:
   task = load_task(config)
   _check_batch(config, mesh)
   tx = make_optimizer(config)
-  init = functools.partial(_init_state, task, tx, config.seed)
+  init = functools.partial(init_state, task, tx, config.seed)
   abstract = jax.eval_shape(init)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))))
   state_sh = _state_shardings(abstract, mesh, config.sharding)
