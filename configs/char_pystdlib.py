@@ -24,4 +24,6 @@ def get_config(arg: str | None = None):
   c.data.tokenizer = "char"   # or byte
   c.data.sample_prompt = "def "  # a sample of sample_length tokens is logged at each eval
   c.data.sample_length = 32 if size == "tiny" else 200
+  if size == "base":
+    c.model.hidden_multiple = 128  # MXU tiles
   return c

@@ -24,6 +24,7 @@ from gru_tpu.data import text
 from gru_tpu.errors import UserError
 from gru_tpu.metrics import read_metrics
 from gru_tpu.models import lm
+from gru_tpu.tasks import sequence_lm
 
 
 @dataclasses.dataclass
@@ -33,11 +34,7 @@ class _ModelOnly:
   vocab_size: int
 
   def build_model(self, rngs):
-    m = self.config.model
-    return lm.SequenceLM(self.vocab_size, cell=m.cell, embed_dim=m.embed_dim, hidden=m.hidden,
-                         num_layers=m.num_layers, dropout=m.dropout,
-                         recurrent_dropout=m.recurrent_dropout, remat=m.remat,
-                         dtype=jnp.dtype(m.dtype), rngs=rngs)
+    return sequence_lm(self.vocab_size, self.config.model, rngs)
 
 
 class Loaded:

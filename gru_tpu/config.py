@@ -43,6 +43,9 @@ def engine_defaults(*, task: str, batch_size: int, seq_len: int, num_steps: int,
   c.model.recurrent_dropout = 0.0
   c.model.remat = False
   c.model.dtype = "float32"  # compute dtype; "bfloat16" keeps f32 params, gates and carry
+  c.model.tie_embeddings = False  # logits through the embedding matrix (after a projection)
+  c.model.layer_norm = False  # LayerNorm on the recurrent output, before the logits
+  c.model.hidden_multiple = 1  # hidden and embed_dim must be multiples of this (128 on TPU)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 2e-3

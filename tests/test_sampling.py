@@ -60,7 +60,7 @@ def test_priming_equals_feeding_the_prompt_through_step(workdir):
   for t in range(ids.shape[1]):
     c, y = m.model.rnn.step(c, m.model.embed(ids[:, t]))
   np.testing.assert_allclose(carry, c, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(logits, m.model.head(y), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, m.model.logits(y), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_sampling_arguments(workdir, tmp_path):

@@ -51,3 +51,24 @@ def test_bad_text_inputs_exit_2(tmp_path):
   r = train(tmp_path / "b", f"--config.data.source=files:{tmp_path}/short.txt",
             "--config.num_steps=2")
   assert r.returncode == 2 and "is longer than the" in r.stderr
+
+
+def test_tied_embeddings_and_layer_norm_train_and_load(tmp_path):
+  import gru_tpu
+  (tmp_path / "a.txt").write_text("abcdefgh " * 500)
+  r = train(tmp_path / "run", f"--config.data.source=files:{tmp_path}/a.txt",
+            "--config.num_steps=40", "--config.eval_every=40", "--config.checkpoint_every=40",
+            "--config.optimizer.warmup_steps=5", "--config.optimizer.learning_rate=1e-2",
+            "--config.model.tie_embeddings=True", "--config.model.layer_norm=True")
+  assert r.returncode == 0, r.stderr[-3000:]
+  loss = {x["step"]: x["loss"] for x in read_metrics(tmp_path / "run") if x["split"] == "train"}
+  assert loss[40] < 0.5 * loss[1]
+  m = gru_tpu.load(tmp_path / "run")
+  assert m.model.tied and not hasattr(m.model, "head") and m.model.norm is not None
+  assert m.generate("abc", 6, temperature=0) == "defgh "
+
+
+def test_hidden_multiple_is_enforced(tmp_path):
+  r = train(tmp_path, "--config.model.hidden_multiple=128", "--config.num_steps=1")
+  assert r.returncode == 2
+  assert "config.model.hidden=64 and embed_dim=32 must be multiples of" in r.stderr

@@ -16,23 +16,43 @@ CELLS = {"gru": GRU, "lstm": LSTM, "mingru": MinGRU}
 
 
 class SequenceLM(nnx.Module):
-  """logits_BxTxV = head(rnn(embed(tokens_BxT)))."""
+  """logits_BxTxV = head(norm(rnn(embed(tokens_BxT)))).
+
+  tie_embeddings: the head is the embedding matrix (transposed), after a projection from hidden
+  to embed_dim when they differ; layer_norm: a LayerNorm on the recurrent output.
+  """
 
   def __init__(self, vocab_size: int, *, cell: str = "gru", embed_dim: int = 64,
                hidden: int = 128, num_layers: int = 1, dropout: float = 0.0,
                recurrent_dropout: float = 0.0, dtype=None, remat: bool = False, unroll: int = 1,
-               rngs: nnx.Rngs):
+               tie_embeddings: bool = False, layer_norm: bool = False, rngs: nnx.Rngs):
     if cell not in CELLS:
       raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
     self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
     self.rnn = CELLS[cell](embed_dim, hidden, num_layers=num_layers, dropout=dropout,
                            recurrent_dropout=recurrent_dropout, dtype=dtype, remat=remat,
                            unroll=unroll, rngs=rngs)
-    self.head = nnx.Linear(hidden, vocab_size, dtype=dtype, rngs=rngs)
+    self.norm = nnx.LayerNorm(hidden, dtype=dtype, rngs=rngs) if layer_norm else None
+    self.tied = tie_embeddings
+    if tie_embeddings:
+      self.proj = (nnx.Linear(hidden, embed_dim, use_bias=False, dtype=dtype, rngs=rngs)
+                   if hidden != embed_dim else None)
+      self.out_bias = nnx.Param(jnp.zeros((vocab_size,), jnp.float32))
+    else:
+      self.head = nnx.Linear(hidden, vocab_size, dtype=dtype, rngs=rngs)
+
+  def logits(self, y_BxTxH: jax.Array) -> jax.Array:
+    if self.norm is not None:
+      y_BxTxH = self.norm(y_BxTxH)
+    if not self.tied:
+      return self.head(y_BxTxH).astype(jnp.float32)
+    if self.proj is not None:
+      y_BxTxH = self.proj(y_BxTxH)
+    return self.embed.attend(y_BxTxH).astype(jnp.float32) + self.out_bias[...]
 
   def __call__(self, tokens_BxT: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     y_BxTxH, _ = self.rnn(self.embed(tokens_BxT), rngs=rngs)
-    return self.head(y_BxTxH).astype(jnp.float32)
+    return self.logits(y_BxTxH)
 
 
 def _filter_logits(logits_BxV: jax.Array, top_k: int | None, top_p: float | None) -> jax.Array:
@@ -66,7 +86,7 @@ def sample_tokens(model: SequenceLM, carry, last_logits_BxV: jax.Array, keys_N: 
     carry, logits = state
     tok = pick(logits, k)
     carry, y_BxH = model.rnn.step(carry, model.embed(tok))
-    return (carry, model.head(y_BxH).astype(jnp.float32)), tok
+    return (carry, model.logits(y_BxH)), tok
 
   (carry, logits), toks = jax.lax.scan(body, (carry, last_logits_BxV), keys_N)
   return carry, logits, toks.T
@@ -75,7 +95,7 @@ def sample_tokens(model: SequenceLM, carry, last_logits_BxV: jax.Array, keys_N: 
 def prime(model: SequenceLM, prompt_BxP: jax.Array):
   """Runs the prompt once through the scanned stack: (carry, logits at its last position)."""
   y_BxPxH, carry = model.rnn(model.embed(prompt_BxP))
-  return carry, model.head(y_BxPxH[:, -1]).astype(jnp.float32)
+  return carry, model.logits(y_BxPxH[:, -1])
 
 
 @jax.jit

@@ -9,3 +9,21 @@ A task module defines `make_task(config)` returning an object with
 Batches are a pure function of (seed, split, step) or restartable from a step, so resuming at a
 step continues the exact data order.
 """
+
+import jax.numpy as jnp  # noqa: E402
+
+from gru_tpu.errors import UserError  # noqa: E402
+from gru_tpu.models.lm import SequenceLM  # noqa: E402
+
+
+def sequence_lm(vocab_size: int, m, rngs) -> SequenceLM:
+  """config.model -> SequenceLM, for every token task and for gru_tpu.load."""
+  k = m.get("hidden_multiple", 1)
+  if k > 1 and (m.hidden % k or m.embed_dim % k):
+    raise UserError(f"config.model.hidden={m.hidden} and embed_dim={m.embed_dim} must be "
+                    f"multiples of model.hidden_multiple={k} (the TPU MXU tile); round them up")
+  return SequenceLM(vocab_size, cell=m.cell, embed_dim=m.embed_dim, hidden=m.hidden,
+                    num_layers=m.num_layers, dropout=m.dropout,
+                    recurrent_dropout=m.recurrent_dropout, remat=m.remat,
+                    dtype=jnp.dtype(m.dtype), tie_embeddings=m.get("tie_embeddings", False),
+                    layer_norm=m.get("layer_norm", False), rngs=rngs)

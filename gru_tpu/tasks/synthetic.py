@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from gru_tpu.models.lm import SequenceLM
+from gru_tpu.tasks import sequence_lm
 
 SPLITS = {"train": 0, "eval": 1}
 
@@ -26,11 +26,7 @@ class SyntheticTask:
     self.vocab_size = config.data.vocab_size
 
   def build_model(self, rngs: nnx.Rngs) -> SequenceLM:
-    m = self.config.model
-    return SequenceLM(self.vocab_size, cell=m.cell, embed_dim=m.embed_dim, hidden=m.hidden,
-                      num_layers=m.num_layers, dropout=m.dropout,
-                      recurrent_dropout=m.recurrent_dropout, remat=m.remat,
-                      dtype=jnp.dtype(m.dtype), rngs=rngs)
+    return sequence_lm(self.vocab_size, self.config.model, rngs)
 
   def global_batch(self, split: str, step: int) -> np.ndarray:
     c = self.config

@@ -17,6 +17,7 @@ from flax import nnx
 from gru_tpu.data import text
 from gru_tpu.models import lm
 from gru_tpu.models.lm import SequenceLM
+from gru_tpu.tasks import sequence_lm
 
 
 class TextTask:
@@ -34,11 +35,7 @@ class TextTask:
     return self._tokens[split]
 
   def build_model(self, rngs: nnx.Rngs) -> SequenceLM:
-    m = self.config.model
-    return SequenceLM(self.tokenizer.vocab_size, cell=m.cell, embed_dim=m.embed_dim,
-                      hidden=m.hidden, num_layers=m.num_layers, dropout=m.dropout,
-                      recurrent_dropout=m.recurrent_dropout, remat=m.remat,
-                      dtype=jnp.dtype(m.dtype), rngs=rngs)
+    return sequence_lm(self.tokenizer.vocab_size, self.config.model, rngs)
 
   def batches(self, split, start_step, process_index, process_count):
     c = self.config
