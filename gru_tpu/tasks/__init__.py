@@ -7,13 +7,14 @@ A task module defines `make_task(config)` returning an object with
                                                                   of each global batch (numpy)
   metadata() -> dict                                              JSON, saved with checkpoints
 Batches are a pure function of (seed, split, step) or restartable from a step, so resuming at a
-step continues the exact data order.
+step continues the exact data order. Optional: finalize_eval(mean metrics) -> metrics, and
+sample_text(model, step) -> str (logged at each eval).
 """
 
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
-from gru_tpu.errors import UserError  # noqa: E402
-from gru_tpu.models.lm import SequenceLM  # noqa: E402
+from gru_tpu.errors import UserError
+from gru_tpu.models.lm import SequenceLM
 
 
 def sequence_lm(vocab_size: int, m, rngs) -> SequenceLM:
