@@ -178,7 +178,7 @@ def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
   workdir = Path(workdir)
   mesh = sharding.make_mesh(config.mesh)
   s = setup(config, mesh)
-  task, step_fn, eval_fn = s.task, s.train_step, s.eval_step
+  task, step_fn = s.task, s.train_step
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is not None:

@@ -74,7 +74,8 @@ def test_remat_changes_nothing(rng):
   x = jnp.asarray(rng.standard_normal((B, T, I)), jnp.float32)
   base, remat = (MinGRU(I, H, num_layers=2, remat=r, rngs=nnx.Rngs(2)) for r in (False, True))
   loss = lambda m: (m(x, jnp.asarray([T, 5, 2]))[0] ** 2).sum()
-  for a, b in zip(jax.tree.leaves(nnx.grad(loss)(base)), jax.tree.leaves(nnx.grad(loss)(remat))):
+  for a, b in zip(jax.tree.leaves(nnx.grad(loss)(base)), jax.tree.leaves(nnx.grad(loss)(remat)),
+                  strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -115,7 +115,7 @@ class RecurrentStack(nnx.Module):
     x_BxTxI = jnp.asarray(x_BxTxI)
     B, T = self._check_input(x_BxTxI)
     seq_lengths = self._check_lengths(seq_lengths, B, T)
-    L, D = self.num_layers, self.num_directions
+    D = self.num_directions
     carry0 = self._check_carry(initial_carry, B)
     deterministic = self.deterministic if deterministic is None else deterministic
     train_noise = not deterministic and (self.dropout or self.recurrent_dropout)
