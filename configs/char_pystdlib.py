@@ -7,6 +7,7 @@ batch 256 = 32 per chip on 8 chips, seq_len 256, hidden 1024 - multiples of 128 
 """
 
 from gru_tpu.config import engine_defaults, parse_arg
+from gru_tpu.data.text import data_config
 
 SIZES = {
     "tiny": dict(batch_size=8, seq_len=32, hidden=64, embed_dim=32, num_layers=1, num_steps=200),
@@ -20,8 +21,7 @@ SIZES = {
 def get_config(arg: str | None = None):
   size = parse_arg(arg).get("size", "small")
   c = engine_defaults(task="text", **SIZES[size])
-  c.data.source = "pystdlib"  # or files:GLOB
-  c.data.tokenizer = "char"   # or byte
+  c.data = data_config(source="pystdlib", tokenizer="char")  # or files:GLOB, tfds:NAME; byte
   c.data.sample_prompt = "def "  # a sample of sample_length tokens is logged at each eval
   c.data.sample_length = 32 if size == "tiny" else 200
   if size == "base":

@@ -1,6 +1,7 @@
 """Shared test setup: small shapes, CPU, and torch models with nonzero random biases."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -27,3 +28,16 @@ def randomize_biases(module, seed=0):
       if name.startswith("bias"):
         p.copy_(torch.rand(p.shape, generator=g) * 2 - 1)
   return module
+
+
+SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tiny_shakespeare" / "input.txt"
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+  """tiny_shakespeare prepared by TFDS from shared/data's input.txt: offline, via manual_dir."""
+  from gru_tpu.data import text
+  d = tmp_path_factory.mktemp("tfds")
+  text.load_corpus("tfds:tiny_shakespeare", tfds_data_dir=str(d),
+                   tfds_manual_dir=str(SHAKESPEARE.parent))
+  return d

@@ -9,7 +9,7 @@ import pytest
 from gru_tpu.data import text
 from gru_tpu.errors import UserError
 
-SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tiny_shakespeare" / "input.txt"
+from conftest import SHAKESPEARE
 
 
 def test_tiny_shakespeare_split_matches_tfds():
@@ -53,7 +53,7 @@ def test_invalid_utf8_is_an_error_for_char_only():
 
 @pytest.mark.parametrize("source,message", [
     ("files:/nonexistent/*.txt", "the glob matches no files"),
-    ("ftp:thing", "expected 'pystdlib' or 'files:GLOB'"),
+    ("ftp:thing", "expected 'pystdlib', 'files:GLOB' or 'tfds:NAME'"),
 ])
 def test_bad_sources(source, message):
   with pytest.raises(UserError, match=message):
@@ -88,3 +88,29 @@ def test_windows_are_seeded_resumable_and_split_across_processes():
 def test_seq_len_longer_than_the_split_is_an_error():
   with pytest.raises(UserError, match="config.seq_len=64 is longer than the validation split"):
     text.window_batches(np.arange(50), seq_len=64, batch_size=4, seed=0, split="validation")
+
+
+def test_tfds_tiny_shakespeare_prepares_offline_and_matches_files(tfds_dir):
+  c = text.load_corpus("tfds:tiny_shakespeare", tfds_data_dir=str(tfds_dir))  # prepared: reads
+  f = text.load_corpus(f"files:{SHAKESPEARE}")
+  assert (c.train, c.validation, c.test) == (f.train, f.validation, f.test)
+  assert c.name == "tfds:tiny_shakespeare"
+
+
+def test_tfds_mock_data_gives_str_and_is_accepted():
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
+    c = text.load_corpus("tfds:tiny_shakespeare", tfds_data_dir="/nonexistent/tfds")
+  assert isinstance(c.train, bytes) and len(c.train) > 0 and b"\n" in c.train
+  assert text.make_tokenizer("char", c).decode(text.make_tokenizer("char", c).encode(c.train)) \
+      == c.train.decode()
+
+
+def test_tfds_bad_inputs(tmp_path, tfds_dir):
+  with pytest.raises(UserError, match="TFDS has no dataset 'no_such_dataset'"):
+    text.load_corpus("tfds:no_such_dataset", tfds_data_dir=str(tmp_path))
+  with pytest.raises(UserError, match="tfds_manual_dir='/nonexistent/dir' is not a directory"):
+    text.load_corpus("tfds:tiny_shakespeare", tfds_data_dir=str(tmp_path),
+                     tfds_manual_dir="/nonexistent/dir")
+  with pytest.raises(UserError, match="tfds_text_key='body': tiny_shakespeare has features"):
+    text.load_corpus("tfds:tiny_shakespeare", tfds_data_dir=str(tfds_dir), tfds_text_key="body")

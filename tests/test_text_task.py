@@ -72,3 +72,17 @@ def test_hidden_multiple_is_enforced(tmp_path):
   r = train(tmp_path, "--config.model.hidden_multiple=128", "--config.num_steps=1")
   assert r.returncode == 2
   assert "config.model.hidden=64 and embed_dim=32 must be multiples of" in r.stderr
+
+
+def test_shakespeare_tfds_config_trains_offline(tmp_path, tfds_dir):
+  config = str(Path(__file__).parents[1] / "configs" / "shakespeare_char.py") + ":size=tiny"
+  r = subprocess.run([sys.executable, "-m", "gru_tpu.cli", "train", "--config", config,
+                      "--workdir", str(tmp_path), f"--config.data.tfds_data_dir={tfds_dir}",
+                      "--config.num_steps=4", "--config.eval_every=4", "--config.eval_steps=1",
+                      "--config.checkpoint_every=4", "--config.log_every=1"],
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  meta = json.loads((tmp_path / "checkpoints" / "4" / "meta" / "metadata").read_text())
+  assert meta["task"]["source"] == "tfds:tiny_shakespeare"
+  assert len(meta["task"]["tokenizer"]["chars"]) == 65  # tiny_shakespeare's training characters
+  assert "step 4 sample: 'ROMEO:" in r.stderr

@@ -6,6 +6,12 @@ Sources (config.data.source):
                (a handful of encoding tests) are left out. Offline everywhere.
   files:GLOB   local text files, sorted and concatenated, split 90/5/5 in order like TFDS's
                tiny_shakespeare (train first, then validation, then test).
+  tfds:NAME    a TFDS text dataset (its `data.tfds_text_key` feature, examples of a split joined
+               by newlines) read with tfds.data_source: ArrayRecord, no TensorFlow at read time.
+               Prepared on first use into data.tfds_data_dir; data.tfds_manual_dir holding the
+               original files (tiny_shakespeare's input.txt) prepares it offline. Preparing runs
+               the dataset's TFDS builder, which for tiny_shakespeare needs TensorFlow: the
+               `[tfds]` extra.
 Corpora are bytes; the char tokenizer decodes them as UTF-8 (an error if they are not), the byte
 tokenizer takes them as they are.
 """
@@ -59,8 +65,60 @@ def _pystdlib() -> Corpus:
   return Corpus("pystdlib", *(b"\n".join(parts[s]) for s in ("train", "validation", "test")))
 
 
-def load_corpus(source: str) -> Corpus:
-  """`pystdlib` or `files:GLOB`; raises UserError for an unknown source or an empty corpus."""
+def data_config(source: str = "pystdlib", tokenizer: str = "char"):
+  """The `config.data` keys of text tasks (documented in the README)."""
+  import ml_collections
+
+  return ml_collections.ConfigDict(dict(
+      source=source, tokenizer=tokenizer, tfds_data_dir="", tfds_manual_dir="",
+      tfds_text_key="text", sample_prompt="\n", sample_length=200))
+
+
+def _tfds(name: str, data_dir: str, manual_dir: str, text_key: str) -> Corpus:
+  import tensorflow_datasets as tfds
+
+  source = f"config.data.source='tfds:{name}'"
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+  except tfds.core.registered.DatasetNotFoundError:
+    raise UserError(f"{source}: TFDS has no dataset {name!r}; see "
+                    f"https://www.tensorflow.org/datasets/catalog") from None
+  if not builder.is_prepared():
+    if manual_dir and not Path(manual_dir).is_dir():
+      raise UserError(f"config.data.tfds_manual_dir={manual_dir!r} is not a directory; point it "
+                      f"at the folder holding the dataset's original files")
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=manual_dir or None))
+    except ImportError as e:
+      raise UserError(f"{source}: preparing it needs {e.name or 'a missing package'}: "
+                      f"pip install -e '.[tfds]' (or prepare it elsewhere and set "
+                      f"config.data.tfds_data_dir)") from None
+    except Exception as e:  # noqa: BLE001 - network/checksum errors of TFDS, reported as one line
+      raise UserError(f"{source}: could not prepare it in {builder.data_dir} ({type(e).__name__}:"
+                      f" {str(e).splitlines()[0] if str(e) else ''}); offline, set config.data."
+                      f"tfds_manual_dir to a folder with the original files") from None
+  if builder.info.features and text_key not in builder.info.features:
+    raise UserError(f"config.data.tfds_text_key={text_key!r}: {name} has features "
+                    f"{sorted(builder.info.features)}")
+  splits = {}
+  for split in ("train", "validation", "test"):
+    try:
+      examples = builder.as_data_source(split=split)
+    except (ValueError, KeyError):
+      raise UserError(f"{source} has no {split!r} split (it has "
+                      f"{sorted(builder.info.splits)}); text tasks need train, validation "
+                      f"and test") from None
+    # Real ArrayRecord data gives bytes; tfds.testing.mock_data gives str.
+    splits[split] = b"\n".join(
+        t.encode("utf-8") if isinstance(t, str) else bytes(t)
+        for t in (examples[i][text_key] for i in range(len(examples))))
+  return Corpus(f"tfds:{name}", splits["train"], splits["validation"], splits["test"])
+
+
+def load_corpus(source: str, *, tfds_data_dir: str = "", tfds_manual_dir: str = "",
+                tfds_text_key: str = "text") -> Corpus:
+  """`pystdlib`, `files:GLOB` or `tfds:NAME`; UserError for an unknown source or an empty one."""
   if source == "pystdlib":
     corpus = _pystdlib()
   elif source.startswith("files:"):
@@ -70,8 +128,11 @@ def load_corpus(source: str) -> Corpus:
       raise UserError(f"config.data.source={source!r}: the glob matches no files; check the "
                       f"path (relative paths are from the current directory)")
     corpus = split_90_5_5(source, b"".join(Path(p).read_bytes() for p in paths))
+  elif source.startswith("tfds:"):
+    corpus = _tfds(source[len("tfds:"):], tfds_data_dir, tfds_manual_dir, tfds_text_key)
   else:
-    raise UserError(f"config.data.source={source!r}: expected 'pystdlib' or 'files:GLOB'")
+    raise UserError(f"config.data.source={source!r}: expected 'pystdlib', 'files:GLOB' or "
+                    f"'tfds:NAME'")
   if not corpus.train:
     raise UserError(f"config.data.source={source!r}: the corpus is empty")
   return corpus

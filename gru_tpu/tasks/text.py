@@ -24,7 +24,10 @@ class TextTask:
 
   def __init__(self, config):
     self.config = config
-    self.corpus = text.load_corpus(config.data.source)
+    d = config.data
+    self.corpus = text.load_corpus(d.source, tfds_data_dir=d.get("tfds_data_dir", ""),
+                                   tfds_manual_dir=d.get("tfds_manual_dir", ""),
+                                   tfds_text_key=d.get("tfds_text_key", "text"))
     self.tokenizer = text.make_tokenizer(config.data.tokenizer, self.corpus)
     self._tokens: dict[str, np.ndarray] = {}
 
