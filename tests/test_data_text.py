@@ -1,15 +1,13 @@
 """Text corpora and tokenizers: splits, round trips, UTF-8 rules, bad sources."""
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHAKESPEARE
 
 from gru_tpu.data import text
 from gru_tpu.errors import UserError
-
-from conftest import SHAKESPEARE
 
 
 def test_tiny_shakespeare_split_matches_tfds():

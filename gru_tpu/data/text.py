@@ -168,7 +168,7 @@ class CharTokenizer:
     self.vocab_size = len(self.chars)
 
   @classmethod
-  def fit(cls, train: bytes, source: str = "the corpus") -> "CharTokenizer":
+  def fit(cls, train: bytes, source: str = "the corpus") -> CharTokenizer:
     return cls(sorted(set(_utf8(train, source))))
 
   def encode(self, data: bytes | str, source: str = "the text") -> np.ndarray:
