@@ -28,7 +28,12 @@ class SequenceLM(nnx.Module):
                tie_embeddings: bool = False, layer_norm: bool = False, rngs: nnx.Rngs):
     if cell not in CELLS:
       raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
-    self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
+    # Untied: N(0, 1) like torch.nn.Embedding. Flax's 1/sqrt(embed_dim) default feeds the first
+    # layer an ~11x weaker input at embed_dim 128 and measurably slows early training
+    # (scripts/bench_text.py). Tied: the default, so the initial logits stay O(1).
+    init = nnx.initializers.normal(1.0) if not tie_embeddings else nnx.initializers.variance_scaling(
+        1.0, "fan_in", "normal", out_axis=0)
+    self.embed = nnx.Embed(vocab_size, embed_dim, embedding_init=init, rngs=rngs)
     self.rnn = CELLS[cell](embed_dim, hidden, num_layers=num_layers, dropout=dropout,
                            recurrent_dropout=recurrent_dropout, dtype=dtype, remat=remat,
                            unroll=unroll, rngs=rngs)
