@@ -22,10 +22,13 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gru_tpu import sharding, train
+from gru_tpu.kernels import gru as kernel
 
 config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
 flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5e:4x4, v6e:2x4, v4:2x2x2")
 flags.DEFINE_integer("num_slices", 1, "slices of that topology joined over DCN (multi-slice)")
+flags.DEFINE_bool("compare_impls", False, "compile with config.model.impl=scan and =pallas and "
+                  "print HBM traffic and roofline step times per TPU generation for both")
 FLAGS = flags.FLAGS
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
@@ -59,13 +62,15 @@ def count(comps: dict, name: str, pattern) -> int:
 
 
 def check_loops(hlo: str, data_parallel: bool) -> tuple[list[int], int, list[str]]:
+  """Per time loop its matmuls, the matmuls outside loops, and what is wrong. A recurrence is
+  either a while loop with one matmul (the scan) or a Mosaic kernel (the Pallas GRU)."""
   comps = computations(hlo)
   entry = re.search(r"^ENTRY %?([\w.\-]+)", hlo, re.M).group(1)
   loop_bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
   per_loop = [count(comps, b, MATMUL) for b in loop_bodies]
   problems = []
   recurrent = [n for n in per_loop if n]
-  if not recurrent or any(n != 1 for n in recurrent):
+  if (not recurrent and not mosaic_kernels(hlo)) or any(n != 1 for n in recurrent):
     problems.append(f"time loops must hold exactly one matmul each, found {per_loop}")
   outside = count(comps, entry, MATMUL) - sum(per_loop)
   if outside < 1:
@@ -78,6 +83,65 @@ def check_loops(hlo: str, data_parallel: bool) -> tuple[list[int], int, list[str
   return per_loop, outside, problems
 
 
+def mosaic_kernels(hlo: str) -> int:
+  return hlo.count('custom_call_target="tpu_custom_call"')
+
+
+def roofline(flops: float, bytes_accessed: float) -> list[str]:
+  """Step time per TPU generation at published peak bf16 FLOP/s and HBM bandwidth (per chip):
+  max(FLOPs / peak, bytes / bandwidth), and which bound it is."""
+  rows = []
+  for chip, c in kernel.CHIPS.items():
+    mxu, hbm = flops / c["flops"], bytes_accessed / c["hbm"]
+    rows.append(f"  {chip:>4}: {max(mxu, hbm) * 1e3:9.3f} ms  "
+                f"({'MXU' if mxu >= hbm else 'HBM'}-bound: compute {mxu * 1e3:.3f} ms, "
+                f"memory {hbm * 1e3:.3f} ms)")
+  return rows
+
+
+def compile_step(config, mesh):
+  s = train.setup(config, mesh)
+  state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                       s.abstract_state, s.state_shardings)
+  host = next(s.task.batches("train", 0, 0, 1))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.batch_sharding)
+           for k, v in host.items()}
+  compiled = s.train_step.lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  return compiled, cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
+def compare_impls(config, mesh) -> None:
+  """HBM traffic and roofline step time of the train step with the scan and the Pallas GRU.
+
+  cost_analysis counts a while loop's body once, whatever its trip count, so the scan's loops
+  are corrected with XLA's own cost of one step: the difference between compiles with 2 and 1
+  steps per loop iteration (config.model.unroll), times T - 1. The Pallas path has no XLA time
+  loop; its Mosaic kernels report the cost of their BlockSpecs (pl.CostEstimate), which
+  cost_analysis adds in.
+  """
+  T = config.seq_len
+
+  def cost(**model):
+    with config.unlocked():
+      config.model.update(model)
+    c = compile_step(config, mesh)[1]
+    return c.get("flops", 0.0), c.get("bytes accessed", 0.0)
+
+  scan1, scan2 = cost(impl="scan", unroll=1), cost(impl="scan", unroll=2)
+  rows = {"scan (cost_analysis)": scan1,
+          "scan (loops x T)": tuple(a + (T - 1) * (b - a) for a, b in zip(scan1, scan2)),
+          "pallas": cost(impl="pallas", unroll=1)}
+  print("per-device cost of one train step, scan vs pallas GRU:")
+  for name, (flops, bytes_) in rows.items():
+    print(f"{name}: {flops:.4g} FLOPs, {bytes_:.4g} bytes accessed (HBM)")
+    for row in roofline(flops, bytes_):
+      print(row)
+  scan, pallas = rows["scan (loops x T)"][1], rows["pallas"][1]
+  print(f"HBM traffic per step, scan / pallas: {scan / max(pallas, 1):.1f}x "
+        f"(scan loops corrected: {scan1[1]:.4g} + {T - 1} x {scan2[1] - scan1[1]:.4g} bytes)")
+
+
 def main(argv) -> int:
   del argv
   from jax.experimental import topologies
@@ -88,16 +152,11 @@ def main(argv) -> int:
                                       **({"chip_config_name": "megacore"} if megacore else {}))
   devices = np.asarray(topo.devices)
   mesh = sharding.make_mesh(config.mesh, devices=list(devices.flat))
-  s = train.setup(config, mesh)
-  state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                       s.abstract_state, s.state_shardings)
-  host = next(s.task.batches("train", 0, 0, 1))
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.batch_sharding)
-           for k, v in host.items()}
-  compiled = s.train_step.lower(state, batch).compile()
+  if FLAGS.compare_impls:
+    compare_impls(config, mesh)
+    return 0
+  compiled, cost = compile_step(config, mesh)
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   hosts = len({d.process_index for d in devices.flat})
   print(f"topology {FLAGS.topology} x{FLAGS.num_slices} slice(s): {devices.size} chips on "
         f"{hosts} host(s), mesh "
