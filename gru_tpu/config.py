@@ -42,7 +42,6 @@ def engine_defaults(*, task: str, batch_size: int, seq_len: int, num_steps: int,
   c.model.dropout = 0.0
   c.model.recurrent_dropout = 0.0
   c.model.remat = False
-  c.model.unroll = 1  # scan steps per loop iteration (lax.scan unroll)
   c.model.dtype = "float32"  # compute dtype; "bfloat16" keeps f32 params, gates and carry
   c.model.tie_embeddings = False  # logits through the embedding matrix (after a projection)
   c.model.layer_norm = False  # LayerNorm on the recurrent output, before the logits

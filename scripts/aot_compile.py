@@ -6,8 +6,13 @@
 Builds the mesh on jax.experimental.topologies.get_topology_desc(topology, "tpu"), lowers and
 compiles the jitted train step with its shardings, prints per-device HBM use (memory_analysis)
 and FLOPs / bytes (cost_analysis), and checks the compiled HLO: every time loop holds exactly
-one matmul (the recurrent one, per direction), the input projections are outside the loops, and
-under data parallelism no collective runs inside a loop. Exit 1 if a check fails.
+one matmul (the recurrent one, per direction) or the recurrence runs in Mosaic kernels (the
+Pallas GRU, config.model.impl), the input projections are outside the loops, and under data
+parallelism no collective runs inside a loop. Exit 1 if a check fails.
+
+--compare_impls instead compiles the step with config.model.impl=scan and =pallas and prints,
+for both, FLOPs and HBM bytes per step (cost_analysis) and a roofline step time per TPU
+generation at published peak bf16 FLOP/s and HBM bandwidth.
 Needs the [tpu] extra (pip install -e ".[tpu]").
 """
 
@@ -111,35 +116,51 @@ def compile_step(config, mesh):
   return compiled, cost[0] if isinstance(cost, (list, tuple)) else cost
 
 
+def kernel_costs(hlo: str) -> tuple[float, float]:
+  """FLOPs and bytes the Mosaic kernels declare (pl.CostEstimate, from their BlockSpecs)."""
+  found = re.findall(r'"cost_estimate":\{"flops":"(\d+)","transcendentals":"\d+",'
+                     r'"bytes_accessed":"(\d+)"', hlo)
+  return sum(float(f) for f, _ in found), sum(float(b) for _, b in found)
+
+
+def loop_weight_spaces(hlo: str, H: int) -> list[int]:
+  """Memory space of the (H, 3H) recurrent weight inside each time loop (0 = HBM; TPU XLA
+  annotates on-chip placements S(n) in the layout)."""
+  comps = computations(hlo)
+  spaces = []
+  for body in re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo):
+    m = re.search(rf"\[(?:{H},{3 * H}|{3 * H},{H})\]\{{[^}}]*?(?:S\((\d+)\))?\}}",
+                  comps.get(body, ""))
+    if m:
+      spaces.append(int(m.group(1) or 0))
+  return spaces
+
+
 def compare_impls(config, mesh) -> None:
-  """HBM traffic and roofline step time of the train step with the scan and the Pallas GRU.
-
-  cost_analysis counts a while loop's body once, whatever its trip count, so the scan's loops
-  are corrected with XLA's own cost of one step: the difference between compiles with 2 and 1
-  steps per loop iteration (config.model.unroll), times T - 1. The Pallas path has no XLA time
-  loop; its Mosaic kernels report the cost of their BlockSpecs (pl.CostEstimate), which
-  cost_analysis adds in.
-  """
-  T = config.seq_len
-
-  def cost(**model):
+  """HBM traffic and roofline step time of the train step with the scan and the Pallas GRU."""
+  out = {}
+  for impl in ("scan", "pallas"):
     with config.unlocked():
-      config.model.update(model)
-    c = compile_step(config, mesh)[1]
-    return c.get("flops", 0.0), c.get("bytes accessed", 0.0)
-
-  scan1, scan2 = cost(impl="scan", unroll=1), cost(impl="scan", unroll=2)
-  rows = {"scan (cost_analysis)": scan1,
-          "scan (loops x T)": tuple(a + (T - 1) * (b - a) for a, b in zip(scan1, scan2)),
-          "pallas": cost(impl="pallas", unroll=1)}
-  print("per-device cost of one train step, scan vs pallas GRU:")
-  for name, (flops, bytes_) in rows.items():
-    print(f"{name}: {flops:.4g} FLOPs, {bytes_:.4g} bytes accessed (HBM)")
+      config.model.impl = impl
+    compiled, cost = compile_step(config, mesh)
+    out[impl] = (cost.get("flops", 0.0), cost.get("bytes accessed", 0.0), compiled.as_text())
+  print("per-device cost of one train step (cost_analysis: FLOPs, HBM bytes accessed) and the "
+        "roofline step time per TPU generation:")
+  rows = [(impl, f, b) for impl, (f, b, _) in out.items()]
+  rows.append(("pallas GRU kernels alone (pl.CostEstimate from their BlockSpecs)",
+               *kernel_costs(out["pallas"][2])))
+  for name, flops, bytes_ in rows:
+    print(f"{name}: {flops:.4g} FLOPs, {bytes_:.4g} bytes")
     for row in roofline(flops, bytes_):
       print(row)
-  scan, pallas = rows["scan (loops x T)"][1], rows["pallas"][1]
-  print(f"HBM traffic per step, scan / pallas: {scan / max(pallas, 1):.1f}x "
-        f"(scan loops corrected: {scan1[1]:.4g} + {T - 1} x {scan2[1] - scan1[1]:.4g} bytes)")
+  scan, pallas = out["scan"][1], out["pallas"][1]
+  print(f"HBM traffic per train step, scan / pallas: {scan / max(pallas, 1):.1f}x")
+  spaces = loop_weight_spaces(out["scan"][2], config.model.hidden)
+  print("note: cost_analysis counts a while loop's body once, whatever its trip count, so the "
+        "scan's numbers leave out T - 1 steps of its loops; the Mosaic kernels report their "
+        "whole cost. W_h inside the scan's loops is in memory space "
+        f"{', '.join(f'S({n})' for n in spaces) or '-'} (0 = HBM"
+        f"{'' if any(n == 0 for n in spaces) else ': XLA keeps it on chip across steps'}).")
 
 
 def main(argv) -> int:
@@ -172,6 +193,7 @@ def main(argv) -> int:
                                             data_parallel=mesh.shape.get("model", 1) == 1
                                             and config.sharding == "dp")
   print(f"matmuls per time loop: {per_loop}; outside loops: {outside}")
+  print(f"Mosaic kernels (Pallas GRU, forward and backward): {mosaic_kernels(compiled.as_text())}")
   for p in problems:
     print(f"CHECK FAILED: {p}")
   print("HLO checks: " + ("FAILED" if problems else "ok"))

@@ -49,10 +49,10 @@ f32 = jnp.float32
 # FLOP/s and HBM bandwidth per chip, for the block budget and the roofline estimates.
 MiB = 2 ** 20
 CHIPS = {
-    "v4": dict(vmem=16 * MiB, flops=275e12, hbm=1.2e12, cores=2),
-    "v5e": dict(vmem=128 * MiB, flops=197e12, hbm=0.82e12, cores=1),
-    "v5p": dict(vmem=64 * MiB, flops=459e12, hbm=2.76e12, cores=2),
-    "v6e": dict(vmem=128 * MiB, flops=918e12, hbm=1.64e12, cores=1),
+    "v4": {"vmem": 16 * MiB, "flops": 275e12, "hbm": 1.2e12, "cores": 2},
+    "v5e": {"vmem": 128 * MiB, "flops": 197e12, "hbm": 0.82e12, "cores": 1},
+    "v5p": {"vmem": 64 * MiB, "flops": 459e12, "hbm": 2.76e12, "cores": 2},
+    "v6e": {"vmem": 128 * MiB, "flops": 918e12, "hbm": 1.64e12, "cores": 1},
 }
 DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
                 "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
@@ -91,6 +91,11 @@ class Plan:
     return min(int(CHIPS[self.chip]["vmem"] * 0.95), int(self.vmem_bytes * 1.25) + 4 * MiB)
 
 
+def sublanes(dtype) -> int:
+  """Rows of a VMEM tile: 8 for 32-bit, 16 for bf16. Batch blocks are multiples of it."""
+  return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
 def _tile(rows: int, cols: int, itemsize: int) -> int:
   """Bytes of a (rows, cols) VMEM buffer: (8·packing, 128) tiles."""
   sub = 8 * max(1, 4 // itemsize)
@@ -114,6 +119,11 @@ def vmem_bytes(H: int, bb: int, tt: int, cdt, *, save_gates: bool, backward: boo
   acc = _tile(H, G, 4) + 4 * _tile(1, G, 4)            # dW_h, db_i, db_h (f32, resident)
   scratch = _tile(bb, H, 4) + tt * (_tile(bb, H, c) + _tile(bb, G, c))  # dh; h_{t-1}, dgh
   return w + rows + blocks + acc + scratch + step
+
+
+def _vmem(H: int, bb: int, tt: int, cdt, save_gates: bool) -> int:
+  return max(vmem_bytes(H, bb, tt, cdt, save_gates=save_gates, backward=bw)
+             for bw in (False, True))
 
 
 def target_chip() -> str | None:
@@ -142,36 +152,31 @@ def plan(T: int, B: int, H: int, cdt, chip: str | None, *, D: int = 1,
   saving gh in the forward or recomputing it in the backward by the roofline model below.
   """
   name = chip or INTERPRET_CHIP
-  on_tpu = chip is not None
-  c = jnp.dtype(cdt).itemsize
-  if on_tpu and H % 128:
+  if chip is not None and H % 128:
     return f"hidden size {H} is not a multiple of 128 (the TPU lane width)"
-  sub = 8 * max(1, 4 // c)
+  sub = sublanes(cdt)
   if block_b is None:
     cores = CHIPS[name]["cores"] if D == 1 else 1
-    cands = [b for b in range(min(B, MAX_BLOCK_B), 0, -1)
-             if B % b == 0 and (b % sub == 0 or b == B)]
+    cands = [b for b in range(min(B, MAX_BLOCK_B), 0, -1) if B % b == 0 and b % sub == 0]
     if cores > 1 and B // cores in cands:
       cands = [b for b in cands if b <= B // cores]
   else:
-    cands = [block_b]
-  if not cands:
+    cands = [block_b] if B % block_b == 0 else []
+  if not cands or any(b % sub for b in cands):
     return (f"batch {B} has no block of at most {MAX_BLOCK_B} rows that divides it and is a "
-            f"multiple of {sub} (the {jnp.dtype(cdt).name} sublane tile)")
+            f"multiple of {sub} (the {jnp.dtype(cdt).name} sublane tile); pad the batch")
   budget = CHIPS[name]["vmem"] * VMEM_FRACTION
   options = [save_gates] if save_gates is not None else [False, True]
   best = None
   for bb in cands:
     for sg in options:
       tmax = min(T, block_t or MAX_BLOCK_T)
-      need = lambda tt: max(vmem_bytes(H, bb, tt, cdt, save_gates=sg, backward=bw)
-                            for bw in (False, True))
-      while tmax > 1 and need(tmax) > budget:
+      while tmax > 1 and _vmem(H, bb, tmax, cdt, sg) > budget:
         tmax //= 2
-      if need(tmax) > budget:
+      if _vmem(H, bb, tmax, cdt, sg) > budget:
         continue
       tt = -(-T // -(-T // tmax))  # as many blocks as tmax needs, evenly sized: least padding
-      p = Plan(name, bb, tt, sg, need(tt))
+      p = Plan(name, bb, tt, sg, _vmem(H, bb, tt, cdt, sg))
       t = estimate(p, T, B, H, cdt, D=D)["seconds"]
       if best is None or t < best[0]:
         best = (t, p)
@@ -201,8 +206,8 @@ def estimate(p: Plan, T: int, B: int, H: int, cdt, *, D: int = 1,
   fwd_flops, bwd_flops = mm, mm * (2 if p.save_gates else 3)
   seconds = (roofline_seconds(p.chip, fwd_flops, fwd_bytes)
              + roofline_seconds(p.chip, bwd_flops, bwd_bytes))
-  return dict(fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes, fwd_flops=fwd_flops,
-              bwd_flops=bwd_flops, transcendentals=3 * Tp * D * B * H, seconds=seconds)
+  return {"fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes, "fwd_flops": fwd_flops,
+          "bwd_flops": bwd_flops, "transcendentals": 3 * Tp * D * B * H, "seconds": seconds}
 
 
 # -- kernels ----------------------------------------------------------------------------------
@@ -238,7 +243,7 @@ def _fwd_kernel(*refs, H, tt, masked, dropout, save_gates):
     h = h_scr[...]
     hm = h if rm is None else h * rm
     gh = jnp.dot(hm.astype(w_ref.dtype), w_ref[...], preferred_element_type=f32) + b_h
-    r, z, n = _gates(gi_ref[s].astype(f32) + b_i, gh, H)
+    _, z, n = _gates(gi_ref[s].astype(f32) + b_i, gh, H)
     h_new = n + z * (h - n)
     y = h_new
     if masked:
@@ -348,7 +353,7 @@ class _Grid:
     def index(j, i):
       return f(j // nb, j % nb, nt - 1 - i if reverse else i)
 
-    mode = {} if buffers is None else dict(pipeline_mode=pl.Buffered(buffers))
+    mode = {} if buffers is None else {"pipeline_mode": pl.Buffered(buffers)}
     return pl.BlockSpec(block, index, **mode)
 
   def steps(self, n: int):
@@ -478,6 +483,14 @@ def batch_axes(mesh, B: int) -> tuple[str, ...]:
   return tuple(axes)
 
 
+def local_rows(mesh, B: int, dtype) -> tuple[tuple[str, ...], int, int]:
+  """(mesh axes splitting the batch, rows per device, rows per device padded to whole VMEM
+  tiles). Padded rows are sliced off again (and get no gradient); padded steps are masked."""
+  axes = () if mesh.empty else batch_axes(mesh, B)
+  B_local = B // math.prod(mesh.shape[a] for a in axes)
+  return axes, B_local, -(-B_local // sublanes(dtype)) * sublanes(dtype)
+
+
 def gru_sequence(gi_TxDxBx3H: jax.Array, w_h_DxHx3H: jax.Array, b_i_Dx3H: jax.Array,
                  b_h_Dx3H: jax.Array, h0_DxBxH: jax.Array, lengths_B: jax.Array | None = None,
                  rmask_DxBxH: jax.Array | None = None, *, interpret: bool | None = None,
@@ -497,24 +510,26 @@ def gru_sequence(gi_TxDxBx3H: jax.Array, w_h_DxHx3H: jax.Array, b_i_Dx3H: jax.Ar
   if interpret is None:
     interpret = chip is None
   mesh = jax.sharding.get_abstract_mesh()
-  axes = () if mesh.empty else batch_axes(mesh, B)
-  B_local = B // math.prod(mesh.shape[a] for a in axes)
-  p = plan(T, B_local, H, gi_TxDxBx3H.dtype, None if interpret else chip, D=D,
+  axes, B_local, Bp = local_rows(mesh, B, gi_TxDxBx3H.dtype)
+  p = plan(T, Bp, H, gi_TxDxBx3H.dtype, None if interpret else chip, D=D,
            save_gates=save_gates, block_b=block_b, block_t=block_t)
-  if isinstance(p, str):
-    raise ValueError(f"gru_sequence: no Pallas blocks fit: {p}")
+  if not isinstance(p, Plan):
+    raise ValueError(f"gru_sequence: no Pallas blocks fit: {p}")  # noqa: TRY004 (a shape)
   Tp = -(-T // p.block_t) * p.block_t
   if Tp != T and lengths_B is None:
-    lengths_B = jnp.full((B,), T, jnp.int32)  # the padded steps are masked off
+    lengths_B = jnp.full((B,), T, jnp.int32)
   lengths_B = None if lengths_B is None else lengths_B.astype(jnp.int32)
 
   def local(gi, w_h, b_i, b_h, h0, lengths, rmask):
-    if Tp != T:
-      gi = jnp.pad(gi, ((0, Tp - T), (0, 0), (0, 0), (0, 0)))
+    pad = lambda a, axis, n: jnp.pad(a, [(0, n if i == axis else 0) for i in range(a.ndim)])
+    gi, h0 = pad(gi, 0, Tp - T), pad(h0, 1, Bp - B_local)
+    gi = pad(gi, 2, Bp - B_local)
+    lengths = None if lengths is None else pad(lengths, 0, Bp - B_local)
+    rmask = None if rmask is None else pad(rmask, 1, Bp - B_local)
     # W_h is cast here, per device, so its gradient is reduced over devices in its own dtype.
     y, h_T = _sequence(p, interpret, gi, w_h.astype(gi.dtype), b_i.astype(f32), b_h.astype(f32),
                        h0, lengths, rmask)
-    return y[:T], h_T
+    return y[:T, :, :B_local], h_T[:, :B_local]
 
   auto = () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
   if not auto:

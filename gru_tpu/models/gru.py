@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
@@ -279,8 +278,7 @@ def pallas_fallback(reset_after: bool, T: int, B: int, H: int, D: int, dtype) ->
   if mesh.empty and jax.device_count() > 1:
     return ("several devices but no context mesh (jax.set_mesh) to shard the kernel over; the "
             "engine sets one")
-  axes = () if mesh.empty else kernel.batch_axes(mesh, B)
-  why = kernel.plan(T, B // math.prod(mesh.shape[a] for a in axes), H, dtype, chip, D=D)
+  why = kernel.plan(T, kernel.local_rows(mesh, B, dtype)[2], H, dtype, chip, D=D)
   return why if isinstance(why, str) else None
 
 

@@ -33,5 +33,5 @@ def sequence_lm(vocab_size: int, m, rngs) -> SequenceLM:
   return SequenceLM(vocab_size, cell=m.cell, embed_dim=m.embed_dim, hidden=m.hidden,
                     num_layers=m.num_layers, dropout=m.dropout,
                     recurrent_dropout=m.recurrent_dropout, remat=m.remat,
-                    unroll=m.get("unroll", 1), dtype=jnp.dtype(m.dtype), tie_embeddings=m.get("tie_embeddings", False),
+                    dtype=jnp.dtype(m.dtype), tie_embeddings=m.get("tie_embeddings", False),
                     layer_norm=m.get("layer_norm", False), impl=impl, rngs=rngs)
