@@ -22,6 +22,7 @@ import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -92,7 +93,7 @@ def mosaic_kernels(hlo: str) -> int:
   return hlo.count('custom_call_target="tpu_custom_call"')
 
 
-def roofline(flops: float, bytes_accessed: float) -> list[str]:
+def roofline(flops: float, bytes_accessed: float, notes: dict | None = None) -> list[str]:
   """Step time per TPU generation at published peak bf16 FLOP/s and HBM bandwidth (per chip):
   max(FLOPs / peak, bytes / bandwidth), and which bound it is."""
   rows = []
@@ -100,7 +101,7 @@ def roofline(flops: float, bytes_accessed: float) -> list[str]:
     mxu, hbm = flops / c["flops"], bytes_accessed / c["hbm"]
     rows.append(f"  {chip:>4}: {max(mxu, hbm) * 1e3:9.3f} ms  "
                 f"({'MXU' if mxu >= hbm else 'HBM'}-bound: compute {mxu * 1e3:.3f} ms, "
-                f"memory {hbm * 1e3:.3f} ms)")
+                f"memory {hbm * 1e3:.3f} ms){(notes or {}).get(chip, '')}")
   return rows
 
 
@@ -146,12 +147,20 @@ def compare_impls(config, mesh) -> None:
     out[impl] = (cost.get("flops", 0.0), cost.get("bytes accessed", 0.0), compiled.as_text())
   print("per-device cost of one train step (cost_analysis: FLOPs, HBM bytes accessed) and the "
         "roofline step time per TPU generation:")
-  rows = [(impl, f, b) for impl, (f, b, _) in out.items()]
+  m = config.model
+  dtype = jnp.dtype(m.dtype)
+  rows_per_device = kernel.local_rows(mesh.abstract_mesh, config.batch_size, dtype)[2]
+  misfits = {}
+  for chip in kernel.CHIPS:
+    p = kernel.plan(config.seq_len, rows_per_device, m.hidden, dtype, chip)
+    if isinstance(p, str):
+      misfits[chip] = f"  [no kernel here: {p}; auto runs the scan]"
+  rows = [(impl, f, b, None) for impl, (f, b, _) in out.items()]
   rows.append(("pallas GRU kernels alone (pl.CostEstimate from their BlockSpecs)",
-               *kernel_costs(out["pallas"][2])))
-  for name, flops, bytes_ in rows:
+               *kernel_costs(out["pallas"][2]), misfits))
+  for name, flops, bytes_, notes in rows:
     print(f"{name}: {flops:.4g} FLOPs, {bytes_:.4g} bytes")
-    for row in roofline(flops, bytes_):
+    for row in roofline(flops, bytes_, notes):
       print(row)
   scan, pallas = out["scan"][1], out["pallas"][1]
   print(f"HBM traffic per train step, scan / pallas: {scan / max(pallas, 1):.1f}x")

@@ -1,20 +1,23 @@
 """Pallas TPU kernels: one GRU layer (reset_after=True, PyTorch gates) over a whole sequence.
 
-The scan GRU reads W_h from HBM at every step: h·W_h has ~B FLOP/byte, so on TPU it is bound by
-HBM bandwidth at any realistic per-core batch. Here W_h is copied into VMEM once per (direction,
-batch block) and stays there while the kernel walks the whole sequence ("persistent RNN"), so
-the MXU, not HBM, sets the pace.
+The recurrence is fused into two kernels that keep everything a step needs on chip: W_h is
+copied into VMEM once per (direction, batch block) and stays there while the kernel walks the
+whole sequence ("persistent RNN"), the carry never leaves VMEM, and per step only the step's
+slices of gi, y (and the saved gates) move between HBM and VMEM, in the compute dtype.
 
-  forward:  grid (D, B/bb, T/tt) = (parallel, parallel, arbitrary). W_h, b_i, b_h have a
-            constant block index along batch and time: fetched into VMEM once per direction.
-            h lives in an f32 VMEM scratch across time blocks; a fori_loop runs the tt steps of a
-            block: one (bb, H)·(H, 3H) matmul with bf16 (compute dtype) operands and f32
+  forward:  grid (D·B/bb, T/tt) = (parallel, arbitrary): one row per (direction, batch block)
+            (two-core chips split the rows), time blocks in order. W_h, b_i, b_h have a block
+            index constant along batch and time (one VMEM buffer, fetched once per direction).
+            h lives in an f32 VMEM scratch across time blocks; a fori_loop runs the tt steps of
+            a block: one (bb, H)·(H, 3H) matmul, compute-dtype (bf16) operands with f32
             accumulation, then the gates in f32.
-  backward: the same grid with time reversed. d loss/d h is carried in f32 VMEM; per step one
-            (bb, 3H)·(H, 3H)^T matmul (and, unless the forward saved gh = h·W_h + b_h, one
-            recomputing gh). h_{t-1} and the recurrent gate gradients of a time block are kept in
-            VMEM and dW_h += h_{t-1}^T · dgh is one (H, tt·bb)·(tt·bb, 3H) matmul per block into
-            an f32 accumulator (the output block, resident across time); db_i, db_h likewise.
+  backward: the same grid, time blocks in reverse. d loss/d h is carried in f32 VMEM; per step
+            one (bb, 3H)·(H, 3H)^T matmul, plus one recomputing gh = h·W_h + b_h unless the
+            forward saved gh (in the compute dtype; `plan` picks per chip by a roofline model).
+            A time block's h_{t-1} and recurrent gate gradients stay in VMEM, and
+            dW_h += h_{t-1}^T dgh is one (H, tt·bb)·(tt·bb, 3H) matmul per block into an f32
+            accumulator (an output block resident across time, one buffer); db_i and db_h are
+            summed per step in f32.
 
 Gates (r, z, n order along 3H, as PyTorch):
   r = σ(gi_r + b_ir + gh_r), z = σ(gi_z + b_iz + gh_z), n = tanh(gi_n + b_in + r ⊙ gh_n),
@@ -24,16 +27,15 @@ f32. Right-padded batches: `lengths` (B,) freezes each row's carry after its end
 there. Time reversal (the reverse direction) is the caller's business, as in the scan.
 
 On TPU the kernels compile through Mosaic; elsewhere they run in Pallas interpret mode (slow:
-for tests and debugging). Under a multi-device mesh set with `jax.set_mesh` /
-`jax.sharding.use_abstract_mesh` (the engine does), `gru_sequence` runs in a shard_map that
-splits the batch; Mosaic kernels cannot be partitioned automatically.
+for tests and debugging). Under a context mesh (`jax.set_mesh` / `use_abstract_mesh`; the
+engine sets one) `gru_sequence` runs in a shard_map that splits the batch over the devices:
+XLA cannot partition a Mosaic kernel.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 
 import jax
@@ -42,7 +44,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-log = logging.getLogger("gru_tpu.kernels")
 f32 = jnp.float32
 
 # Per-chip VMEM per TensorCore (the jax.experimental.pallas.tpu tables) and published peak bf16
@@ -448,11 +449,13 @@ def _backward(p: Plan, interpret: bool, gi, w_h, b_i, b_h, h0, lengths, rmask, y
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _sequence(p, interpret, gi, w_h, b_i, b_h, h0, lengths, rmask):
-  return tuple(_forward(p, interpret, gi, w_h, b_i, b_h, h0, lengths, rmask)[:2])
+  # Not differentiated: nothing to save for a backward pass.
+  p = dataclasses.replace(p, save_gates=False)
+  return tuple(_forward(p, interpret, gi, w_h.astype(gi.dtype), b_i, b_h, h0, lengths, rmask))
 
 
 def _sequence_fwd(p, interpret, gi, w_h, b_i, b_h, h0, lengths, rmask):
-  out = _forward(p, interpret, gi, w_h, b_i, b_h, h0, lengths, rmask)
+  out = _forward(p, interpret, gi, w_h.astype(gi.dtype), b_i, b_h, h0, lengths, rmask)
   gh = out[2] if p.save_gates else None
   return (out[0], out[1]), (gi, w_h, b_i, b_h, h0, lengths, rmask, out[0], gh)
 
@@ -460,8 +463,9 @@ def _sequence_fwd(p, interpret, gi, w_h, b_i, b_h, h0, lengths, rmask):
 def _sequence_bwd(p, interpret, res, cts):
   gi, w_h, b_i, b_h, h0, lengths, rmask, y, gh = res
   dy, dh_T = cts
-  dgi, dw, dbi, dbh, dh0 = _backward(p, interpret, gi, w_h, b_i, b_h, h0, lengths, rmask, y, gh,
-                                     dy.astype(y.dtype), dh_T)
+  dgi, dw, dbi, dbh, dh0 = _backward(p, interpret, gi, w_h.astype(gi.dtype), b_i, b_h, h0,
+                                     lengths, rmask, y, gh, dy.astype(y.dtype), dh_T)
+  # dW_h stays f32 until it meets W_h's own dtype (and the sum over devices happens in it).
   return (dgi, dw.astype(w_h.dtype), dbi.astype(b_i.dtype), dbh.astype(b_h.dtype), dh0, None,
           None)
 
@@ -526,9 +530,8 @@ def gru_sequence(gi_TxDxBx3H: jax.Array, w_h_DxHx3H: jax.Array, b_i_Dx3H: jax.Ar
     gi = pad(gi, 2, Bp - B_local)
     lengths = None if lengths is None else pad(lengths, 0, Bp - B_local)
     rmask = None if rmask is None else pad(rmask, 1, Bp - B_local)
-    # W_h is cast here, per device, so its gradient is reduced over devices in its own dtype.
-    y, h_T = _sequence(p, interpret, gi, w_h.astype(gi.dtype), b_i.astype(f32), b_h.astype(f32),
-                       h0, lengths, rmask)
+    y, h_T = _sequence(p, interpret, gi, w_h, b_i.astype(f32), b_h.astype(f32), h0, lengths,
+                       rmask)
     return y[:T, :, :B_local], h_T[:, :B_local]
 
   auto = () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
