@@ -46,6 +46,8 @@ def engine_defaults(*, task: str, batch_size: int, seq_len: int, num_steps: int,
   c.model.tie_embeddings = False  # logits through the embedding matrix (after a projection)
   c.model.layer_norm = False  # LayerNorm on the recurrent output, before the logits
   c.model.hidden_multiple = 1  # hidden and embed_dim must be multiples of this (128 on TPU)
+  # GRU recurrence: auto (the Pallas kernel on TPU where it fits, else lax.scan) | scan | pallas
+  c.model.impl = "auto"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 2e-3

@@ -37,6 +37,8 @@ log = logging.getLogger("gru_tpu")
 
 # Config sections whose change makes an existing checkpoint unusable for this run.
 COMPATIBLE_KEYS = ("task", "model", "data")
+# model keys that leave the parameters alone: a run may resume with another value.
+RUNTIME_MODEL_KEYS = ("impl",)
 
 
 class TrainingDiverged(UserError):
@@ -126,6 +128,8 @@ def _check_batch(config, mesh) -> None:
 
 def _check_compatible(saved: dict, config, step: int, directory: Path) -> None:
   now = json.loads(config.to_json_best_effort())
+  saved, now = ({**c, "model": {k: v for k, v in c.get("model", {}).items()
+                                if k not in RUNTIME_MODEL_KEYS}} for c in (saved, now))
   for key in COMPATIBLE_KEYS:
     if saved.get(key) != now.get(key):
       raise UserError(
@@ -153,6 +157,19 @@ class Setup:
   eval_step: Any   # jitted (state, batch) -> metrics
 
 
+def _in_mesh(fn, mesh):
+  """fn traced with `mesh` as the context mesh: the Pallas GRU kernel, which XLA cannot
+  partition, runs in a shard_map over it and reads the target TPU generation from its devices
+  (also when compiling ahead of time for a topology)."""
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return traced
+
+
 def setup(config, mesh) -> Setup:
   task = load_task(config)
   _check_batch(config, mesh)
@@ -164,11 +181,11 @@ def setup(config, mesh) -> Setup:
   batch_sh = sharding.batch_sharding(mesh)
   options = compiler_options(mesh.devices.flat[0].platform)
   step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, task=task, tx=tx,
-                        grad_accum=config.grad_accum),
+      _in_mesh(functools.partial(train_step, graphdef=graphdef, task=task, tx=tx,
+                                 grad_accum=config.grad_accum), mesh),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
       donate_argnums=(0,), compiler_options=options)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, task=task),
+  eval_fn = jax.jit(_in_mesh(functools.partial(eval_step, graphdef=graphdef, task=task), mesh),
                     in_shardings=(state_sh, batch_sh), compiler_options=options)
   return Setup(task, graphdef, init, abstract, state_sh, batch_sh, step_fn, eval_fn)
 

@@ -6,8 +6,13 @@
 Builds the mesh on jax.experimental.topologies.get_topology_desc(topology, "tpu"), lowers and
 compiles the jitted train step with its shardings, prints per-device HBM use (memory_analysis)
 and FLOPs / bytes (cost_analysis), and checks the compiled HLO: every time loop holds exactly
-one matmul (the recurrent one, per direction), the input projections are outside the loops, and
-under data parallelism no collective runs inside a loop. Exit 1 if a check fails.
+one matmul (the recurrent one, per direction) or the recurrence runs in Mosaic kernels (the
+Pallas GRU, config.model.impl), the input projections are outside the loops, and under data
+parallelism no collective runs inside a loop. Exit 1 if a check fails.
+
+--compare_impls instead compiles the step with config.model.impl=scan and =pallas and prints,
+for both, FLOPs and HBM bytes per step (cost_analysis) and a roofline step time per TPU
+generation at published peak bf16 FLOP/s and HBM bandwidth.
 Needs the [tpu] extra (pip install -e ".[tpu]").
 """
 
@@ -17,15 +22,19 @@ import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from gru_tpu import sharding, train
+from gru_tpu.kernels import gru as kernel
 
 config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
 flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5e:4x4, v6e:2x4, v4:2x2x2")
 flags.DEFINE_integer("num_slices", 1, "slices of that topology joined over DCN (multi-slice)")
+flags.DEFINE_bool("compare_impls", False, "compile with config.model.impl=scan and =pallas and "
+                  "print HBM traffic and roofline step times per TPU generation for both")
 FLAGS = flags.FLAGS
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
@@ -59,13 +68,15 @@ def count(comps: dict, name: str, pattern) -> int:
 
 
 def check_loops(hlo: str, data_parallel: bool) -> tuple[list[int], int, list[str]]:
+  """Per time loop its matmuls, the matmuls outside loops, and what is wrong. A recurrence is
+  either a while loop with one matmul (the scan) or a Mosaic kernel (the Pallas GRU)."""
   comps = computations(hlo)
   entry = re.search(r"^ENTRY %?([\w.\-]+)", hlo, re.M).group(1)
   loop_bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
   per_loop = [count(comps, b, MATMUL) for b in loop_bodies]
   problems = []
   recurrent = [n for n in per_loop if n]
-  if not recurrent or any(n != 1 for n in recurrent):
+  if (not recurrent and not mosaic_kernels(hlo)) or any(n != 1 for n in recurrent):
     problems.append(f"time loops must hold exactly one matmul each, found {per_loop}")
   outside = count(comps, entry, MATMUL) - sum(per_loop)
   if outside < 1:
@@ -78,6 +89,89 @@ def check_loops(hlo: str, data_parallel: bool) -> tuple[list[int], int, list[str
   return per_loop, outside, problems
 
 
+def mosaic_kernels(hlo: str) -> int:
+  return hlo.count('custom_call_target="tpu_custom_call"')
+
+
+def roofline(flops: float, bytes_accessed: float, notes: dict | None = None) -> list[str]:
+  """Step time per TPU generation at published peak bf16 FLOP/s and HBM bandwidth (per chip):
+  max(FLOPs / peak, bytes / bandwidth), and which bound it is."""
+  rows = []
+  for chip, c in kernel.CHIPS.items():
+    mxu, hbm = flops / c["flops"], bytes_accessed / c["hbm"]
+    rows.append(f"  {chip:>4}: {max(mxu, hbm) * 1e3:9.3f} ms  "
+                f"({'MXU' if mxu >= hbm else 'HBM'}-bound: compute {mxu * 1e3:.3f} ms, "
+                f"memory {hbm * 1e3:.3f} ms){(notes or {}).get(chip, '')}")
+  return rows
+
+
+def compile_step(config, mesh):
+  s = train.setup(config, mesh)
+  state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                       s.abstract_state, s.state_shardings)
+  host = next(s.task.batches("train", 0, 0, 1))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.batch_sharding)
+           for k, v in host.items()}
+  compiled = s.train_step.lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  return compiled, cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
+def kernel_costs(hlo: str) -> tuple[float, float]:
+  """FLOPs and bytes the Mosaic kernels declare (pl.CostEstimate, from their BlockSpecs)."""
+  found = re.findall(r'"cost_estimate":\{"flops":"(\d+)","transcendentals":"\d+",'
+                     r'"bytes_accessed":"(\d+)"', hlo)
+  return sum(float(f) for f, _ in found), sum(float(b) for _, b in found)
+
+
+def loop_weight_spaces(hlo: str, H: int) -> list[int]:
+  """Memory space of the (H, 3H) recurrent weight inside each time loop (0 = HBM; TPU XLA
+  annotates on-chip placements S(n) in the layout)."""
+  comps = computations(hlo)
+  spaces = []
+  for body in re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo):
+    m = re.search(rf"\[(?:{H},{3 * H}|{3 * H},{H})\]\{{[^}}]*?(?:S\((\d+)\))?\}}",
+                  comps.get(body, ""))
+    if m:
+      spaces.append(int(m.group(1) or 0))
+  return spaces
+
+
+def compare_impls(config, mesh) -> None:
+  """HBM traffic and roofline step time of the train step with the scan and the Pallas GRU."""
+  out = {}
+  for impl in ("scan", "pallas"):
+    with config.unlocked():
+      config.model.impl = impl
+    compiled, cost = compile_step(config, mesh)
+    out[impl] = (cost.get("flops", 0.0), cost.get("bytes accessed", 0.0), compiled.as_text())
+  print("per-device cost of one train step (cost_analysis: FLOPs, HBM bytes accessed) and the "
+        "roofline step time per TPU generation:")
+  m = config.model
+  dtype = jnp.dtype(m.dtype)
+  rows_per_device = kernel.local_rows(mesh.abstract_mesh, config.batch_size, dtype)[2]
+  misfits = {}
+  for chip in kernel.CHIPS:
+    p = kernel.plan(config.seq_len, rows_per_device, m.hidden, dtype, chip)
+    if isinstance(p, str):
+      misfits[chip] = f"  [no kernel here: {p}; auto runs the scan]"
+  rows = [(impl, f, b, None) for impl, (f, b, _) in out.items()]
+  rows.append(("pallas GRU kernels alone (pl.CostEstimate from their BlockSpecs)",
+               *kernel_costs(out["pallas"][2]), misfits))
+  for name, flops, bytes_, notes in rows:
+    print(f"{name}: {flops:.4g} FLOPs, {bytes_:.4g} bytes")
+    for row in roofline(flops, bytes_, notes):
+      print(row)
+  scan, pallas = out["scan"][1], out["pallas"][1]
+  print(f"HBM traffic per train step, scan / pallas: {scan / max(pallas, 1):.1f}x")
+  spaces = loop_weight_spaces(out["scan"][2], config.model.hidden)
+  print("note: cost_analysis counts a while loop's body once, whatever its trip count, so the "
+        "scan's numbers leave out T - 1 steps of its loops; the Mosaic kernels report their "
+        "whole cost. W_h inside the scan's loops is in memory space "
+        f"{', '.join(f'S({n})' for n in spaces) or '-'} (0 = HBM"
+        f"{'' if any(n == 0 for n in spaces) else ': XLA keeps it on chip across steps'}).")
+
+
 def main(argv) -> int:
   del argv
   from jax.experimental import topologies
@@ -88,16 +182,11 @@ def main(argv) -> int:
                                       **({"chip_config_name": "megacore"} if megacore else {}))
   devices = np.asarray(topo.devices)
   mesh = sharding.make_mesh(config.mesh, devices=list(devices.flat))
-  s = train.setup(config, mesh)
-  state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                       s.abstract_state, s.state_shardings)
-  host = next(s.task.batches("train", 0, 0, 1))
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.batch_sharding)
-           for k, v in host.items()}
-  compiled = s.train_step.lower(state, batch).compile()
+  if FLAGS.compare_impls:
+    compare_impls(config, mesh)
+    return 0
+  compiled, cost = compile_step(config, mesh)
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   hosts = len({d.process_index for d in devices.flat})
   print(f"topology {FLAGS.topology} x{FLAGS.num_slices} slice(s): {devices.size} chips on "
         f"{hosts} host(s), mesh "
@@ -113,6 +202,7 @@ def main(argv) -> int:
                                             data_parallel=mesh.shape.get("model", 1) == 1
                                             and config.sharding == "dp")
   print(f"matmuls per time loop: {per_loop}; outside loops: {outside}")
+  print(f"Mosaic kernels (Pallas GRU, forward and backward): {mosaic_kernels(compiled.as_text())}")
   for p in problems:
     print(f"CHECK FAILED: {p}")
   print("HLO checks: " + ("FAILED" if problems else "ok"))

@@ -9,20 +9,25 @@
 The reset_after=True recurrence has a hand-written VJP: the forward keeps gh = h W_h + b_h per
 step, the backward scan carries only dh (one matmul with W_h^T per step) and emits d loss/d h_t;
 gate gradients, dW_h, db_h and the input-projection gradients are then bulk elementwise ops and
-single large matmuls after the loop instead of per-step accumulations.
+single large matmuls after the loop instead of per-step accumulations. With impl="pallas" (or
+"auto" on TPU) the same recurrence runs as the Pallas kernels of gru_tpu.kernels.gru instead.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gru_tpu.kernels import gru as kernel
 from gru_tpu.models.stack import RecurrentStack, direction_dot
 
 f32 = jnp.float32
+IMPLS = ("auto", "scan", "pallas")
+log = logging.getLogger("gru_tpu.models")
 
 
 def sigmoid(x: jax.Array) -> jax.Array:
@@ -257,11 +262,60 @@ def _reset_before_scan(gi_TxDxBx3H, w_h, b_h, h0, mask_TxB, rmask, unroll):
   return y, h_T
 
 
+def pallas_fallback(reset_after: bool, T: int, B: int, H: int, D: int, dtype) -> str | None:
+  """Why impl="auto" runs the scan for this layer (None: it runs the Pallas kernel).
+
+  auto = the kernel when compiling for a TPU (the context mesh's devices, else the default
+  device), for reset_after=True, when its blocks fit the chip's VMEM, and when the batch
+  partitioning is known (a context mesh, or a single device).
+  """
+  if not reset_after:
+    return "reset_after=False has no Pallas kernel"
+  chip = kernel.target_chip()
+  if chip is None:
+    return "not compiling for a TPU"
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty and jax.device_count() > 1:
+    return ("several devices but no context mesh (jax.set_mesh) to shard the kernel over; the "
+            "engine sets one")
+  why = kernel.plan(T, kernel.local_rows(mesh, B, dtype)[2], H, dtype, chip, D=D)
+  return why if isinstance(why, str) else None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _pallas_layer(x_TxDxBxI, w_i, b_i, w_h, b_h, h0_DxBxH, lengths_B, rmask, cdt):
+  gi = direction_dot(x_TxDxBxI, w_i, cdt)
+  return kernel.gru_sequence(gi, w_h, b_i, b_h, h0_DxBxH, lengths_B, rmask)
+
+
+def _pallas_layer_fwd(x, w_i, b_i, w_h, b_h, h0, lengths, rmask, cdt):
+  gi = direction_dot(x, w_i, cdt)
+  out, vjp = jax.vjp(lambda gi, w_h, b_i, b_h, h0: kernel.gru_sequence(gi, w_h, b_i, b_h, h0,
+                                                                       lengths, rmask),
+                     gi, w_h, b_i, b_h, h0)
+  return out, (x, w_i, vjp)
+
+
+def _pallas_layer_bwd(cdt, res, cts):
+  # The projection's gradients as in the scan's VJP: matmuls in the compute dtype (autodiff of a
+  # dot would mix the f32 cotangent with bf16 operands).
+  x, w_i, vjp = res
+  dgi, dw_h, db_i, db_h, dh0 = vjp(cts)
+  dx = direction_dot(dgi, jnp.swapaxes(w_i, 1, 2), cdt).astype(x.dtype)
+  dw_i = _weight_grad(x, dgi).astype(w_i.dtype)
+  return dx, dw_i, db_i, dw_h, db_h, dh0, None, None
+
+
+_pallas_layer.defvjp(_pallas_layer_fwd, _pallas_layer_bwd)
+
+
 class GRU(RecurrentStack):
   """Multi-layer (bi)directional GRU; `y, h_n = gru(x_BxTxI, seq_lengths, initial_carry)`.
 
   Layouts follow torch.nn.GRU(batch_first=True): y (B, T, D·H), h_n (num_layers·D, B, H).
   Parameters per layer: w_i (D, I, 3H), w_h (D, H, 3H), b_i and b_h (D, 3H), gates r|z|n.
+  impl: "scan" (lax.scan), "pallas" (the Pallas kernels; interpret mode off TPU), or "auto"
+  (pallas on TPU where it fits, else scan; see pallas_fallback).
   """
 
   num_gates = 3
@@ -269,15 +323,36 @@ class GRU(RecurrentStack):
   def __init__(self, in_features: int, hidden_features: int, *, num_layers: int = 1,
                bidirectional: bool = False, reset_after: bool = True, dropout: float = 0.0,
                recurrent_dropout: float = 0.0, unroll: int = 1, remat: bool = False, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, impl: str = "auto", rngs: nnx.Rngs):
+    if impl not in IMPLS:
+      raise ValueError(f"GRU: impl must be one of {IMPLS}, got {impl!r}")
     super().__init__(in_features, hidden_features, num_layers=num_layers,
                      bidirectional=bidirectional, dropout=dropout,
                      recurrent_dropout=recurrent_dropout, unroll=unroll, remat=remat, dtype=dtype,
                      param_dtype=param_dtype, rngs=rngs)
     self.reset_after = reset_after
+    self.impl = impl
+
+  def _use_pallas(self, x_TxDxBxI, cdt) -> bool:
+    T, D, B, _ = x_TxDxBxI.shape
+    if self.impl == "pallas" and not self.reset_after:
+      log.warning("GRU(impl='pallas', reset_after=False): no Pallas kernel for this form; "
+                  "running the scan")
+      return False
+    if self.impl != "auto":
+      return self.impl == "pallas"
+    why = pallas_fallback(self.reset_after, T, B, self.hidden_features, D, cdt)
+    if why is not None and kernel.target_chip() is not None:
+      log.warning("GRU(impl='auto') runs the scan on this TPU: %s", why)
+    return why is None
 
   def _layer(self, p, x_TxDxBxI, mask_TxB, h0_DxBxH, rmask):
     cdt = self._compute_dtype(x_TxDxBxI)
+    if self._use_pallas(x_TxDxBxI, cdt):
+      lengths = None if mask_TxB is None else mask_TxB.sum(0, dtype=jnp.int32)  # right padding
+      y, h_T = _pallas_layer(x_TxDxBxI.astype(cdt), p["w_i"].astype(cdt), p["b_i"], p["w_h"],
+                             p["b_h"], h0_DxBxH, lengths, rmask, jnp.dtype(cdt))
+      return y, h_T
     w_h, b_h = p["w_h"].astype(cdt), p["b_h"].astype(f32)
     if self.reset_after:
       y, h_T = gru_recurrence(x_TxDxBxI.astype(cdt), p["w_i"].astype(cdt), p["b_i"].astype(f32),

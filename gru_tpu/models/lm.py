@@ -19,24 +19,27 @@ class SequenceLM(nnx.Module):
   """logits_BxTxV = head(norm(rnn(embed(tokens_BxT)))).
 
   tie_embeddings: the head is the embedding matrix (transposed), after a projection from hidden
-  to embed_dim when they differ; layer_norm: a LayerNorm on the recurrent output.
+  to embed_dim when they differ; layer_norm: a LayerNorm on the recurrent output; impl: the GRU's
+  recurrence (models.gru.IMPLS; the other cells always scan).
   """
 
   def __init__(self, vocab_size: int, *, cell: str = "gru", embed_dim: int = 64,
                hidden: int = 128, num_layers: int = 1, dropout: float = 0.0,
                recurrent_dropout: float = 0.0, dtype=None, remat: bool = False, unroll: int = 1,
-               tie_embeddings: bool = False, layer_norm: bool = False, rngs: nnx.Rngs):
+               tie_embeddings: bool = False, layer_norm: bool = False, impl: str = "auto",
+               rngs: nnx.Rngs):
     if cell not in CELLS:
       raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
+    if impl == "pallas" and cell != "gru":
+      raise ValueError(f"impl='pallas' needs cell='gru' (there is no {cell} kernel); use 'auto'")
     # Untied: N(0, 1) like torch.nn.Embedding. Flax's 1/sqrt(embed_dim) default feeds the first
     # layer an ~11x weaker input at embed_dim 128 and measurably slows early training
     # (scripts/bench_text.py). Tied: the default, so the initial logits stay O(1).
-    init = nnx.initializers.normal(1.0) if not tie_embeddings else nnx.initializers.variance_scaling(
-        1.0, "fan_in", "normal", out_axis=0)
-    self.embed = nnx.Embed(vocab_size, embed_dim, embedding_init=init, rngs=rngs)
+    init = {} if tie_embeddings else {"embedding_init": nnx.initializers.normal(1.0)}
+    self.embed = nnx.Embed(vocab_size, embed_dim, **init, rngs=rngs)
     self.rnn = CELLS[cell](embed_dim, hidden, num_layers=num_layers, dropout=dropout,
                            recurrent_dropout=recurrent_dropout, dtype=dtype, remat=remat,
-                           unroll=unroll, rngs=rngs)
+                           unroll=unroll, rngs=rngs, **({"impl": impl} if cell == "gru" else {}))
     self.norm = nnx.LayerNorm(hidden, dtype=dtype, rngs=rngs) if layer_norm else None
     self.tied = tie_embeddings
     if tie_embeddings:

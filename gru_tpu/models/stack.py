@@ -242,14 +242,14 @@ class RecurrentStack(nnx.Module):
                        f"batch, hidden), got {got}")
 
 
-def direction_dot(a_TxDxBxK: jax.Array, w_DxKxN: jax.Array) -> jax.Array:
-  """(T, D, B, K) @ (D, K, N) -> (T, D, B, N) f32 as one plain 2-D matmul per direction.
+def direction_dot(a_TxDxBxK: jax.Array, w_DxKxN: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+  """(T, D, B, K) @ (D, K, N) -> (T, D, B, N) as one plain 2-D matmul per direction.
 
   XLA:CPU lays out the equivalent d-batched einsum with a transposed output and relayout copies.
   """
   T, D, B, K = a_TxDxBxK.shape
   outs = [jnp.dot(a_TxDxBxK[:, d].reshape(T * B, K), w_DxKxN[d],
-                  preferred_element_type=jnp.float32).reshape(T, 1, B, -1) for d in range(D)]
+                  preferred_element_type=out_dtype).reshape(T, 1, B, -1) for d in range(D)]
   return outs[0] if D == 1 else jnp.concatenate(outs, axis=1)
 
 

@@ -14,6 +14,7 @@ sample_text(model, step) -> str (logged at each eval).
 import jax.numpy as jnp
 
 from gru_tpu.errors import UserError
+from gru_tpu.models.gru import IMPLS
 from gru_tpu.models.lm import SequenceLM
 
 
@@ -23,8 +24,14 @@ def sequence_lm(vocab_size: int, m, rngs) -> SequenceLM:
   if k > 1 and (m.hidden % k or m.embed_dim % k):
     raise UserError(f"config.model.hidden={m.hidden} and embed_dim={m.embed_dim} must be "
                     f"multiples of model.hidden_multiple={k} (the TPU MXU tile); round them up")
+  impl = m.get("impl", "auto")
+  if impl not in IMPLS:
+    raise UserError(f"config.model.impl={impl!r} is not one of {IMPLS}")
+  if impl == "pallas" and m.cell != "gru":
+    raise UserError(f"config.model.impl='pallas' needs config.model.cell='gru' (got "
+                    f"{m.cell!r}); use 'auto' or 'scan'")
   return SequenceLM(vocab_size, cell=m.cell, embed_dim=m.embed_dim, hidden=m.hidden,
                     num_layers=m.num_layers, dropout=m.dropout,
                     recurrent_dropout=m.recurrent_dropout, remat=m.remat,
                     dtype=jnp.dtype(m.dtype), tie_embeddings=m.get("tie_embeddings", False),
-                    layer_norm=m.get("layer_norm", False), rngs=rngs)
+                    layer_norm=m.get("layer_norm", False), impl=impl, rngs=rngs)
