@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax

@@ -7,8 +7,8 @@ import sys
 COMMANDS = {
     "train": ("gru_tpu.train", "train a model: --config configs/X.py[:arg] --workdir DIR"),
     "sample": ("gru_tpu.api", "stream text from a trained model: --workdir DIR --prompt ..."),
-    "forecast": ("gru_tpu.api:forecast_main", "forecast CSV/PNG from a trained forecaster: "
-                 "--workdir DIR --horizon N --output F.csv --plot F.png"),
+    "forecast": ("gru_tpu.api:forecast_main",
+                 "forecast CSV/PNG from a trained forecaster: --workdir DIR --horizon N ..."),
     "bench": ("gru_tpu.bench", "GRU speed/memory vs PyTorch and Flax linen, side by side"),
 }
 

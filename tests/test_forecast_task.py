@@ -1,57 +1,20 @@
-"""The forecast task: no leakage, masks, every decoder and head learning, the engine end to end
-(eval/test lines with baselines, exact resume), and gru_tpu.load(...).forecast."""
-
-import sys
-from pathlib import Path
+"""The forecast task: splits and scaling without leakage, the engine end to end (eval/test
+lines with baselines, exact resume), panels with covariates, multivariate sources,
+gru_tpu.load(...).forecast and bad input."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pandas as pd
 import pytest
 from flax import nnx
+from forecast_data import config, seasonal_frame, task_for
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-import csv_forecast  # noqa: E402
-
-import gru_tpu  # noqa: E402
-from gru_tpu import train  # noqa: E402
-from gru_tpu.data import timeseries as ts  # noqa: E402
-from gru_tpu.errors import UserError  # noqa: E402
-from gru_tpu.metrics import read_metrics  # noqa: E402
-from gru_tpu.tasks.forecast import ForecastTask  # noqa: E402
-
-
-def seasonal_frame(n=150, seed=0, missing=(5, 40, 41)):
-  """Monthly: level + trend + a yearly cycle + a little noise, a few values missing."""
-  rng = np.random.default_rng(seed)
-  i = np.arange(n)
-  y = 10 + 0.02 * i + 3 * np.sin(2 * np.pi * i / 12) + 0.1 * rng.normal(size=n)
-  y[list(missing)] = np.nan
-  return pd.DataFrame({"date": pd.date_range("2000-01-01", periods=n, freq="MS"), "y": y})
-
-
-def config(source="csv:unused.csv", **overrides):
-  c = csv_forecast.get_config("size=tiny")
-  c.data.source, c.data.target = source, "y"
-  c.data.context_length, c.data.horizon = 24, 6
-  c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 30, 1, 30, 10
-  c.eval.baselines = ("naive", "seasonal_naive")
-  c.eval.num_samples = 50
-  c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-2, 5
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
-
-
-def task_for(df, **overrides):
-  panel = ts.panel_from_frame(df, time_column="date", targets=["y"], name="test")
-  return ForecastTask(config(**overrides), panel)
+import gru_tpu
+from gru_tpu import train
+from gru_tpu.data import timeseries as ts
+from gru_tpu.errors import UserError
+from gru_tpu.metrics import read_metrics
+from gru_tpu.tasks.forecast import ForecastTask
 
 
 def test_splits_scales_and_inputs_never_see_the_future():
@@ -78,89 +41,6 @@ def test_splits_scales_and_inputs_never_see_the_future():
       np.testing.assert_array_equal(a["y"][:, :task.pad], b["y"][:, :task.pad])
       pa, pb = (model.predict(x, jax.random.key(0), 8)["samples"] for x in (a, b))
       np.testing.assert_array_equal(pa, pb)
-
-
-@pytest.mark.parametrize("decoder", ["direct", "autoregressive"])
-def test_forecasts_read_only_the_context(decoder):
-  task = task_for(seasonal_frame(), **{"model.decoder": decoder})
-  model = task.build_model(nnx.Rngs(1))
-  model.eval()
-  w = task.windows["train"][:4]
-  b = task.store.gather(w[:, 0], w[:, 1], 6)
-  future = dict(b, y=b["y"].copy(), observed=b["observed"].copy())
-  future["y"][:, task.pad:] = 1e3
-  future["observed"][:, task.pad:] = 0
-  p, q = (model.predict(x, jax.random.key(0), 5) for x in (b, future))
-  assert p["samples"].shape == (5, 4, 6, 1)
-  for k in p:
-    np.testing.assert_array_equal(p[k], q[k])
-  with pytest.raises(AssertionError):  # a changed context does change the forecast
-    ctx = dict(b, y=b["y"] + 1.0)
-    np.testing.assert_array_equal(model.predict(ctx, jax.random.key(0), 5)["median"], p["median"])
-
-
-def test_missing_values_are_masked_from_the_loss_and_imputed_for_inputs():
-  df = seasonal_frame()
-  task = task_for(df)
-  store = task.store
-  row = store.starts[0] + task.pad + 40
-  assert store.observed[row, 0] == 0 and store.observed[row - 1, 0] == 1
-  assert store.y[row, 0] == store.y[row - 1, 0] == store.y[row + 1, 0]  # carried forward
-  model = task.build_model(nnx.Rngs(0))
-  model.eval()
-  w = task.windows["train"][:3]
-  b = task.store.gather(w[:, 0], w[:, 1], 6)
-  b["observed"][:, task.pad + 2] = 0          # drop one horizon step of every window
-  loss, _ = model.loss(b)
-  b2 = dict(b, y=b["y"].copy())
-  b2["y"][:, task.pad + 2] = 1e6              # its value no longer matters
-  np.testing.assert_allclose(model.loss(b2)[0], loss, rtol=1e-6)
-  b3 = dict(b, y=b["y"].copy())
-  b3["y"][:, task.pad + 3] = 1e6              # an observed step's does
-  assert float(model.loss(b3)[0]) > float(loss) + 1.0
-
-
-@pytest.mark.parametrize("decoder,head,point_loss", [
-    ("direct", "point", "mse"), ("direct", "point", "mae"), ("direct", "gaussian", "mse"),
-    ("direct", "student_t", "mse"), ("direct", "quantile", "mse"),
-    ("autoregressive", "point", "mse"), ("autoregressive", "gaussian", "mse"),
-    ("autoregressive", "student_t", "mse"), ("autoregressive", "quantile", "mse")])
-def test_every_decoder_and_head_learns(decoder, head, point_loss):
-  task = task_for(seasonal_frame(), **{"model.decoder": decoder, "model.head": head,
-                                       "model.point_loss": point_loss, "batch_size": 16})
-  model = task.build_model(nnx.Rngs(0))
-  opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, opt, batch):
-    loss, grads = nnx.value_and_grad(lambda m: m.loss(batch)[0])(model)
-    opt.update(model, grads)
-    return loss
-
-  batches = task.batches("train", 0, 0, 1)
-  losses = [float(step(model, opt, next(batches))) for _ in range(40)]
-  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3 * abs(np.mean(losses[:5])) - 0.1, losses
-  model.eval()
-  w = task.windows["eval"]
-  out = model.predict(task.store.gather(w[:, 0], w[:, 1], 6), jax.random.key(0), 7)
-  assert out["median"].shape == (1, 6, 1)
-  assert ("samples" in out) == (head != "point") and ("quantiles" in out) == (
-      head == "quantile" and decoder == "direct")
-  if "samples" in out:
-    assert out["samples"].shape == (7, 1, 6, 1) and np.isfinite(out["samples"]).all()
-
-
-def test_quantile_head_is_monotone_and_its_samples_follow_it():
-  task = task_for(seasonal_frame(), **{"model.head": "quantile",
-                                       "model.quantiles": (0.1, 0.5, 0.9)})
-  model = task.build_model(nnx.Rngs(0))
-  model.eval()
-  w = task.windows["train"][:2]
-  out = model.predict(task.store.gather(w[:, 0], w[:, 1], 6), jax.random.key(0), 4000)
-  q = out["quantiles"]
-  assert (jnp.diff(q, axis=-1) > 0).all()
-  emp = np.quantile(out["samples"], [0.1, 0.5, 0.9], axis=0)
-  np.testing.assert_allclose(np.moveaxis(emp, 0, -1), q, atol=0.05 * float(np.ptp(q)) + 1e-3)
 
 
 def write_csv(tmp_path, df=None):
@@ -233,3 +113,52 @@ def test_bad_task_inputs():
     task_for(seasonal_frame(), **{"model.head": "laplace"})
   with pytest.raises(UserError, match="val_length=3 is shorter than"):
     task_for(seasonal_frame(), **{"data.val_length": 3})
+
+
+def test_panel_with_covariates_and_a_multivariate_source():
+  from gru_tpu.tasks.forecast import forecast_frame, load_panel
+  rng = np.random.default_rng(0)
+  frames = []
+  for store, level in (("a", 10.0), ("b", 100.0)):
+    i = np.arange(80)
+    price = rng.uniform(1, 2, 80)
+    frames.append(pd.DataFrame({
+        "date": pd.date_range("2020-01-06", periods=80, freq="W-MON"), "store": store,
+        "sales": level + np.sin(2 * np.pi * i / 52) - price, "price": price,
+        "visits": rng.normal(size=80)}))
+  df = pd.concat(frames, ignore_index=True)
+  future = df.groupby("store").tail(3).copy()          # 3 future weeks: prices known, no sales
+  future["date"] += pd.Timedelta(weeks=3)
+  future["sales"] = np.nan
+  df = pd.concat([df, future]).sort_values(["store", "date"], ignore_index=True)
+  c = config(**{"data.context_length": 20, "data.horizon": 3, "data.id_column": "store",
+                "data.known_covariates": "price", "data.past_covariates": "visits"})
+  c.data.target = "sales"
+  panel = ts.panel_from_frame(df[df.sales.notna()].reset_index(drop=True), time_column="date",
+                              targets=["sales"], id_column="store", known=["price"],
+                              past=["visits"], name="panel")
+  task = ForecastTask(c, panel)
+  assert set(task.scales) == {"a", "b"} and task.scales["b"]["y"][0]["loc"] > 90
+  assert task.meta["cycles"] == ["year"] and task.store.known.shape[1] == 4 + 1
+  model = task.build_model(nnx.Rngs(0))
+  model.eval()
+  assert np.isfinite(float(model.loss(next(task.batches("train", 0, 0, 1)))[0]))
+  full = ts.panel_from_frame(df, time_column="date", targets=["sales"], id_column="store",
+                             known=["price"], past=["visits"], name="panel")
+  f = forecast_frame(model, c, task.meta, full, 3, num_samples=10)
+  assert list(f.columns) == ["store", "date", "target", "point", "q0.1", "q0.5", "q0.9"]
+  assert f.groupby("store").size().tolist() == [3, 3]
+  assert f[f.store == "b"]["point"].mean() > 50 > f[f.store == "a"]["point"].mean()
+  with pytest.raises(UserError, match="known covariates price need values for the 3 steps"):
+    forecast_frame(model, c, task.meta, panel, 3, num_samples=10)
+
+  c = config("statsmodels:macrodata", **{"data.context_length": 16, "data.horizon": 4,
+                                         "model.decoder": "autoregressive"})
+  c.data.target, c.data.time_column = "", ""
+  task = ForecastTask(c, load_panel(c.data))
+  assert task.meta["targets"] == ["realgdp", "realcons", "realinv"]
+  model = task.build_model(nnx.Rngs(0))
+  model.eval()
+  f = forecast_frame(model, c, task.meta, task.panel, 5, num_samples=4)  # AR: beyond horizon
+  assert len(f) == 15 and set(f["target"]) == {"realgdp", "realcons", "realinv"}
+  assert f["date"].iloc[0] == pd.Timestamp("2009-10-01")
