@@ -162,3 +162,13 @@ def test_panel_with_covariates_and_a_multivariate_source():
   f = forecast_frame(model, c, task.meta, task.panel, 5, num_samples=4)  # AR: beyond horizon
   assert len(f) == 15 and set(f["target"]) == {"realgdp", "realcons", "realinv"}
   assert f["date"].iloc[0] == pd.Timestamp("2009-10-01")
+
+
+def test_lags_from_config():
+  assert task_for(seasonal_frame()).meta["lags"] == [1, 12]               # 1 and the season
+  task = task_for(seasonal_frame(), **{"data.lags": "3, 1,24"})
+  assert task.meta["lags"] == [1, 3, 24] and task.pad == 24 + 24
+  with pytest.raises(UserError, match="config.data.lags='1,x'"):
+    task_for(seasonal_frame(), **{"data.lags": "1,x"})
+  with pytest.raises(UserError, match="integers >= 1"):
+    task_for(seasonal_frame(), **{"data.lags": "0"})

@@ -61,7 +61,7 @@ def default_config(size: str = "small"):
   d.horizon = 52
   d.val_length = 0               # validation tail (0 = one horizon)
   d.test_length = 0              # test tail (0 = one horizon)
-  d.lags = ()                    # target lags fed as inputs; () = (1, season_length)
+  d.lags = ""                    # target lags fed as inputs, "1,2,52"; "" = 1 and season_length
   d.calendar_terms = 2           # Fourier terms per calendar cycle (year/week/day); 0 = none
   d.scaling = "standard"         # per series, fitted on the training part: standard|mean_abs|none
   m = c.model
@@ -100,8 +100,7 @@ def check_config(config) -> None:
   q = list(m.quantiles)
   if not q or q != sorted(set(q)) or not 0 < q[0] <= q[-1] < 1:
     raise UserError(f"config.model.quantiles={tuple(q)}: give increasing levels in (0, 1)")
-  if any(int(l) < 1 for l in d.lags):
-    raise UserError(f"config.data.lags={tuple(d.lags)}: lags are steps back, >= 1")
+  parse_lags(d.lags)
   for b in config.eval.baselines:
     if b not in forecast_eval.BASELINES:
       raise UserError(f"config.eval.baselines: unknown {b!r}; expected some of "
@@ -110,6 +109,17 @@ def check_config(config) -> None:
   if k > 1 and m.hidden % k:
     raise UserError(f"config.model.hidden={m.hidden} must be a multiple of "
                     f"model.hidden_multiple={k} (the TPU MXU tile); round it up")
+
+
+def parse_lags(value: str) -> list[int]:
+  """config.data.lags '1,2,52' -> [1, 2, 52]; '' -> []."""
+  try:
+    lags = [int(v) for v in ts.names(value)]
+  except ValueError:
+    lags = [0]
+  if any(l < 1 for l in lags):
+    raise UserError(f"config.data.lags={value!r}: give steps back as integers >= 1, e.g. '1,52'")
+  return lags
 
 
 def load_panel(d, source: str | None = None) -> ts.Panel:
@@ -229,7 +239,7 @@ class ForecastTask:
     H, C = d.horizon, d.context_length
     V, T = d.val_length or H, d.test_length or H
     self.horizon, self.season = H, p.season_length
-    lags = tuple(sorted({int(l) for l in d.lags})) or tuple(sorted({1, self.season}))
+    lags = sorted(set(parse_lags(d.lags) or {1, self.season}))
     self.pad = max(lags) + C
     need = C + H + V + T
     for s in p.series:
