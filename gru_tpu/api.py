@@ -1,16 +1,19 @@
-"""Notebook API: `m = gru_tpu.load(workdir)`, then `m.generate(...)`, `m.model`, `m.config`.
+"""Notebook API: `m = gru_tpu.load(workdir)`, then `m.generate(...)` (text) or
+`m.forecast(...)` (forecast), `m.model`, `m.config`, `m.metrics()`; `gru-tpu sample` and
+`gru-tpu forecast`.
 
-Loading rebuilds the model from the checkpoint's saved config and task metadata (tokenizer), so
-the training data need not be present; parameters are restored onto this process's first device
-whatever mesh wrote them.
+Loading rebuilds the model from the checkpoint's saved config and task metadata (tokenizer,
+scalers), so the training data need not be present; parameters are restored onto this
+process's first device whatever mesh wrote them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,32 +24,46 @@ from flax import nnx
 from gru_tpu import train
 from gru_tpu.checkpoint import Checkpointer
 from gru_tpu.data import text
+from gru_tpu.data import timeseries as ts
 from gru_tpu.errors import UserError
 from gru_tpu.metrics import read_metrics
 from gru_tpu.models import lm
-from gru_tpu.tasks import sequence_lm
+from gru_tpu.tasks import forecast, sequence_lm
 
 
 @dataclasses.dataclass
 class _ModelOnly:
   """Stands in for a task when only the model is needed (no data loaded)."""
-  config: Any
-  vocab_size: int
-
-  def build_model(self, rngs):
-    return sequence_lm(self.vocab_size, self.config.model, rngs)
+  build_model: Callable[[nnx.Rngs], nnx.Module]
 
 
 class Loaded:
-  """A trained model with its config, tokenizer and metrics history."""
+  """A trained model with its config, task metadata and metrics history; `load` returns the
+  subclass for the checkpoint's task (TextModel, ForecastModel)."""
 
-  def __init__(self, workdir: Path, config, model, tokenizer, step: int):
-    self.workdir, self.config, self.model, self.tokenizer, self.step = (
-        workdir, config, model, tokenizer, step)
+  def __init__(self, workdir: Path, config, model, meta: dict, step: int):
+    self.workdir, self.config, self.model, self.meta, self.step = (
+        workdir, config, model, meta, step)
     self.model.eval()
+
+  @staticmethod
+  def build(config, meta: dict, rngs: nnx.Rngs) -> nnx.Module:
+    raise NotImplementedError
 
   def metrics(self) -> list[dict]:
     return read_metrics(self.workdir)
+
+
+class TextModel(Loaded):
+  """A text model: `generate` and `stream`, with its tokenizer."""
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    self.tokenizer = text.tokenizer_from_json(self.meta["tokenizer"])
+
+  @staticmethod
+  def build(config, meta, rngs):
+    return sequence_lm(text.tokenizer_from_json(meta["tokenizer"]).vocab_size, config.model, rngs)
 
   def stream(self, prompt: str, length: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
@@ -76,8 +93,57 @@ class Loaded:
                                                      top_k=top_k, top_p=top_p, seed=seed))
 
 
+class ForecastModel(Loaded):
+  """A forecaster: `forecast(history, horizon)` -> DataFrame in original units; `plot`."""
+
+  @staticmethod
+  def build(config, meta, rngs):
+    return forecast.build_forecaster(config, meta, rngs)
+
+  def history(self, data: Any = None):
+    """A Panel from a DataFrame (the training CSV's layout), a pandas Series (index = time),
+    a source string (csv:PATH, statsmodels:NAME) or None (the training source)."""
+    import pandas as pd
+    meta = self.meta
+    if data is None or isinstance(data, str):
+      return forecast.load_panel(self.config.data, data)
+    if isinstance(data, pd.Series):
+      if len(meta["targets"]) != 1:
+        raise UserError(f"this model forecasts {len(meta['targets'])} targets "
+                        f"({', '.join(meta['targets'])}): pass a DataFrame with those columns")
+      data = pd.DataFrame({meta["time_column"]: data.index, meta["targets"][0]: data.to_numpy()})
+    if not isinstance(data, pd.DataFrame):
+      raise UserError(f"history must be a pandas DataFrame or Series (got {type(data).__name__})")
+    return ts.panel_from_frame(data, time_column=meta["time_column"], targets=meta["targets"],
+                               id_column=meta["id_column"], known=meta["known"],
+                               past=meta["past"], season_length=meta["season_length"],
+                               name="history", freq=meta["freq"])
+
+  def forecast(self, history: Any = None, horizon: int | None = None, *, num_samples: int = 200,
+               seed: int = 0):
+    """Forecasts `horizon` steps (default: the trained horizon) after each series' history, in
+    original units: a DataFrame with [id column], time column, target, point, q<level>..."""
+    if num_samples < 1:
+      raise UserError(f"num_samples must be >= 1, got {num_samples}")
+    return forecast.forecast_frame(self.model, self.config, self.meta, self.history(history),
+                                   self.config.data.horizon if horizon is None else horizon,
+                                   num_samples=num_samples, seed=seed)
+
+  def plot(self, history: Any, frame, path: str | Path, max_panels: int = 6) -> None:
+    """History (its last few seasons), the point forecast and its quantile bands, as a PNG."""
+    plot_forecast(self.history(history), frame, path, tuple(self.config.model.quantiles),
+                  max_panels)
+
+
+TASKS = {"text": TextModel, "forecast": ForecastModel}
+
+
 def load(workdir: str | Path, step: int | None = None) -> Loaded:
+  """The model of a workdir's checkpoint (the latest, or `step`) as the task's Loaded class."""
   workdir = Path(workdir)
+  if not (workdir / "checkpoints").is_dir():
+    raise UserError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
+                    f"{workdir} ...)")
   ckpt = Checkpointer(workdir, async_save=False, create=False)
   step = ckpt.latest_step() if step is None else step
   if step is None:
@@ -85,22 +151,52 @@ def load(workdir: str | Path, step: int | None = None) -> Loaded:
                     f"{workdir} ...)")
   meta = ckpt.restore_meta(step)
   config = ml_collections.ConfigDict(meta["config"])
-  if meta["task"].get("task") != "text":
-    raise UserError(f"{workdir} was trained on task {meta['task'].get('task')!r}; load() "
-                    f"supports text checkpoints")
-  tokenizer = text.tokenizer_from_json(meta["task"]["tokenizer"])
-  tx = train.make_optimizer(config)
-  init = functools.partial(train.init_state, _ModelOnly(config, tokenizer.vocab_size), tx,
-                           config.seed)
+  kind = meta["task"].get("task")
+  if kind not in TASKS:
+    raise UserError(f"{workdir} was trained on task {kind!r}; load() supports "
+                    f"{', '.join(TASKS)} checkpoints")
+  cls = TASKS[kind]
+  builder = _ModelOnly(lambda rngs: cls.build(config, meta["task"], rngs))
+  init = functools.partial(train.init_state, builder, train.make_optimizer(config), config.seed)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                         jax.eval_shape(init))
   state, _ = ckpt.restore(step, target)
   ckpt.close()
-  model = nnx.merge(nnx.graphdef(nnx.eval_shape(
-      lambda: _ModelOnly(config, tokenizer.vocab_size).build_model(nnx.Rngs(0)))),
-      state["params"], state["rest"])
-  return Loaded(workdir, config, model, tokenizer, step)
+  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: builder.build_model(nnx.Rngs(0)))),
+                    state["params"], state["rest"])
+  return cls(workdir, config, model, meta["task"], step)
+
+
+def plot_forecast(panel: ts.Panel, frame, path: str | Path, levels: tuple,
+                  max_panels: int = 6) -> None:
+  """One axis per (series, target), at most max_panels: history, median, quantile bands."""
+  import matplotlib
+  matplotlib.use("Agg")  # headless: no display needed
+  import matplotlib.pyplot as plt
+
+  keys = [(s, c, t) for s in panel.series for c, t in enumerate(panel.targets)][:max_panels]
+  fig, axes = plt.subplots(len(keys), 1, figsize=(10, 3 * len(keys)), squeeze=False)
+  pairs = [(levels[i], levels[-1 - i]) for i in range(len(levels) // 2)]
+  for ax, (s, c, target) in zip(axes[:, 0], keys):
+    f = frame[frame["target"] == target]
+    if panel.id_column:
+      f = f[f[panel.id_column].astype(str) == s.id]
+    seen = np.flatnonzero(~np.isnan(s.y[:, c]))
+    show = slice(max(0, seen[-1] + 1 - max(4 * len(f), 3 * panel.season_length, 20)),
+                 seen[-1] + 1)
+    ax.plot(s.time[show], s.y[show, c], color="k", lw=1, label="history")
+    t = f[panel.time_column].to_numpy()
+    for k, (lo, hi) in enumerate(pairs):
+      if f"q{lo:g}" in f and f"q{hi:g}" in f:
+        ax.fill_between(t, f[f"q{lo:g}"], f[f"q{hi:g}"], color="C0", alpha=0.15 + 0.15 * k,
+                        lw=0, label=f"{lo:g}-{hi:g}")
+    ax.plot(t, f["point"], color="C0", lw=1.5, label="forecast (median)")
+    ax.set_title(f"{target}" + (f" - {s.id}" if panel.id_column else ""))
+    ax.legend(loc="upper left", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def main(argv: list[str]) -> int:
@@ -121,6 +217,8 @@ def main(argv: list[str]) -> int:
   a = p.parse_args(argv)
   try:
     m = load(a.workdir, a.step)
+    if not isinstance(m, TextModel):
+      raise UserError(f"{a.workdir} holds a {m.meta['task']} model; use gru-tpu forecast")
     if isinstance(m.tokenizer, text.CharTokenizer):
       unknown = sorted({c for c in a.prompt if c not in m.tokenizer.index})
       if unknown:
@@ -143,4 +241,41 @@ def main(argv: list[str]) -> int:
   except UserError as e:
     print(f"gru-tpu sample: {e}", file=sys.stderr)
     return 2
+  return 0
+
+
+def forecast_main(argv: list[str]) -> int:
+  """`gru-tpu forecast`: a forecast CSV (and PNG) from a trained forecast model."""
+  import argparse
+  import sys
+
+  p = argparse.ArgumentParser(prog="gru-tpu forecast", description=forecast_main.__doc__)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--data", default=None, help="history: csv:PATH or statsmodels:NAME in the "
+                 "training layout (default: the training source)")
+  p.add_argument("--horizon", type=int, default=None, help="steps (default: the trained one)")
+  p.add_argument("--output", default="forecast.csv", help="CSV path")
+  p.add_argument("--plot", default=None, help="PNG path (history, forecast, intervals)")
+  p.add_argument("--num_samples", type=int, default=200)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  a = p.parse_args(argv)
+  try:
+    m = load(a.workdir, a.step)
+    if not isinstance(m, ForecastModel):
+      raise UserError(f"{a.workdir} holds a {m.meta['task']} model; use gru-tpu sample")
+    history = m.history(a.data)
+    frame = forecast.forecast_frame(m.model, m.config, m.meta, history,
+                                    m.config.data.horizon if a.horizon is None else a.horizon,
+                                    num_samples=a.num_samples, seed=a.seed)
+    for path in (a.output, a.plot):
+      if path and not Path(path).absolute().parent.is_dir():
+        raise UserError(f"{path}: the directory does not exist")
+    frame.to_csv(a.output, index=False)
+    if a.plot:
+      plot_forecast(history, frame, a.plot, tuple(m.config.model.quantiles))
+  except UserError as e:
+    print(f"gru-tpu forecast: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {a.output}" + (f" and {a.plot}" if a.plot else ""), file=sys.stderr)
   return 0

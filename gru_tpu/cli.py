@@ -7,6 +7,8 @@ import sys
 COMMANDS = {
     "train": ("gru_tpu.train", "train a model: --config configs/X.py[:arg] --workdir DIR"),
     "sample": ("gru_tpu.api", "stream text from a trained model: --workdir DIR --prompt ..."),
+    "forecast": ("gru_tpu.api:forecast_main",
+                 "forecast CSV/PNG from a trained forecaster: --workdir DIR --horizon N ..."),
     "bench": ("gru_tpu.bench", "GRU speed/memory vs PyTorch and Flax linen, side by side"),
 }
 
@@ -21,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
       print(f"gru-tpu: unknown command {argv[0]!r}", file=sys.stderr)
     return 0 if known else 2
   import importlib
-  return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+  module, _, function = COMMANDS[argv[0]][0].partition(":")
+  return getattr(importlib.import_module(module), function or "main")(argv[1:])
 
 
 if __name__ == "__main__":

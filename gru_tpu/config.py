@@ -1,7 +1,8 @@
 """The engine's config keys with their defaults; configs/*.py start from these.
 
-Every key is documented in the README's Training section. Tasks add `data.*`; the model keys
-are those of gru_tpu.models.lm.SequenceLM.
+Every key is documented in the README's Training section. Tasks add `data.*` (and their own
+`model.*`); `seq_len` and the SequenceLM-only model keys (`embed_dim`, `tie_embeddings`,
+`layer_norm`) are set only for the token tasks that pass `seq_len` / `embed_dim`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ def parse_arg(arg: str | None) -> dict[str, str]:
   return dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
 
 
-def engine_defaults(*, task: str, batch_size: int, seq_len: int, num_steps: int, hidden: int,
-                    embed_dim: int, num_layers: int) -> ml_collections.ConfigDict:
+def engine_defaults(*, task: str, batch_size: int, num_steps: int, hidden: int, num_layers: int,
+                    seq_len: int | None = None,
+                    embed_dim: int | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = task
   c.seed = 0
   c.mesh = (("data", -1), ("model", 1))
   c.sharding = "dp"
   c.batch_size = batch_size
-  c.seq_len = seq_len
+  if seq_len is not None:
+    c.seq_len = seq_len
   c.grad_accum = 1
   c.num_steps = num_steps
   c.log_every = 50
@@ -37,15 +40,16 @@ def engine_defaults(*, task: str, batch_size: int, seq_len: int, num_steps: int,
   c.model = ml_collections.ConfigDict()
   c.model.cell = "gru"  # gru | lstm | mingru
   c.model.hidden = hidden
-  c.model.embed_dim = embed_dim
   c.model.num_layers = num_layers
   c.model.dropout = 0.0
   c.model.recurrent_dropout = 0.0
   c.model.remat = False
   c.model.dtype = "float32"  # compute dtype; "bfloat16" keeps f32 params, gates and carry
-  c.model.tie_embeddings = False  # logits through the embedding matrix (after a projection)
-  c.model.layer_norm = False  # LayerNorm on the recurrent output, before the logits
   c.model.hidden_multiple = 1  # hidden and embed_dim must be multiples of this (128 on TPU)
+  if embed_dim is not None:  # SequenceLM
+    c.model.embed_dim = embed_dim
+    c.model.tie_embeddings = False  # logits through the embedding matrix (after a projection)
+    c.model.layer_norm = False  # LayerNorm on the recurrent output, before the logits
   # GRU recurrence: auto (the Pallas kernel on TPU where it fits, else lax.scan) | scan | pallas
   c.model.impl = "auto"
 

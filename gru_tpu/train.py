@@ -262,7 +262,8 @@ def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
     if done % config.eval_every == 0 or done == config.num_steps:
       finish(*pending)
       pending = None
-      evals.append(_evaluate(config, s, state, mesh, writer, done))
+      evals.append(_evaluate(config, s, state, mesh, writer, done,
+                             final=done == config.num_steps))
     if done % config.checkpoint_every == 0 or done == config.num_steps:
       if pending is not None:
         finish(*pending)
@@ -278,7 +279,7 @@ def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
   return evals
 
 
-def _evaluate(config, s: Setup, state, mesh, writer, step: int) -> dict:
+def _evaluate(config, s: Setup, state, mesh, writer, step: int, final: bool = False) -> dict:
   task = s.task
   totals: dict[str, float] = {}
   batches = task.batches("eval", 0, jax.process_index(), jax.process_count())
@@ -288,14 +289,27 @@ def _evaluate(config, s: Setup, state, mesh, writer, step: int) -> dict:
       totals[k] = totals.get(k, 0.0) + float(v) / config.eval_steps
   if hasattr(task, "finalize_eval"):  # metrics that are not means of batch values
     totals = task.finalize_eval(totals)
-  writer.write(step, "eval", totals)
-  if hasattr(task, "sample_text"):  # e.g. generated text, to TensorBoard and the log
+  model = None
+  if hasattr(task, "evaluate") or hasattr(task, "sample_text"):
     model = nnx.merge(s.graphdef, state["params"], state["rest"])
     model.eval()
+  if hasattr(task, "evaluate"):  # task-level evaluation (e.g. backtests against baselines)
+    totals.update(task.evaluate(model, "eval"))
+  writer.write(step, "eval", totals)
+  log.info("step %d eval: %s", step, _brief(totals))
+  if hasattr(task, "sample_text"):  # e.g. generated text, to TensorBoard and the log
     sample = task.sample_text(model, step)
     writer.write_text(step, "eval/sample", sample)
     log.info("step %d sample: %r", step, sample)
+  if final and hasattr(task, "evaluate"):  # the held-out test split, once, at the end
+    test = task.evaluate(model, "test")
+    writer.write(step, "test", test)
+    log.info("step %d test: %s", step, _brief(test))
   return dict(totals, step=step)
+
+
+def _brief(metrics: dict) -> str:
+  return " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

@@ -7,8 +7,10 @@ A task module defines `make_task(config)` returning an object with
                                                                   of each global batch (numpy)
   metadata() -> dict                                              JSON, saved with checkpoints
 Batches are a pure function of (seed, split, step) or restartable from a step, so resuming at a
-step continues the exact data order. Optional: finalize_eval(mean metrics) -> metrics, and
-sample_text(model, step) -> str (logged at each eval).
+step continues the exact data order. Optional: finalize_eval(mean metrics) -> metrics,
+sample_text(model, step) -> str (logged at each eval), and evaluate(model, split) -> metrics:
+task-level evaluation (e.g. forecasts against baselines), merged into every eval line with
+split "eval" and written once more on split "test" after the last step.
 """
 
 import jax.numpy as jnp

@@ -1,0 +1,378 @@
+"""Time series for forecasting: sources -> validated panels -> scaled, imputed arrays -> windows.
+
+Sources (config.data.source):
+  statsmodels:NAME  series shipped inside the statsmodels wheel (offline): co2 (weekly, 59
+                    missing values), sunspots (yearly), elnino (monthly), macrodata (quarterly,
+                    multivariate).
+  csv:PATH          a CSV file: config.data.time_column, config.data.target (one or more
+                    columns), optional config.data.id_column (a panel of series), optional
+                    known-future and past-only covariate columns.
+A panel is a list of Series, each with its own time index. Missing targets are NaN: they are
+masked out of the loss and the metrics (the `observed` mask) and imputed only where a model
+input needs a number, by carrying the last observation forward (causal: an input never depends
+on a later value); values before a series' first observation are 0 in scaled units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from gru_tpu.errors import UserError
+
+# name -> (time column, default targets, season length)
+STATSMODELS = {"co2": ("date", ("co2",), 52), "sunspots": ("YEAR", ("SUNACTIVITY",), 11),
+               "elnino": ("date", ("sst",), 12),
+               "macrodata": ("date", ("realgdp", "realcons", "realinv"), 4)}
+
+
+@dataclasses.dataclass
+class Series:
+  id: str
+  time: np.ndarray    # (T,) datetime64[ns] or float64
+  y: np.ndarray       # (T, C) float64 in original units, NaN = missing
+  known: np.ndarray   # (T, K) known-future covariates (original units, NaN = missing)
+  past: np.ndarray    # (T, P) past-only covariates
+
+
+@dataclasses.dataclass
+class Panel:
+  name: str
+  series: list[Series]
+  time_column: str
+  targets: list[str]
+  known: list[str]
+  past: list[str]
+  id_column: str | None
+  freq: str | float   # a pandas offset alias (datetime time) or the numeric step
+  season_length: int
+
+
+def names(value) -> list[str]:
+  """A config list of columns: 'a,b' or ('a', 'b') -> ['a', 'b']."""
+  if isinstance(value, str):
+    return [v.strip() for v in value.split(",") if v.strip()]
+  return [str(v) for v in (value or ())]
+
+
+def _statsmodels_frame(name: str):
+  import pandas as pd
+  from statsmodels import datasets
+  if name not in STATSMODELS:
+    raise UserError(f"config.data.source='statsmodels:{name}': expected one of "
+                    f"{', '.join('statsmodels:' + n for n in STATSMODELS)}")
+  df = getattr(datasets, name).load_pandas().data
+  if name == "co2":
+    df = df.rename_axis("date").reset_index()
+  elif name == "sunspots":
+    df = df.assign(YEAR=df.YEAR.astype(int))
+  elif name == "elnino":
+    long = df.melt(id_vars="YEAR", var_name="month", value_name="sst")
+    long["date"] = pd.to_datetime(long.YEAR.astype(int).astype(str) + "-" + long.month,
+                                  format="%Y-%b")
+    df = long.sort_values("date")[["date", "sst"]].reset_index(drop=True)
+  elif name == "macrodata":
+    df = df.assign(date=pd.PeriodIndex.from_fields(
+        year=df.year.astype(int), quarter=df.quarter.astype(int), freq="Q").to_timestamp())
+  return df
+
+
+def read_csv(path: str):
+  import pandas as pd
+  p = Path(path)
+  if not p.is_file():
+    raise UserError(f"csv:{path}: no such file (relative paths are from the current directory)")
+  try:
+    df = pd.read_csv(p)
+  except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    raise UserError(f"csv:{path}: not a readable CSV ({' '.join(str(e).split())}); save it as "
+                    f"comma-separated UTF-8 with a header row") from None
+  if df.empty:
+    raise UserError(f"csv:{path}: no data rows; the file needs a header row and one row per "
+                    f"timestamp")
+  return df
+
+
+def load_frame(source: str, time_column: str = "", target="", season_length: int = 0):
+  """source -> (DataFrame, time column, targets, season length (0 = from the frequency), where).
+
+  `where(i)` names row i of the frame for error messages (the file line for a CSV).
+  """
+  if source.startswith("statsmodels:"):
+    name = source[len("statsmodels:"):]
+    df = _statsmodels_frame(name)
+    t, y, m = STATSMODELS[name]
+    return (df, time_column or t, names(target) or list(y), season_length or m,
+            lambda i: f"{source} row {i}")
+  if source.startswith("csv:"):
+    path = source[len("csv:"):]
+    df = read_csv(path)
+    if not time_column or not names(target):
+      raise UserError(f"{source}: set config.data.time_column and config.data.target (columns "
+                      f"of the file: {', '.join(map(str, df.columns))})")
+    return df, time_column, names(target), season_length, lambda i: f"{path} line {i + 2}"
+  raise UserError(f"config.data.source={source!r}: expected 'statsmodels:NAME' (co2, sunspots, "
+                  f"elnino, macrodata) or 'csv:PATH'")
+
+
+def _numeric(df, col: str, what: str, where) -> np.ndarray:
+  import pandas as pd
+  s = df[col]
+  if pd.api.types.is_bool_dtype(s):
+    return s.to_numpy(np.float64)
+  values = pd.to_numeric(s, errors="coerce")
+  bad = values.isna() & s.notna() & (s.astype(str).str.strip() != "")
+  if bad.any():
+    i = int(np.flatnonzero(bad.to_numpy())[0])
+    raise UserError(f"{where(i)}: {what} column {col!r} holds {s.iloc[i]!r}, not a number; fix "
+                    f"the value or leave the cell empty for a missing value")
+  return values.to_numpy(np.float64)
+
+
+def _times(df, col: str, where) -> np.ndarray:
+  import pandas as pd
+  s = df[col]
+  if s.isna().any():
+    raise UserError(f"{where(int(np.flatnonzero(s.isna().to_numpy())[0]))}: empty timestamp in "
+                    f"time column {col!r}; every row needs a time")
+  if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+    return s.to_numpy(np.float64)
+  if pd.api.types.is_datetime64_any_dtype(s):
+    t = pd.DatetimeIndex(s)
+  else:
+    t = pd.to_datetime(s.astype(str), errors="coerce", format="mixed")
+    if t.isna().any():
+      i = int(np.flatnonzero(t.isna())[0])
+      raise UserError(f"{where(i)}: cannot parse timestamp {s.iloc[i]!r} in time column {col!r};"
+                      f" use ISO dates such as 2024-01-31 or 2024-01-31 13:00, or plain numbers")
+    t = pd.DatetimeIndex(t)
+  if t.tz is not None:
+    t = t.tz_convert(None)
+  return t.to_numpy("datetime64[ns]")
+
+
+def infer_freq(times: list[np.ndarray]) -> str | float:
+  """A pandas offset alias for datetime series, the median step for numeric ones."""
+  import pandas as pd
+  t = max(times, key=len)
+  if np.issubdtype(t.dtype, np.number):
+    return float(np.median(np.diff(t))) if len(t) > 1 else 1.0
+  with warnings.catch_warnings():  # pandas 3 warns that infer_freq will return an offset
+    warnings.simplefilter("ignore", DeprecationWarning)
+    freq = pd.infer_freq(pd.DatetimeIndex(t)) if len(t) >= 3 else None
+  freq = getattr(freq, "freqstr", freq)
+  if freq is None:  # irregular: the most common step
+    steps, counts = np.unique(np.diff(t), return_counts=True)
+    freq = pd.tseries.frequencies.to_offset(pd.Timedelta(steps[counts.argmax()])).freqstr
+  return freq
+
+
+def season_from_freq(freq: str | float) -> int:
+  """The usual seasonal period of a sampling frequency (1 = none)."""
+  if not isinstance(freq, str):
+    return 1
+  base = freq.split("-")[0].lstrip("0123456789").upper()
+  for prefix, m in (("W", 52), ("MIN", 60), ("ME", 12), ("MS", 12), ("M", 12), ("QE", 4),
+                    ("QS", 4), ("Q", 4), ("BQ", 4), ("H", 24), ("B", 5), ("D", 7)):
+    if base.startswith(prefix):
+      return m
+  return 1
+
+
+def future_times(last, freq: str | float, n: int) -> np.ndarray:
+  """The n timestamps after `last` at the series' frequency."""
+  import pandas as pd
+  if not isinstance(freq, str):
+    return float(last) + freq * np.arange(1, n + 1)
+  return pd.date_range(pd.Timestamp(last), periods=n + 1, freq=freq)[1:].to_numpy(
+      "datetime64[ns]")
+
+
+def panel_from_frame(df, *, time_column: str, targets: list[str], id_column: str | None = None,
+                     known: list[str] = (), past: list[str] = (), season_length: int = 0,
+                     name: str = "data", where=lambda i: f"row {i}",
+                     freq: str | float | None = None) -> Panel:
+  """Validates a DataFrame and splits it into series; every bad input is one UserError."""
+  known, past = list(known), list(past)
+  wanted = [("time", time_column), *(("target", c) for c in targets),
+            *(("known covariate", c) for c in known), *(("past covariate", c) for c in past)]
+  if id_column:
+    wanted.append(("id", id_column))
+  have = [str(c) for c in df.columns]
+  for role, col in wanted:
+    if col not in have:
+      raise UserError(f"{name}: no {role} column {col!r} (columns: {', '.join(have)}); fix "
+                      f"config.data ({'time_column' if role == 'time' else role.split()[0]}"
+                      f"{'' if role in ('time', 'id') else 's'}) or the file")
+  if not targets:
+    raise UserError(f"{name}: no target column; set config.data.target")
+  df = df.reset_index(drop=True)
+  t_all = _times(df, time_column, where)
+  y_all = np.stack([_numeric(df, c, "target", where) for c in targets], -1)
+  kn_all = np.stack([_numeric(df, c, "known covariate", where) for c in known], -1) if known \
+      else np.zeros((len(df), 0))
+  pa_all = np.stack([_numeric(df, c, "past covariate", where) for c in past], -1) if past \
+      else np.zeros((len(df), 0))
+  if id_column:
+    ids = df[id_column].astype(str).to_numpy()
+    order = list(dict.fromkeys(ids))
+    groups = [(i, np.flatnonzero(ids == i)) for i in order]
+  else:
+    groups = [(targets[0] if len(targets) == 1 else "series", np.arange(len(df)))]
+  series = []
+  for sid, rows in groups:
+    t = t_all[rows]
+    step = np.diff(t)
+    zero = step == np.zeros((), step.dtype)
+    back = step < np.zeros((), step.dtype)
+    label = f" (series {sid!r})" if id_column else ""
+    if zero.any() or back.any():
+      k = int(np.flatnonzero(zero | back)[0]) + 1
+      if zero[k - 1]:
+        raise UserError(f"{where(rows[k])}: duplicated timestamp {t[k]}{label} (also at "
+                        f"{where(rows[k - 1])}); keep one row per time"
+                        f"{' and series' if id_column else ''}")
+      raise UserError(f"{where(rows[k])}: timestamp {t[k]} comes after {t[k - 1]}{label}: the "
+                      f"rows are not sorted by time; sort the file by {time_column!r}")
+    y = y_all[rows]
+    for c, col in enumerate(targets):
+      if np.isnan(y[:, c]).all():
+        raise UserError(f"{name}: target {col!r}{label} has no values (all {len(rows)} missing);"
+                        f" drop the series or fix the column")
+    series.append(Series(sid, t, y, kn_all[rows], pa_all[rows]))
+  freq = freq if freq is not None else infer_freq([s.time for s in series])
+  if np.issubdtype(series[0].time.dtype, np.datetime64) != isinstance(freq, str):
+    raise UserError(f"{name}: time column {time_column!r} is "
+                    f"{'dates' if np.issubdtype(series[0].time.dtype, np.datetime64) else 'numbers'}"
+                    f" but the model was trained on {'dates' if isinstance(freq, str) else 'numbers'}")
+  return Panel(name, series, time_column, list(targets), known, past, id_column, freq,
+               season_length or season_from_freq(freq))
+
+
+# -- calendar features ----------------------------------------------------------------------------
+
+def calendar_cycles(freq: str | float) -> list[str]:
+  """Which calendar cycles the sampling step resolves: year (below ~1 year), week (daily or
+  finer), day (hourly or finer). Numeric time has none."""
+  import pandas as pd
+  if not isinstance(freq, str):
+    return []
+  offset = pd.tseries.frequencies.to_offset(freq)
+  anchor = pd.Timestamp("2001-01-01") + offset  # anchored offsets (W-SAT, MS) first snap to one
+  days = ((anchor + offset) - anchor) / pd.Timedelta(days=1)
+  return [c for c, limit in (("year", 300), ("week", 6), ("day", 0.9)) if days < limit]
+
+
+def calendar_features(time: np.ndarray, cycles: list[str], terms: int) -> np.ndarray:
+  """(T, 2·terms·len(cycles)): sin/cos of k·2π·phase, k = 1..terms, for each cycle's phase."""
+  import pandas as pd
+  if not cycles or terms <= 0:
+    return np.zeros((len(time), 0), np.float32)
+  t = pd.DatetimeIndex(time)
+  hours = t.hour + t.minute / 60 + t.second / 3600
+  phases = {"year": (t.day_of_year - 1 + hours / 24) / np.where(t.is_leap_year, 366, 365),
+            "week": (t.day_of_week + hours / 24) / 7, "day": hours / 24}
+  cols = []
+  for c in cycles:
+    phase = 2 * np.pi * np.asarray(phases[c], np.float64)
+    for k in range(1, terms + 1):
+      cols += [np.sin(k * phase), np.cos(k * phase)]
+  return np.stack(cols, -1).astype(np.float32)
+
+
+# -- scaling and imputation ---------------------------------------------------------------------
+
+def fit_scale(x_TxC: np.ndarray, method: str) -> list[dict]:
+  """Per-column {loc, scale} from the observed values of x (the training part only)."""
+  out = []
+  for c in range(x_TxC.shape[1]):
+    v = x_TxC[:, c][~np.isnan(x_TxC[:, c])]
+    if method == "standard":
+      loc, scale = (float(v.mean()), float(v.std())) if len(v) else (0.0, 1.0)
+    elif method == "mean_abs":
+      loc, scale = 0.0, float(np.abs(v).mean()) if len(v) else 1.0
+    elif method == "none":
+      loc, scale = 0.0, 1.0
+    else:
+      raise UserError(f"config.data.scaling={method!r}: expected 'standard', 'mean_abs' or "
+                      f"'none'")
+    out.append({"loc": loc, "scale": scale if scale > 1e-8 else 1.0})
+  return out
+
+
+def apply_scale(x_TxC: np.ndarray, scales: list[dict]) -> np.ndarray:
+  loc = np.array([s["loc"] for s in scales]).reshape(-1)
+  scale = np.array([s["scale"] for s in scales]).reshape(-1)
+  return (x_TxC - loc) / scale
+
+
+def invert_scale(x_xC: np.ndarray, scales: list[dict]) -> np.ndarray:
+  loc = np.array([s["loc"] for s in scales])
+  scale = np.array([s["scale"] for s in scales])
+  return x_xC * scale + loc
+
+
+def fill_forward(x_TxC: np.ndarray) -> np.ndarray:
+  """Last observation carried forward along time; 0 before the first observation (causal)."""
+  T = len(x_TxC)
+  valid = ~np.isnan(x_TxC)
+  idx = np.where(valid, np.arange(T)[:, None], -1)
+  idx = np.maximum.accumulate(idx, axis=0)
+  out = np.take_along_axis(np.nan_to_num(x_TxC), np.maximum(idx, 0), axis=0)
+  return np.where(idx >= 0, out, 0.0)
+
+
+def interpolate(x_T: np.ndarray) -> np.ndarray:
+  """Linear interpolation of missing values, constant at the ends (for baselines, MASE scale)."""
+  ok = ~np.isnan(x_T)
+  if ok.all() or not ok.any():
+    return x_T
+  i = np.arange(len(x_T))
+  return np.interp(i, i[ok], x_T[ok])
+
+
+# -- windows --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class WindowStore:
+  """Every series' arrays, scaled and imputed, concatenated after `pad` leading empty steps.
+
+  A window with origin o (its first forecast step) in series i covers steps
+  [o - pad, o + horizon) of that series: rows starts[i] + o + arange(pad + horizon) here.
+  """
+  y: np.ndarray          # (N, C) float32 scaled, imputed
+  observed: np.ndarray   # (N, C) float32 1 where the target was observed
+  known: np.ndarray      # (N, K') float32 calendar features + scaled known covariates
+  past: np.ndarray       # (N, P) float32 scaled, imputed
+  starts: np.ndarray     # (num_series,) row of each series' step -pad
+  pad: int
+
+  def gather(self, series_W: np.ndarray, origin_W: np.ndarray, horizon: int) -> dict:
+    rows = (self.starts[series_W] + origin_W)[:, None] + np.arange(self.pad + horizon)
+    return {"y": self.y[rows], "observed": self.observed[rows], "known": self.known[rows],
+            "past": self.past[rows]}
+
+
+def window_batches(store: WindowStore, windows: np.ndarray, *, horizon: int, batch_size: int,
+                   seed: int, start_step: int = 0, process_index: int = 0,
+                   process_count: int = 1, shuffle: bool = True):
+  """This process's rows of global batch start_step, start_step + 1, ... (endless).
+
+  `windows` is (num_windows, 2) of (series, origin). Their order is shuffled with the seed, anew
+  each epoch (grain); batch k is a pure function of (seed, k), so a resumed run continues the
+  exact data order from its step and every process builds only its own rows.
+  """
+  import grain
+
+  rows = batch_size // process_count
+  lo = process_index * rows
+  ds = grain.MapDataset.range(len(windows))
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = (ds.repeat(None).batch(batch_size)[start_step:]
+        .map(lambda idx: store.gather(windows[idx[lo:lo + rows], 0], windows[idx[lo:lo + rows], 1],
+                                      horizon)))
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))

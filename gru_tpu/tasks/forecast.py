@@ -1,0 +1,401 @@
+"""Time-series forecasting: a panel of series -> scaled windows -> Forecaster -> backtests.
+
+Each series is split by time: the last test_length steps are the test tail, the val_length
+steps before them the validation tail, the rest the training part. Training windows have all
+their targets in the training part; scaling (per series and column) is fitted on the training
+part only and saved with every checkpoint as JSON (task metadata). Validation and test windows
+start at rolling origins (every backtest_stride steps) inside their tail; their context may
+reach back into earlier parts, never forward.
+
+At each eval the validation backtest runs (`evaluate(model, "eval")`): the model's forecasts
+(median, samples or quantiles) in original units against naive, seasonal-naive and
+statsmodels-ETS forecasts of the same windows, every metric of gru_tpu.tasks.forecast_eval for
+each; at the end of training the same on the test tail (split "test").
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gru_tpu.data import timeseries as ts
+from gru_tpu.errors import UserError
+from gru_tpu.models.forecaster import DECODERS, NUM_PARAMS, WINDOW_NORMS, Forecaster
+from gru_tpu.models.lm import CELLS
+from gru_tpu.tasks import forecast_eval
+
+HEADS = (*NUM_PARAMS, "quantile")
+
+SIZES = {
+    "tiny": dict(batch_size=8, hidden=16, num_layers=1, num_steps=100),
+    "small": dict(batch_size=64, hidden=64, num_layers=1, num_steps=2000),
+    "base": dict(batch_size=256, hidden=256, num_layers=2, num_steps=20000),
+}
+
+
+def default_config(size: str = "small"):
+  """The engine's keys plus the forecast task's (configs/*_forecast.py start from this)."""
+  import ml_collections
+
+  from gru_tpu.config import engine_defaults
+  if size not in SIZES:
+    raise UserError(f"size={size!r}: expected one of {', '.join(SIZES)}")
+  c = engine_defaults(task="forecast", **SIZES[size])
+  c.log_every, c.eval_every, c.eval_steps = 100, 500, 1
+  c.checkpoint_every = 1000
+  c.optimizer.warmup_steps = 100
+  c.optimizer.learning_rate = 3e-3
+  d = c.data
+  d.source = "statsmodels:co2"   # statsmodels:NAME or csv:PATH
+  d.time_column = ""             # "" = the source's (statsmodels); required for csv
+  d.target = ""                  # column(s), "a,b"; "" = the source's
+  d.id_column = ""               # a column naming the series of a panel ("" = one series)
+  d.known_covariates = ""        # columns known in advance (also over the horizon)
+  d.past_covariates = ""         # columns known only up to the forecast origin
+  d.season_length = 0            # 0 = the source's, or from the sampling frequency
+  d.context_length = 104
+  d.horizon = 52
+  d.val_length = 0               # validation tail (0 = one horizon)
+  d.test_length = 0              # test tail (0 = one horizon)
+  d.lags = ""                    # target lags fed as inputs, "1,2,52"; "" = 1 and season_length
+  d.calendar_terms = 2           # Fourier terms per calendar cycle (year/week/day); 0 = none
+  d.scaling = "standard"         # per series, fitted on the training part: standard|mean_abs|none
+  m = c.model
+  m.decoder = "direct"           # direct | autoregressive
+  m.head = "student_t"           # point | gaussian | student_t | quantile
+  m.point_loss = "mse"           # point head: mse | mae
+  m.quantiles = (0.1, 0.5, 0.9)  # reported levels (and the quantile head's)
+  m.window_norm = "mean"         # per window, from its context: none | mean | standard
+  m.embed_dim = 16               # horizon-step embedding of the direct decoder
+  if size == "base":
+    m.hidden_multiple = 128
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_samples = 200       # forecast samples per window (probabilistic heads)
+  c.eval.backtest_stride = 0     # steps between rolling origins in a tail (0 = horizon)
+  c.eval.baselines = forecast_eval.BASELINES
+  return c
+
+
+def check_config(config) -> None:
+  d, m = config.data, config.model
+  for key, value in (("data.horizon", d.horizon), ("data.context_length", d.context_length)):
+    if value < 1:
+      raise UserError(f"config.{key} must be >= 1, got {value}")
+  for key, value in (("data.val_length", d.val_length), ("data.test_length", d.test_length)):
+    if value and value < d.horizon:
+      raise UserError(f"config.{key}={value} is shorter than config.data.horizon={d.horizon}; "
+                      f"a tail holds at least one full horizon (0 = one horizon)")
+  for key, value, allowed in (("model.decoder", m.decoder, DECODERS),
+                              ("model.head", m.head, HEADS),
+                              ("model.point_loss", m.point_loss, ("mse", "mae")),
+                              ("model.window_norm", m.window_norm, WINDOW_NORMS),
+                              ("model.cell", m.cell, tuple(CELLS)),
+                              ("data.scaling", d.scaling, ("standard", "mean_abs", "none"))):
+    if value not in allowed:
+      raise UserError(f"config.{key}={value!r}: expected one of {', '.join(allowed)}")
+  q = list(m.quantiles)
+  if not q or q != sorted(set(q)) or not 0 < q[0] <= q[-1] < 1:
+    raise UserError(f"config.model.quantiles={tuple(q)}: give increasing levels in (0, 1)")
+  parse_lags(d.lags)
+  for b in config.eval.baselines:
+    if b not in forecast_eval.BASELINES:
+      raise UserError(f"config.eval.baselines: unknown {b!r}; expected some of "
+                      f"{', '.join(forecast_eval.BASELINES)}")
+  k = m.get("hidden_multiple", 1)
+  if k > 1 and m.hidden % k:
+    raise UserError(f"config.model.hidden={m.hidden} must be a multiple of "
+                    f"model.hidden_multiple={k} (the TPU MXU tile); round it up")
+
+
+def parse_lags(value: str) -> list[int]:
+  """config.data.lags '1,2,52' -> [1, 2, 52]; '' -> []."""
+  try:
+    lags = [int(v) for v in ts.names(value)]
+  except ValueError:
+    lags = [0]
+  if any(l < 1 for l in lags):
+    raise UserError(f"config.data.lags={value!r}: give steps back as integers >= 1, e.g. '1,52'")
+  return lags
+
+
+def load_panel(d, source: str | None = None) -> ts.Panel:
+  """config.data -> a validated Panel (source overrides config.data.source)."""
+  source = source or d.source
+  df, time_column, targets, season, where = ts.load_frame(source, d.time_column, d.target,
+                                                          d.season_length)
+  return ts.panel_from_frame(df, time_column=time_column, targets=targets,
+                             id_column=d.id_column or None,
+                             known=ts.names(d.known_covariates), past=ts.names(d.past_covariates),
+                             season_length=season, name=source, where=where)
+
+
+def build_forecaster(config, meta: dict, rngs: nnx.Rngs) -> Forecaster:
+  """config.model + task metadata -> Forecaster (for the task and for gru_tpu.load)."""
+  m, d = config.model, config.data
+  num_calendar = 2 * meta["calendar_terms"] * len(meta["cycles"])
+  return Forecaster(num_targets=len(meta["targets"]), num_known=num_calendar + len(meta["known"]),
+                    num_past=len(meta["past"]), lags=meta["lags"],
+                    context_length=d.context_length, horizon=d.horizon, decoder=m.decoder,
+                    head=m.head, point_loss=m.point_loss, quantiles=tuple(m.quantiles),
+                    cell=m.cell, hidden=m.hidden, num_layers=m.num_layers, embed_dim=m.embed_dim,
+                    dropout=m.dropout, recurrent_dropout=m.recurrent_dropout,
+                    window_norm=m.window_norm, remat=m.remat, dtype=jnp.dtype(m.dtype),
+                    impl=m.get("impl", "auto"),
+                    rngs=rngs)
+
+
+def fit_scales(s: ts.Series, n_train: int, method: str) -> dict:
+  return {"y": ts.fit_scale(s.y[:n_train], method),
+          "known": ts.fit_scale(s.known[:n_train], "standard"),
+          "past": ts.fit_scale(s.past[:n_train], "standard")}
+
+
+def series_arrays(s: ts.Series, scales: dict, meta: dict) -> dict:
+  """Scaled, imputed model inputs of one series, (T, ·) float32 each."""
+  y = ts.apply_scale(s.y, scales["y"])
+  known = np.concatenate([
+      ts.calendar_features(s.time, meta["cycles"], meta["calendar_terms"]),
+      ts.fill_forward(ts.apply_scale(s.known, scales["known"]))], -1)
+  return {"y": ts.fill_forward(y), "observed": ~np.isnan(y), "known": known,
+          "past": ts.fill_forward(ts.apply_scale(s.past, scales["past"]))}
+
+
+def make_store(arrays: list[dict], pad: int) -> ts.WindowStore:
+  """Concatenates the series' arrays, each after `pad` zero rows (unobserved)."""
+  def cat(key):
+    parts = []
+    for a in arrays:
+      parts += [np.zeros((pad, a[key].shape[1])), a[key]]
+    return np.concatenate(parts).astype(np.float32)
+  lengths = np.array([pad + len(a["y"]) for a in arrays])
+  starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+  return ts.WindowStore(cat("y"), cat("observed"), cat("known"), cat("past"), starts, pad)
+
+
+def _tail_origins(lo: int, hi: int, horizon: int, stride: int) -> list[int]:
+  return list(range(lo, hi - horizon + 1, stride))
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _predict_jit(graphdef, state, batch, key, num_samples):
+  return nnx.merge(graphdef, state).predict(batch, key, num_samples)
+
+
+def _host_model(model):
+  """The model with every array on this host: eval-time forecasting runs per process."""
+  graphdef, state = nnx.split(model)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    state = jax.tree.map(lambda a: multihost_utils.process_allgather(a, tiled=True), state)
+  return graphdef, state
+
+
+def predict_windows(model, store: ts.WindowStore, windows: np.ndarray, horizon: int,
+                    num_samples: int, seed: int, rows: int = 4096) -> dict:
+  """Model forecasts for (series, origin) windows, in scaled units, as numpy: median (N, H, C),
+  samples (S, N, H, C) and/or quantiles (N, H, C, Q) (see Forecaster.predict).
+
+  Windows go in chunks of one fixed size (the last one padded), so one compile serves all."""
+  model.eval()
+  graphdef, state = _host_model(model)
+  per_window = num_samples if model.decoder == "autoregressive" else 1
+  chunk = int(min(len(windows), max(1, rows // per_window)))
+  outs = []
+  for i in range(0, len(windows), chunk):
+    w = windows[i:i + chunk]
+    n = len(w)
+    w = np.concatenate([w, np.repeat(w[-1:], chunk - n, 0)])
+    batch = store.gather(w[:, 0], w[:, 1], horizon)
+    out = _predict_jit(graphdef, state, batch, jax.random.key(seed + i), num_samples)
+    out = jax.device_get(out)
+    outs.append({k: (v[:, :n] if k == "samples" else v[:n]) for k, v in out.items()})
+  return {k: np.concatenate([o[k] for o in outs], axis=1 if k == "samples" else 0)
+          for k in outs[0]}
+
+
+def to_original(pred: dict, loc_NxC: np.ndarray, scale_NxC: np.ndarray) -> dict:
+  out = {}
+  for k, v in pred.items():
+    if k == "samples":
+      out[k] = v * scale_NxC[None, :, None] + loc_NxC[None, :, None]
+    elif k == "quantiles":
+      out[k] = v * scale_NxC[:, None, :, None] + loc_NxC[:, None, :, None]
+    else:
+      out[k] = v * scale_NxC[:, None] + loc_NxC[:, None]
+  return out
+
+
+class ForecastTask:
+
+  def __init__(self, config, panel: ts.Panel | None = None):
+    self.config = config
+    check_config(config)
+    d = config.data
+    self.panel = panel if panel is not None else load_panel(d)
+    p = self.panel
+    H, C = d.horizon, d.context_length
+    V, T = d.val_length or H, d.test_length or H
+    self.horizon, self.season = H, p.season_length
+    lags = sorted(set(parse_lags(d.lags) or {1, self.season}))
+    self.pad = max(lags) + C
+    need = C + H + V + T
+    for s in p.series:
+      if len(s.time) < need:
+        raise UserError(
+            f"{p.name}: series {s.id!r} has {len(s.time)} time steps; it needs at least "
+            f"context_length + horizon + val_length + test_length = {C} + {H} + {V} + {T} = "
+            f"{need}. Lower those config.data keys or give a longer series")
+    self.n_train = [len(s.time) - V - T for s in p.series]
+    self.scales = {s.id: fit_scales(s, n, d.scaling) for s, n in zip(p.series, self.n_train)}
+    self.meta = {"task": "forecast", "source": p.name, "time_column": p.time_column,
+                 "id_column": p.id_column, "targets": p.targets, "known": p.known,
+                 "past": p.past, "freq": p.freq, "season_length": self.season, "lags": list(lags),
+                 "cycles": ts.calendar_cycles(p.freq), "calendar_terms": int(d.calendar_terms),
+                 "scaling": d.scaling, "scales": self.scales}
+    self.store = make_store([series_arrays(s, self.scales[s.id], self.meta) for s in p.series],
+                            self.pad)
+    stride = config.eval.backtest_stride or H
+    self.windows = {"train": [], "eval": [], "test": []}
+    for i, (s, n) in enumerate(zip(p.series, self.n_train)):
+      self.windows["train"] += [(i, o) for o in range(C, n - H + 1)]
+      self.windows["eval"] += [(i, o) for o in _tail_origins(n, n + V, H, stride)]
+      self.windows["test"] += [(i, o) for o in _tail_origins(n + V, len(s.time), H, stride)]
+    self.windows = {k: np.array(v, np.int64).reshape(-1, 2) for k, v in self.windows.items()}
+    self._references: dict[str, dict] = {}
+
+  def build_model(self, rngs: nnx.Rngs) -> Forecaster:
+    return build_forecaster(self.config, self.meta, rngs)
+
+  def batches(self, split, start_step, process_index, process_count):
+    c = self.config
+    return ts.window_batches(self.store, self.windows["train" if split == "train" else "eval"],
+                             horizon=self.horizon, batch_size=c.batch_size, seed=c.seed,
+                             start_step=start_step, process_index=process_index,
+                             process_count=process_count, shuffle=split == "train")
+
+  def loss_fn(self, model, batch, rng):
+    return model.loss(batch, rngs=nnx.Rngs(dropout=rng))
+
+  def metadata(self) -> dict:
+    return self.meta
+
+  def _reference(self, split: str) -> dict:
+    """Truth, MASE scales and baseline forecasts of a split's windows (model-independent)."""
+    if split in self._references:
+      return self._references[split]
+    H, m, e = self.horizon, self.season, self.config.eval
+    windows = self.windows[split]
+    series = [self.panel.series[i] for i in windows[:, 0]]
+    y = np.stack([s.y[o:o + H] for s, o in zip(series, windows[:, 1])])
+    scale = np.array([[forecast_eval.mase_scale(s.y[:o, c], m) for c in range(y.shape[-1])]
+                      for s, o in zip(series, windows[:, 1])])
+    baselines = {}
+    for name in e.baselines:
+      fits = [[forecast_eval.baseline_forecasts(name, s.y[:o, c], H, m, e.num_samples,
+                                                self.config.seed) for c in range(y.shape[-1])]
+              for s, o in zip(series, windows[:, 1])]
+      if all(f is not None for row in fits for f in row):
+        baselines[name] = (np.array([[f[0] for f in row] for row in fits]).transpose(0, 2, 1),
+                           np.array([[f[1] for f in row] for row in fits]).transpose(2, 0, 3, 1))
+    ref = {"y": y, "scale": scale, "baselines": baselines,
+           "loc": np.array([[v["loc"] for v in self.scales[s.id]["y"]] for s in series]),
+           "unit": np.array([[v["scale"] for v in self.scales[s.id]["y"]] for s in series])}
+    self._references[split] = ref
+    return ref
+
+  def evaluate(self, model, split: str) -> dict[str, float]:
+    """Backtest on the validation ("eval") or test tail: the model's metrics and, prefixed with
+    their names, the baselines' (e.g. mase, seasonal_naive_mase, ets_mase)."""
+    ref = self._reference(split)
+    e = self.config.eval
+    pred = to_original(predict_windows(model, self.store, self.windows[split], self.horizon,
+                                       e.num_samples, self.config.seed), ref["loc"], ref["unit"])
+    out = forecast_eval.metrics(ref["y"], pred["median"], ref["scale"],
+                                samples_SxNxHxC=pred.get("samples"),
+                                quantiles_NxHxCxQ=pred.get("quantiles"),
+                                levels=tuple(self.config.model.quantiles))
+    for name, (point, samples) in ref["baselines"].items():
+      out.update({f"{name}_{k}": v for k, v in forecast_eval.metrics(
+          ref["y"], point, ref["scale"], samples_SxNxHxC=samples).items()})
+    return out
+
+
+def make_task(config) -> ForecastTask:
+  return ForecastTask(config)
+
+
+# -- forecasting from a trained model (gru_tpu.load(...).forecast, gru-tpu forecast) --------------
+
+def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horizon: int,
+                   num_samples: int = 200, seed: int = 0):
+  """Forecasts `horizon` steps after the last observed target of every series in the panel.
+
+  Rows after a series' last observed target are its future: they supply known-future
+  covariates (required for all `horizon` steps when the model has any). Returns a long
+  DataFrame: [id column], time column, `target`, `point` (the median), and one column per
+  level of config.model.quantiles (`q0.1`, ...), in original units.
+  """
+  import pandas as pd
+  d = config.data
+  if horizon < 1:
+    raise UserError(f"horizon must be >= 1, got {horizon}")
+  if model.decoder == "direct" and horizon > d.horizon:
+    raise UserError(f"this model forecasts at most {d.horizon} steps (direct decoder, "
+                    f"data.horizon={d.horizon}); ask for fewer, or retrain with a longer "
+                    f"data.horizon or model.decoder=autoregressive")
+  steps = max(horizon, d.horizon) if model.decoder == "direct" else horizon
+  arrays, windows, times = [], [], []
+  for i, s in enumerate(panel.series):
+    seen = np.flatnonzero(~np.isnan(s.y).all(1))
+    origin = int(seen[-1]) + 1
+    if origin < d.context_length:
+      raise UserError(f"{panel.name}: series {s.id!r} has {origin} time steps of history; the "
+                      f"model reads context_length={d.context_length} (and forecasts "
+                      f"{d.horizon}): give at least {d.context_length} steps")
+    given = len(s.time) - origin
+    if meta["known"] and given < horizon:
+      raise UserError(f"{panel.name}: series {s.id!r}: the known covariates "
+                      f"{', '.join(meta['known'])} need values for the {horizon} steps after the "
+                      f"last target value; add {horizon - given} more row(s) with them filled and "
+                      f"the target empty")
+    extra = max(0, origin + steps - len(s.time))
+    future = ts.future_times(s.time[-1], meta["freq"], extra)
+    ext = ts.Series(s.id, np.concatenate([s.time, future]),
+                    np.concatenate([s.y, np.full((extra, s.y.shape[1]), np.nan)]),
+                    np.concatenate([s.known, np.zeros((extra, s.known.shape[1]))]),
+                    np.concatenate([s.past, np.zeros((extra, s.past.shape[1]))]))
+    scales = meta["scales"].get(s.id) or fit_scales(s, origin, meta["scaling"])
+    a = series_arrays(ext, scales, meta)
+    a["loc"] = np.array([v["loc"] for v in scales["y"]])
+    a["unit"] = np.array([v["scale"] for v in scales["y"]])
+    arrays.append(a)
+    windows.append((i, origin))
+    times.append(ext.time[origin:origin + horizon])
+  store = make_store(arrays, model.pad)
+  pred = predict_windows(model, store, np.array(windows), steps, num_samples, seed)
+  pred = to_original(pred, np.stack([a["loc"] for a in arrays]),
+                     np.stack([a["unit"] for a in arrays]))
+  levels = tuple(config.model.quantiles)
+  if "quantiles" in pred:
+    qs = np.stack([forecast_eval.interp_levels(pred["quantiles"], model.quantiles, u)
+                   for u in levels], -1)
+  elif "samples" in pred:
+    qs = np.moveaxis(np.quantile(pred["samples"], levels, axis=0), 0, -1)
+  else:
+    qs = None
+  frames = []
+  for i, s in enumerate(panel.series):
+    for c, target in enumerate(meta["targets"]):
+      cols = {panel.time_column: times[i], "target": target,
+              "point": pred["median"][i, :horizon, c]}
+      if qs is not None:
+        cols.update({f"q{lvl:g}": qs[i, :horizon, c, k] for k, lvl in enumerate(levels)})
+      f = pd.DataFrame(cols)
+      if panel.id_column:
+        f.insert(0, panel.id_column, s.id)
+      frames.append(f)
+  return pd.concat(frames, ignore_index=True)

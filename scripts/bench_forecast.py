@@ -1,0 +1,155 @@
+"""Forecast quality: gru_tpu vs seasonal naive vs statsmodels ETS on co2 and sunspots, one run.
+
+  python scripts/bench_forecast.py --json bench_forecast.json [--plot bench_forecast.png] \
+      [--seeds 3] [--set key=value ...]
+
+For each dataset this trains configs/<name>_forecast.py (size=small) with the last seasonal cycle
+as the test tail (horizon = season length: co2 m = h = 52 weeks, sunspots m = h = 11 years) and
+reads the test line the run writes to metrics.jsonl: MASE (on the in-sample seasonal-naive scale
+of the history before the tail, linearly interpolated where missing), sMAPE, CRPS and 80 %
+coverage of gru_tpu and of the naive, seasonal-naive and ETS (Holt-Winters, additive trend and
+season) baselines fitted to the same history. With --seeds N the model is trained N times; the
+table shows the mean [min, max], the JSON every run. --set overrides config keys of both
+datasets (e.g. --set num_steps=500 model.hidden=32). --plot draws the first seed's test-tail
+forecast (median, 80 % band) against the truth, seasonal naive and ETS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ("co2", "sunspots")
+METRICS = ("mase", "smape", "crps", "coverage_80")
+FORECASTERS = ("gru_tpu", "seasonal_naive", "ets", "naive")
+
+
+def get_config(name: str, overrides: list[str]):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}_forecast.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("size=small")
+  m = c.data.season_length or {"co2": 52, "sunspots": 11}[name]
+  c.data.horizon = c.data.test_length = m
+  for kv in overrides:
+    key, value = kv.split("=", 1)
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(json.loads(value)) if not isinstance(node[leaf], str) else value
+  return c
+
+
+def test_tail_forecast(workdir: str, c) -> dict:
+  """The model's forecast from the history before the test tail, with truth and baselines."""
+  import numpy as np
+  import pandas as pd
+
+  import gru_tpu
+  from gru_tpu.tasks import forecast_eval
+  m = gru_tpu.load(workdir)
+  (s,) = m.history(None).series
+  h = c.data.test_length
+  df = pd.DataFrame({m.meta["time_column"]: s.time[:-h], m.meta["targets"][0]: s.y[:-h, 0]})
+  f = m.forecast(df, h, num_samples=c.eval.num_samples, seed=c.seed)
+  season = m.meta["season_length"]
+  ets = forecast_eval.ets(s.y[:-h, 0], h, season, 1, 0)
+  return {"time": s.time, "y": s.y[:, 0], "h": h, "frame": f,
+          "seasonal_naive": forecast_eval.seasonal_naive(s.y[:-h, 0], h, season, 1,
+                                                         np.random.default_rng(0))[0],
+          "ets": None if ets is None else ets[0]}
+
+
+def run(name: str, seed: int, overrides: list[str], plot: bool = False) -> dict:
+  from gru_tpu import train
+  from gru_tpu.metrics import read_metrics
+  c = get_config(name, overrides)
+  c.seed = seed
+  c.log_every = c.num_steps
+  with tempfile.TemporaryDirectory() as workdir:
+    t0 = time.perf_counter()
+    train.train_and_evaluate(c, workdir)
+    seconds = time.perf_counter() - t0
+    (test,) = [r for r in read_metrics(workdir) if r["split"] == "test"]
+    picture = test_tail_forecast(workdir, c) if plot else None
+  out = {"seed": seed, "train_seconds": round(seconds, 1), "num_steps": c.num_steps,
+         "picture": picture}
+  for f in FORECASTERS:
+    prefix = "" if f == "gru_tpu" else f + "_"
+    out[f] = {k: test.get(prefix + k) for k in METRICS}
+  return out
+
+
+def main() -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--json", default=None, help="write the results here")
+  p.add_argument("--plot", default=None, help="PNG of the test-tail forecasts")
+  p.add_argument("--seeds", type=int, default=1)
+  p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+  p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+  a = p.parse_args()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax
+  results = {"jax": jax.__version__, "backend": jax.default_backend(), "overrides": a.set,
+             "datasets": {}}
+  for name in a.datasets:
+    runs = [run(name, seed, a.set, plot=a.plot is not None and seed == 0)
+            for seed in range(a.seeds)]
+    results["datasets"][name] = runs
+  pictures = {name: runs[0].pop("picture") for name, runs in results["datasets"].items()}
+  width = 20 if a.seeds > 1 else 8
+  print(f"{'dataset':<10} {'forecaster':<15} " + " ".join(f"{m:>{width}}" for m in METRICS))
+  for name, runs in results["datasets"].items():
+    for f in FORECASTERS:
+      cells = []
+      for m in METRICS:
+        vals = [r[f][m] for r in runs if r[f][m] is not None]
+        if not vals:
+          cell = "-"
+        elif f != "gru_tpu" or len(vals) == 1:  # baselines do not depend on the seed
+          cell = f"{vals[0]:.3f}"
+        else:
+          cell = f"{sum(vals) / len(vals):.3f} [{min(vals):.3f}, {max(vals):.3f}]"
+        cells.append(f"{cell:>{width}}")
+      print(f"{name:<10} {f:<15} " + " ".join(cells))
+    print(f"{'':<10} seconds per training run: {[r['train_seconds'] for r in runs]}")
+  if a.json:
+    Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+  if a.plot:
+    plot(pictures, a.plot)
+  return 0
+
+
+def plot(pictures: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(len(pictures), 1, figsize=(10, 3.2 * len(pictures)), squeeze=False)
+  for ax, (name, p) in zip(axes[:, 0], pictures.items()):
+    n, h = len(p["y"]), p["h"]
+    show = slice(n - 4 * h, n)
+    t, f = p["time"][n - h:], p["frame"]
+    ax.plot(p["time"][show], p["y"][show], color="k", lw=1, label="observed")
+    ax.fill_between(t, f["q0.1"], f["q0.9"], color="C0", alpha=0.25, lw=0, label="gru_tpu 80 %")
+    ax.plot(t, f["point"], color="C0", lw=1.8, label="gru_tpu median")
+    ax.plot(t, p["seasonal_naive"], color="C2", lw=1, ls="--", label="seasonal naive")
+    if p["ets"] is not None:
+      ax.plot(t, p["ets"], color="C3", lw=1, ls=":", label="ETS")
+    ax.axvline(p["time"][n - h], color="gray", lw=0.5)
+    ax.set_title(f"{name}: test tail (last {h} steps)")
+    ax.legend(loc="upper left", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

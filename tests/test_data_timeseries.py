@@ -1,0 +1,145 @@
+"""Time-series data: statsmodels sources, CSV validation, calendar features, scaling, windows."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gru_tpu.data import timeseries as ts
+from gru_tpu.errors import UserError
+
+
+def load(source, **kw):
+  df, time_column, targets, season, where = ts.load_frame(source, kw.pop("time_column", ""),
+                                                          kw.pop("target", ""))
+  return ts.panel_from_frame(df, time_column=time_column, targets=targets, season_length=season,
+                             name=source, where=where, **kw)
+
+
+def test_statsmodels_sources_load_offline_with_their_missing_values():
+  co2 = load("statsmodels:co2")
+  (s,) = co2.series
+  assert s.y.shape == (2284, 1) and np.isnan(s.y).sum() == 59
+  assert co2.freq.startswith("W") and co2.season_length == 52
+  assert ts.calendar_cycles(co2.freq) == ["year"]
+  sun = load("statsmodels:sunspots")
+  assert sun.series[0].y.shape == (309, 1) and sun.freq == 1.0 and sun.season_length == 11
+  assert ts.calendar_cycles(sun.freq) == []
+  elnino = load("statsmodels:elnino")
+  assert elnino.series[0].y.shape == (61 * 12, 1) and elnino.season_length == 12
+  assert elnino.freq == "MS"
+  macro = load("statsmodels:macrodata")
+  assert macro.targets == ["realgdp", "realcons", "realinv"] and macro.series[0].y.shape == (203, 3)
+  assert macro.season_length == 4
+  with pytest.raises(UserError, match="expected one of statsmodels:co2"):
+    load("statsmodels:airline")
+
+
+def write(tmp_path, text, name="d.csv"):
+  path = tmp_path / name
+  path.write_text(text)
+  return f"csv:{path}"
+
+
+def test_csv_panel_with_covariates(tmp_path):
+  rows = ["date,store,sales,price,visits"]
+  for store in ("a", "b"):
+    for t in pd.date_range("2024-01-01", periods=5, freq="D"):
+      rows.append(f"{t.date()},{store},{len(rows)},{1.5},{'' if len(rows) == 3 else 7}")
+  src = write(tmp_path, "\n".join(rows) + "\n")
+  p = load(src, time_column="date", target="sales", id_column="store", known=["price"],
+           past=["visits"])
+  assert [s.id for s in p.series] == ["a", "b"] and p.freq == "D" and p.season_length == 7
+  assert p.series[0].y[:, 0].tolist() == [1, 2, 3, 4, 5]
+  assert p.series[1].known.shape == (5, 1) and np.isnan(p.series[0].past[2, 0])
+  assert ts.calendar_cycles("D") == ["year", "week"] and ts.calendar_cycles("h") == [
+      "year", "week", "day"]
+
+
+@pytest.mark.parametrize("text, kw, message", [
+    ("date,y\n2024-01-01,1\n", dict(target="sales"),
+     r"no target column 'sales' \(columns: date, y\)"),
+    ("date,y\n2024-01-01,1\n2024-01-02,abc\n", {}, r"line 3: target column 'y' holds 'abc'"),
+    ("date,y\n2024-01-01,1\nyesterday,2\n", {}, r"line 3: cannot parse timestamp 'yesterday'"),
+    ("date,y\n2024-01-02,1\n2024-01-01,2\n", {}, r"line 3: .* not sorted by time"),
+    ("date,y\n2024-01-01,1\n2024-01-01,2\n", {}, r"line 3: duplicated timestamp"),
+    ("date,y\n2024-01-01,\n2024-01-02,\n", {}, r"target 'y' has no values"),
+    ("date,y\n,1\n", {}, r"line 2: empty timestamp"),
+])
+def test_bad_csv_is_one_clear_error(tmp_path, text, kw, message):
+  src = write(tmp_path, text)
+  kw = {"time_column": "date", "target": "y", **kw}
+  with pytest.raises(UserError, match=message):
+    load(src, **kw)
+
+
+def test_unreadable_or_missing_csv(tmp_path):
+  with pytest.raises(UserError, match="no such file"):
+    ts.load_frame(f"csv:{tmp_path}/nope.csv", "date", "y")
+  with pytest.raises(UserError, match="no data rows"):
+    ts.load_frame(write(tmp_path, "date,y\n"), "date", "y")
+  with pytest.raises(UserError, match="set config.data.time_column and config.data.target"):
+    ts.load_frame(write(tmp_path, "date,y\n2024-01-01,1\n"), "", "")
+  with pytest.raises(UserError, match="expected 'statsmodels:NAME'"):
+    ts.load_frame("parquet:x", "", "")
+
+
+def test_numeric_time_and_future_times():
+  df = pd.DataFrame({"t": [10, 12, 14, 16], "y": [1.0, 2, 3, 4]})
+  p = ts.panel_from_frame(df, time_column="t", targets=["y"])
+  assert p.freq == 2.0 and p.season_length == 1
+  assert ts.future_times(16, 2.0, 3).tolist() == [18, 20, 22]
+  weekly = ts.future_times(np.datetime64("2001-12-29"), "W-SAT", 2)
+  assert [str(t)[:10] for t in weekly] == ["2002-01-05", "2002-01-12"]
+
+
+def test_calendar_features_are_fourier_terms_of_the_year_phase():
+  t = pd.date_range("2023-01-01", periods=3, freq="MS").to_numpy()
+  f = ts.calendar_features(t, ["year"], 2)
+  phase = 2 * np.pi * np.array([0, 31, 59]) / 365
+  want = np.stack([np.sin(phase), np.cos(phase), np.sin(2 * phase), np.cos(2 * phase)], -1)
+  np.testing.assert_allclose(f, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["standard", "mean_abs", "none"])
+def test_scaling_round_trips_and_fits_observed_values_only(rng, method):
+  x = rng.normal(5, 3, (50, 2))
+  x[3, 0] = np.nan
+  scales = ts.fit_scale(x, method)
+  z = ts.apply_scale(x, scales)
+  np.testing.assert_allclose(ts.invert_scale(z, scales), x, rtol=1e-12)
+  if method == "standard":
+    assert abs(np.nanmean(z[:, 0])) < 1e-12 and abs(np.nanstd(z[:, 0]) - 1) < 1e-12
+  if method == "mean_abs":
+    assert abs(np.nanmean(np.abs(z[:, 1])) - 1) < 1e-12
+  const = ts.fit_scale(np.ones((4, 1)), method)
+  assert const[0]["scale"] == 1.0
+
+
+def test_fill_forward_is_causal():
+  x = np.array([[np.nan], [1.0], [np.nan], [np.nan], [4.0], [np.nan]])
+  np.testing.assert_array_equal(ts.fill_forward(x)[:, 0], [0, 1, 1, 1, 4, 4])
+  np.testing.assert_array_equal(ts.interpolate(x[:, 0]), [1, 1, 2, 3, 4, 4])
+
+
+def _store(T=40, pad=3):
+  y = np.arange(T, dtype=np.float32)[:, None]
+  a = {"y": y, "observed": np.ones_like(y), "known": np.zeros((T, 0)), "past": np.zeros((T, 0))}
+  from gru_tpu.tasks.forecast import make_store
+  return make_store([a, a], pad)
+
+
+def test_windows_cover_pad_plus_horizon_and_batches_resume_and_shard():
+  store = _store()
+  b = store.gather(np.array([1]), np.array([10]), 4)
+  assert b["y"][0, :, 0].tolist() == list(range(7, 14))  # steps [10 - 3, 10 + 4)
+  windows = np.array([(i, o) for i in range(2) for o in range(3, 30)])
+  kw = dict(horizon=4, batch_size=8, seed=3)
+  it = ts.window_batches(store, windows, **kw)
+  first = [next(it)["y"] for _ in range(6)]
+  resumed = next(ts.window_batches(store, windows, start_step=5, **kw))["y"]
+  np.testing.assert_array_equal(first[5], resumed)
+  halves = [next(ts.window_batches(store, windows, start_step=2, process_index=i,
+                                   process_count=2, **kw))["y"] for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate(halves), first[2])
+  other = next(ts.window_batches(store, windows, **dict(kw, seed=4)))["y"]
+  assert not np.array_equal(other, first[0])

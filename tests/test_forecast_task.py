@@ -1,0 +1,174 @@
+"""The forecast task: splits and scaling without leakage, the engine end to end (eval/test
+lines with baselines, exact resume), panels with covariates, multivariate sources,
+gru_tpu.load(...).forecast and bad input."""
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+from flax import nnx
+from forecast_data import config, seasonal_frame, task_for
+
+import gru_tpu
+from gru_tpu import train
+from gru_tpu.data import timeseries as ts
+from gru_tpu.errors import UserError
+from gru_tpu.metrics import read_metrics
+from gru_tpu.tasks.forecast import ForecastTask
+
+
+def test_splits_scales_and_inputs_never_see_the_future():
+  df = seasonal_frame()
+  task = task_for(df)
+  n_train = task.n_train[0]
+  assert n_train == 150 - 12
+  assert task.windows["train"][:, 1].max() + 6 <= n_train          # targets inside train
+  assert task.windows["eval"].tolist() == [[0, n_train]]
+  assert task.windows["test"].tolist() == [[0, 144]]
+  changed = df.copy()
+  changed.loc[n_train:, "y"] += 100.0                                # only val + test change
+  other = task_for(changed)
+  assert other.scales == task.scales
+  tr = task.windows["train"]
+  for k, v in task.store.gather(tr[:, 0], tr[:, 1], 6).items():
+    np.testing.assert_array_equal(v, other.store.gather(tr[:, 0], tr[:, 1], 6)[k])
+  model = task.build_model(nnx.Rngs(0))
+  model.eval()
+  for split in ("eval", "test"):
+    w = task.windows[split]
+    a, b = (t.store.gather(w[:, 0], w[:, 1], 6) for t in (task, other))
+    if split == "eval":  # its context lies before the change
+      np.testing.assert_array_equal(a["y"][:, :task.pad], b["y"][:, :task.pad])
+      pa, pb = (model.predict(x, jax.random.key(0), 8)["samples"] for x in (a, b))
+      np.testing.assert_array_equal(pa, pb)
+
+
+def write_csv(tmp_path, df=None):
+  path = tmp_path / "series.csv"
+  (seasonal_frame() if df is None else df).to_csv(path, index=False)
+  return f"csv:{path}"
+
+
+def test_engine_end_to_end_beats_naive_and_reports_baselines(tmp_path):
+  src = write_csv(tmp_path)
+  c = config(src, num_steps=150, eval_every=75, checkpoint_every=150)
+  train.train_and_evaluate(c, tmp_path / "run")
+  rows = read_metrics(tmp_path / "run")
+  evals = [r for r in rows if r["split"] == "eval"]
+  (test,) = [r for r in rows if r["split"] == "test"]
+  assert [r["step"] for r in evals] == [75, 150] and test["step"] == 150
+  for r in evals + [test]:
+    for key in ("mase", "naive_mase", "seasonal_naive_mase", "smape", "crps", "coverage_80"):
+      assert np.isfinite(r[key]), key
+  assert test["mase"] < test["naive_mase"], test
+
+  m = gru_tpu.load(tmp_path / "run")
+  assert isinstance(m, gru_tpu.api.ForecastModel) and m.meta["scales"]["y"]["y"][0]["scale"] > 0
+  f = m.forecast(horizon=4, num_samples=30)
+  assert list(f.columns) == ["date", "target", "point", "q0.1", "q0.5", "q0.9"]
+  assert len(f) == 4 and f["date"].iloc[0] == pd.Timestamp("2012-07-01")
+  assert (f["q0.1"] <= f["q0.9"]).all() and 8 < f["point"].mean() < 18  # original units
+  hist = seasonal_frame().set_index("date")["y"].iloc[:100]
+  g = m.forecast(hist, 6)                                   # a pandas Series works too
+  assert g["date"].iloc[0] == pd.Timestamp("2008-05-01") and len(g) == 6
+  with pytest.raises(UserError, match="at most 6 steps"):
+    m.forecast(hist, 7)
+  with pytest.raises(UserError, match="horizon must be >= 1"):
+    m.forecast(hist, 0)
+  with pytest.raises(UserError, match="context_length=24"):
+    m.forecast(hist.iloc[:10], 3)
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+  src = write_csv(tmp_path)
+  c = config(src, **{"model.decoder": "autoregressive"})
+  train.train_and_evaluate(c, tmp_path / "straight")
+  real, calls = train._to_global, []
+
+  def crash_at_step_15(batch, mesh):
+    calls.append(1)
+    if len(calls) == 15:
+      raise KeyboardInterrupt("simulated crash")
+    return real(batch, mesh)
+
+  monkeypatch.setattr(train, "_to_global", crash_at_step_15)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(c, tmp_path / "resumed")
+  monkeypatch.setattr(train, "_to_global", real)
+  train.train_and_evaluate(c, tmp_path / "resumed")   # continues from the step-10 checkpoint
+  loss = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if r["split"] == "train"}
+  a, b = loss(tmp_path / "straight"), loss(tmp_path / "resumed")
+  for step in range(11, 31):
+    assert a[step] == b[step], step
+
+
+def test_bad_task_inputs():
+  df = seasonal_frame(n=40, missing=())
+  with pytest.raises(UserError, match=r"has 40 time steps; it needs at least .* = 24 \+ 6 \+ 6 "
+                                      r"\+ 6 = 42"):
+    task_for(df)
+  with pytest.raises(UserError, match="config.data.horizon must be >= 1, got 0"):
+    task_for(seasonal_frame(), **{"data.horizon": 0})
+  with pytest.raises(UserError, match="model.head='laplace'"):
+    task_for(seasonal_frame(), **{"model.head": "laplace"})
+  with pytest.raises(UserError, match="val_length=3 is shorter than"):
+    task_for(seasonal_frame(), **{"data.val_length": 3})
+
+
+def test_panel_with_covariates_and_a_multivariate_source():
+  from gru_tpu.tasks.forecast import forecast_frame, load_panel
+  rng = np.random.default_rng(0)
+  frames = []
+  for store, level in (("a", 10.0), ("b", 100.0)):
+    i = np.arange(80)
+    price = rng.uniform(1, 2, 80)
+    frames.append(pd.DataFrame({
+        "date": pd.date_range("2020-01-06", periods=80, freq="W-MON"), "store": store,
+        "sales": level + np.sin(2 * np.pi * i / 52) - price, "price": price,
+        "visits": rng.normal(size=80)}))
+  df = pd.concat(frames, ignore_index=True)
+  future = df.groupby("store").tail(3).copy()          # 3 future weeks: prices known, no sales
+  future["date"] += pd.Timedelta(weeks=3)
+  future["sales"] = np.nan
+  df = pd.concat([df, future]).sort_values(["store", "date"], ignore_index=True)
+  c = config(**{"data.context_length": 20, "data.horizon": 3, "data.id_column": "store",
+                "data.known_covariates": "price", "data.past_covariates": "visits"})
+  c.data.target = "sales"
+  panel = ts.panel_from_frame(df[df.sales.notna()].reset_index(drop=True), time_column="date",
+                              targets=["sales"], id_column="store", known=["price"],
+                              past=["visits"], name="panel")
+  task = ForecastTask(c, panel)
+  assert set(task.scales) == {"a", "b"} and task.scales["b"]["y"][0]["loc"] > 90
+  assert task.meta["cycles"] == ["year"] and task.store.known.shape[1] == 4 + 1
+  model = task.build_model(nnx.Rngs(0))
+  model.eval()
+  assert np.isfinite(float(model.loss(next(task.batches("train", 0, 0, 1)))[0]))
+  full = ts.panel_from_frame(df, time_column="date", targets=["sales"], id_column="store",
+                             known=["price"], past=["visits"], name="panel")
+  f = forecast_frame(model, c, task.meta, full, 3, num_samples=10)
+  assert list(f.columns) == ["store", "date", "target", "point", "q0.1", "q0.5", "q0.9"]
+  assert f.groupby("store").size().tolist() == [3, 3]
+  assert f[f.store == "b"]["point"].mean() > 50 > f[f.store == "a"]["point"].mean()
+  with pytest.raises(UserError, match="known covariates price need values for the 3 steps"):
+    forecast_frame(model, c, task.meta, panel, 3, num_samples=10)
+
+  c = config("statsmodels:macrodata", **{"data.context_length": 16, "data.horizon": 4,
+                                         "model.decoder": "autoregressive"})
+  c.data.target, c.data.time_column = "", ""
+  task = ForecastTask(c, load_panel(c.data))
+  assert task.meta["targets"] == ["realgdp", "realcons", "realinv"]
+  model = task.build_model(nnx.Rngs(0))
+  model.eval()
+  f = forecast_frame(model, c, task.meta, task.panel, 5, num_samples=4)  # AR: beyond horizon
+  assert len(f) == 15 and set(f["target"]) == {"realgdp", "realcons", "realinv"}
+  assert f["date"].iloc[0] == pd.Timestamp("2009-10-01")
+
+
+def test_lags_from_config():
+  assert task_for(seasonal_frame()).meta["lags"] == [1, 12]               # 1 and the season
+  task = task_for(seasonal_frame(), **{"data.lags": "3, 1,24"})
+  assert task.meta["lags"] == [1, 3, 24] and task.pad == 24 + 24
+  with pytest.raises(UserError, match="config.data.lags='1,x'"):
+    task_for(seasonal_frame(), **{"data.lags": "1,x"})
+  with pytest.raises(UserError, match="integers >= 1"):
+    task_for(seasonal_frame(), **{"data.lags": "0"})
