@@ -109,6 +109,20 @@ def first_time_below(curve: list[dict], level: float) -> float | None:
   return next((p["train_seconds"] for p in curve if p["val_loss"] <= level), None)
 
 
+def summarize(curves: dict[str, list[dict]]) -> dict:
+  """Per model: best / final validation loss, speed, time to 1.45 nats, and the curve."""
+  summary = {}
+  for name, curve in curves.items():
+    best = min(curve, key=lambda q: q["val_loss"])
+    summary[name] = {"best_val_loss": best["val_loss"], "best_step": best["step"],
+                     "best_train_seconds": best["train_seconds"],
+                     "final_val_loss": curve[-1]["val_loss"],
+                     "seconds_per_step": round(curve[-1]["train_seconds"] / curve[-1]["step"], 3),
+                     "seconds_to_1.45": first_time_below(curve, 1.45),
+                     "curve": curve}
+  return summary
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -152,15 +166,7 @@ def main(argv: list[str] | None = None) -> int:
       print(json.dumps({"model": model.name, **point}), flush=True)
       r["done"] = r["step"] >= config.num_steps or r["train_seconds"] >= 60 * args.minutes
 
-  summary = {}
-  for name, r in runs.items():
-    best = min(r["curve"], key=lambda q: q["val_loss"])
-    summary[name] = {"best_val_loss": best["val_loss"], "best_step": best["step"],
-                     "best_train_seconds": best["train_seconds"],
-                     "final_val_loss": r["curve"][-1]["val_loss"],
-                     "seconds_per_step": round(r["train_seconds"] / r["step"], 3),
-                     "seconds_to_1.45": first_time_below(r["curve"], 1.45),
-                     "curve": r["curve"]}
+  summary = summarize({name: r["curve"] for name, r in runs.items()})
   t_ours, t_ref = (summary[n]["seconds_to_1.45"] for n in ("gru_tpu", "pytorch"))
   result = {
       "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(),
