@@ -1,13 +1,14 @@
-"""Notebook API: `m = gru_tpu.load(workdir)`, then `m.generate(...)`, `m.model`, `m.config`.
+"""Notebook API: `m = gru_tpu.load(workdir)`, then `m.generate(...)`, `m.model`, `m.config`,
+`m.metrics()` (a pandas DataFrame) and `m.plot_metrics()`.
 
 Loading rebuilds the model from the checkpoint's saved config and task metadata (tokenizer), so
 the training data need not be present; parameters are restored onto this process's first device
-whatever mesh wrote them.
+whatever mesh or number of processes wrote them. Nothing is executed from the checkpoint: it is
+arrays and JSON.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,37 +22,89 @@ from flax import nnx
 from gru_tpu import train
 from gru_tpu.checkpoint import Checkpointer
 from gru_tpu.data import text
-from gru_tpu.errors import UserError
+from gru_tpu.errors import CheckpointError, UserError
 from gru_tpu.metrics import read_metrics
 from gru_tpu.models import lm
 from gru_tpu.tasks import sequence_lm
 
 
-@dataclasses.dataclass
 class _ModelOnly:
   """Stands in for a task when only the model is needed (no data loaded)."""
-  config: Any
-  vocab_size: int
 
-  def build_model(self, rngs):
-    return sequence_lm(self.vocab_size, self.config.model, rngs)
+  def __init__(self, build_model):
+    self.build_model = build_model
+
+
+def _model_from_metadata(config, task_meta: dict, workdir: Path):
+  """(build_model(rngs), tokenizer or None) from a checkpoint's task metadata."""
+  kind = task_meta.get("task")
+  tokenizer = None
+  if kind == "text":
+    tokenizer = text.tokenizer_from_json(task_meta["tokenizer"])
+    vocab_size = tokenizer.vocab_size
+  elif kind == "synthetic":
+    vocab_size = task_meta["vocab_size"]
+  else:
+    raise UserError(f"{workdir} holds a checkpoint of task {kind!r}, which load() does not know")
+  return (lambda rngs: sequence_lm(vocab_size, config.model, rngs)), tokenizer
 
 
 class Loaded:
-  """A trained model with its config, tokenizer and metrics history."""
+  """A trained model with its config, task metadata, tokenizer (text) and metrics history."""
 
-  def __init__(self, workdir: Path, config, model, tokenizer, step: int):
-    self.workdir, self.config, self.model, self.tokenizer, self.step = (
-        workdir, config, model, tokenizer, step)
+  def __init__(self, workdir: Path, config, model, step: int, task_meta: dict,
+               tokenizer: Any = None):
+    self.workdir, self.config, self.model, self.step = workdir, config, model, step
+    self.task_meta, self.tokenizer = task_meta, tokenizer
     self.model.eval()
 
-  def metrics(self) -> list[dict]:
-    return read_metrics(self.workdir)
+  @property
+  def task(self) -> str:
+    return self.config.task
+
+  def metrics(self):
+    """metrics.jsonl as a pandas DataFrame (step, split, one column per metric).
+
+    Steps run again after a resume appear once (the later row), sorted by split and step.
+    """
+    import pandas as pd
+
+    df = pd.DataFrame(read_metrics(self.workdir))
+    if df.empty:
+      return df
+    df = df.drop_duplicates(["split", "step"], keep="last")
+    return df.sort_values(["split", "step"], kind="stable").reset_index(drop=True)
+
+  def plot_metrics(self, *names: str, ax=None):
+    """One line per split for each metric (default: loss) against step; returns the axes."""
+    try:
+      import matplotlib.pyplot as plt
+    except ImportError:
+      raise UserError("plot_metrics() needs matplotlib: pip install 'gru_tpu[notebook]'") from None
+    df = self.metrics()
+    names = names or ("loss",)
+    missing = [n for n in names if n not in df.columns]
+    if missing:
+      raise UserError(f"no metric {', '.join(missing)} in {self.workdir / 'metrics.jsonl'}; "
+                      f"it has {sorted(c for c in df.columns if c not in ('step', 'split'))}")
+    if ax is None:
+      _, ax = plt.subplots(figsize=(6, 3.5))
+    for name in names:
+      for split, rows in df.dropna(subset=[name]).groupby("split", sort=False):
+        ax.plot(rows["step"], rows[name], label=f"{split} {name}",
+                marker="o" if split != "train" else None)
+    ax.set_xlabel("step")
+    ax.set_title(f"{self.workdir.name} ({self.task})")
+    ax.legend()
+    return ax
 
   def stream(self, prompt: str, length: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              num_samples: int = 1, chunk: int = 64) -> Iterator[list[str]]:
     """Yields the next piece of text of every sample, `chunk` tokens at a time."""
+    if self.tokenizer is None:
+      raise UserError(f"generate() and stream() need a text model; {self.workdir} holds a "
+                      f"{self.task!r} one")
     if length < 0:
       raise UserError(f"--length must be >= 0, got {length}")
     if top_k is not None and not 1 <= top_k <= self.tokenizer.vocab_size:
@@ -77,30 +130,36 @@ class Loaded:
 
 
 def load(workdir: str | Path, step: int | None = None) -> Loaded:
+  """The checkpoint at `step` (default: the latest complete one) on this process's first device."""
   workdir = Path(workdir)
   ckpt = Checkpointer(workdir, async_save=False, create=False)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise UserError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
-                    f"{workdir} ...)")
-  meta = ckpt.restore_meta(step)
-  config = ml_collections.ConfigDict(meta["config"])
-  if meta["task"].get("task") != "text":
-    raise UserError(f"{workdir} was trained on task {meta['task'].get('task')!r}; load() "
-                    f"supports text checkpoints")
-  tokenizer = text.tokenizer_from_json(meta["task"]["tokenizer"])
-  tx = train.make_optimizer(config)
-  init = functools.partial(train.init_state, _ModelOnly(config, tokenizer.vocab_size), tx,
-                           config.seed)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        jax.eval_shape(init))
-  state, _ = ckpt.restore(step, target)
-  ckpt.close()
-  model = nnx.merge(nnx.graphdef(nnx.eval_shape(
-      lambda: _ModelOnly(config, tokenizer.vocab_size).build_model(nnx.Rngs(0)))),
-      state["params"], state["rest"])
-  return Loaded(workdir, config, model, tokenizer, step)
+  steps = ckpt.steps()
+  if not steps:
+    raise CheckpointError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
+                          f"{workdir} ...)")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise CheckpointError(f"{workdir} has no checkpoint at step {step}; it has steps {steps}",
+                          step=step)
+  try:
+    meta = ckpt.restore_meta(step)
+    config = ml_collections.ConfigDict(meta["config"])
+    build_model, tokenizer = _model_from_metadata(config, meta["task"], workdir)
+    tx = train.make_optimizer(config)
+    init = functools.partial(train.init_state, _ModelOnly(build_model), tx, config.seed)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          jax.eval_shape(init))
+    state, _ = ckpt.restore(step, target)
+  except CheckpointError as e:
+    others = [s for s in steps if s != step]
+    hint = f"; other checkpoints: steps {others} (load(..., step=N), --step N)" if others else ""
+    raise CheckpointError(f"{e}{hint}", step=step) from None
+  finally:
+    ckpt.close()
+  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(nnx.Rngs(0)))),
+                    state["params"], state["rest"])
+  return Loaded(workdir, config, model, step, meta["task"], tokenizer)
 
 
 def main(argv: list[str]) -> int:
