@@ -180,9 +180,15 @@ def setup(config, mesh) -> Setup:
   return Setup(task, graphdef, init, abstract, state_sh, batch_sh, step_fn, eval_fn)
 
 
-def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
-  """Trains config.num_steps steps (resuming from workdir), returns the eval metrics rows."""
+def train_and_evaluate(config, workdir: str | Path,
+                       preemption: Preemption | None = None) -> list[dict]:
+  """Trains config.num_steps steps (resuming from workdir), returns the eval metrics rows.
+
+  Stops early, with a checkpoint at the current step, when `preemption` says so (the CLI's
+  listens for SIGTERM; several processes always agree through JAX's preemption service).
+  """
   workdir = Path(workdir)
+  preemption = preemption or Preemption()
   mesh = sharding.make_mesh(config.mesh)
   s = setup(config, mesh)
   task, step_fn = s.task, s.train_step
@@ -226,8 +232,8 @@ def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
 
   profile = range(config.get("profile_start", 0),
                   config.get("profile_start", 0) + config.get("profile_steps", 0))
-  # closing() also on errors: in-flight saves finish, files are flushed.
-  with _Preemption() as preemption, contextlib.closing(ckpt), contextlib.closing(writer):
+  # closing() on errors too (a Ctrl-C in a notebook): in-flight saves finish before a rerun.
+  with contextlib.closing(ckpt), contextlib.closing(writer):
     for step in range(start, config.num_steps):
       if profile and step == profile.start:
         jax.profiler.start_trace(str(workdir / "profile"))
@@ -266,24 +272,19 @@ def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
   return evals
 
 
-class _Preemption:
-  """SIGTERM (what a preempted Cloud VM gets) -> `reached(step)` is True at one step.
+class Preemption:
+  """When to stop for a preemption notice: `reached(step)`, asked after every step.
 
-  Several processes must all stop at the same step: JAX's preemption service (started by
-  jax.distributed.initialize) catches the signal in each process and agrees on a step through
-  the coordinator (multihost_utils.reached_preemption_sync_point, called at every step). One
-  process uses its own handler (installed for the run, then restored; main thread only).
+  With several processes all must stop at the same step: JAX's preemption service (started by
+  jax.distributed.initialize) catches SIGTERM in each process and agrees on a step through the
+  coordinator (multihost_utils.reached_preemption_sync_point, called at every step). A single
+  process counts a SIGTERM received inside `on_sigterm()` (the CLI's; a library call leaves the
+  process's signal handling alone).
   """
 
-  def __enter__(self):
-    self.requested, self.previous = False, None
+  def __init__(self):
+    self.requested = False
     self.multihost = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
-    if not self.multihost and threading.current_thread() is threading.main_thread():
-      self.previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.requested = True
 
   def reached(self, step: int) -> bool:
     if self.multihost:
@@ -291,9 +292,16 @@ class _Preemption:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
-  def __exit__(self, *exc):
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
+  @contextlib.contextmanager
+  def on_sigterm(self):
+    if self.multihost or threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+    try:
+      yield self
+    finally:
+      signal.signal(signal.SIGTERM, previous)
 
 
 def _everywhere(ok: bool) -> bool:
@@ -430,7 +438,8 @@ def main(argv: list[str]) -> int:
   if fv.coordinator_address or fv.distributed:
     initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
   try:
-    train_and_evaluate(fv.config, fv.workdir)
+    with Preemption().on_sigterm() as preemption:  # SIGTERM: save, then exit 0
+      train_and_evaluate(fv.config, fv.workdir, preemption)
   except UserError as e:
     print(f"gru-tpu train: {e}", file=sys.stderr)
     return 2
