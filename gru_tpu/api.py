@@ -1,5 +1,5 @@
-"""Notebook API: `m = gru_tpu.load(workdir)`, then `m.generate(...)`, `m.model`, `m.config`,
-`m.metrics()` (a pandas DataFrame) and `m.plot_metrics()`.
+"""Notebook API: `m = gru_tpu.load(workdir)`, then `m.generate(...)` (text), `m.model`,
+`m.config`, `m.metrics()` (a pandas DataFrame) and `m.plot_metrics()`; `gru-tpu sample`.
 
 Loading rebuilds the model from the checkpoint's saved config and task metadata (tokenizer), so
 the training data need not be present; parameters are restored onto this process's first device
@@ -9,9 +9,10 @@ arrays and JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -28,35 +29,24 @@ from gru_tpu.models import lm
 from gru_tpu.tasks import sequence_lm
 
 
+@dataclasses.dataclass
 class _ModelOnly:
   """Stands in for a task when only the model is needed (no data loaded)."""
-
-  def __init__(self, build_model):
-    self.build_model = build_model
-
-
-def _model_from_metadata(config, task_meta: dict, workdir: Path):
-  """(build_model(rngs), tokenizer or None) from a checkpoint's task metadata."""
-  kind = task_meta.get("task")
-  tokenizer = None
-  if kind == "text":
-    tokenizer = text.tokenizer_from_json(task_meta["tokenizer"])
-    vocab_size = tokenizer.vocab_size
-  elif kind == "synthetic":
-    vocab_size = task_meta["vocab_size"]
-  else:
-    raise UserError(f"{workdir} holds a checkpoint of task {kind!r}, which load() does not know")
-  return (lambda rngs: sequence_lm(vocab_size, config.model, rngs)), tokenizer
+  build_model: Callable[[nnx.Rngs], nnx.Module]
 
 
 class Loaded:
-  """A trained model with its config, task metadata, tokenizer (text) and metrics history."""
+  """A trained model with its config, task metadata and metrics history; `load` returns the
+  subclass for the checkpoint's task (TASKS)."""
 
-  def __init__(self, workdir: Path, config, model, step: int, task_meta: dict,
-               tokenizer: Any = None):
-    self.workdir, self.config, self.model, self.step = workdir, config, model, step
-    self.task_meta, self.tokenizer = task_meta, tokenizer
+  def __init__(self, workdir: Path, config, model, meta: dict, step: int):
+    self.workdir, self.config, self.model, self.meta, self.step = (
+        workdir, config, model, meta, step)
     self.model.eval()
+
+  @staticmethod
+  def build(config, meta: dict, rngs: nnx.Rngs) -> nnx.Module:
+    raise NotImplementedError
 
   @property
   def task(self) -> str:
@@ -98,13 +88,22 @@ class Loaded:
     ax.legend()
     return ax
 
+
+class TextModel(Loaded):
+  """A text model: `generate` and `stream`, with its tokenizer."""
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    self.tokenizer = text.tokenizer_from_json(self.meta["tokenizer"])
+
+  @staticmethod
+  def build(config, meta, rngs):
+    return sequence_lm(text.tokenizer_from_json(meta["tokenizer"]).vocab_size, config.model, rngs)
+
   def stream(self, prompt: str, length: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              num_samples: int = 1, chunk: int = 64) -> Iterator[list[str]]:
     """Yields the next piece of text of every sample, `chunk` tokens at a time."""
-    if self.tokenizer is None:
-      raise UserError(f"generate() and stream() need a text model; {self.workdir} holds a "
-                      f"{self.task!r} one")
     if length < 0:
       raise UserError(f"--length must be >= 0, got {length}")
     if top_k is not None and not 1 <= top_k <= self.tokenizer.vocab_size:
@@ -129,8 +128,20 @@ class Loaded:
                                                      top_k=top_k, top_p=top_p, seed=seed))
 
 
+class SyntheticModel(Loaded):
+  """The engine's synthetic next-token model (tests, debugging): the model only."""
+
+  @staticmethod
+  def build(config, meta, rngs):
+    return sequence_lm(meta["vocab_size"], config.model, rngs)
+
+
+TASKS = {"text": TextModel, "synthetic": SyntheticModel}
+
+
 def load(workdir: str | Path, step: int | None = None) -> Loaded:
-  """The checkpoint at `step` (default: the latest complete one) on this process's first device."""
+  """The checkpoint at `step` (default: the latest complete one) as the task's Loaded class,
+  on this process's first device."""
   workdir = Path(workdir)
   ckpt = Checkpointer(workdir, async_save=False, create=False)
   steps = ckpt.steps()
@@ -144,9 +155,14 @@ def load(workdir: str | Path, step: int | None = None) -> Loaded:
   try:
     meta = ckpt.restore_meta(step)
     config = ml_collections.ConfigDict(meta["config"])
-    build_model, tokenizer = _model_from_metadata(config, meta["task"], workdir)
-    tx = train.make_optimizer(config)
-    init = functools.partial(train.init_state, _ModelOnly(build_model), tx, config.seed)
+    kind = meta["task"].get("task")
+    if kind not in TASKS:
+      raise UserError(f"{workdir} was trained on task {kind!r}; load() supports "
+                      f"{', '.join(TASKS)} checkpoints")
+    cls = TASKS[kind]
+    builder = _ModelOnly(lambda rngs: cls.build(config, meta["task"], rngs))
+    init = functools.partial(train.init_state, builder, train.make_optimizer(config),
+                             config.seed)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           jax.eval_shape(init))
@@ -157,9 +173,9 @@ def load(workdir: str | Path, step: int | None = None) -> Loaded:
     raise CheckpointError(f"{e}{hint}", step=step) from None
   finally:
     ckpt.close()
-  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(nnx.Rngs(0)))),
+  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: builder.build_model(nnx.Rngs(0)))),
                     state["params"], state["rest"])
-  return Loaded(workdir, config, model, step, meta["task"], tokenizer)
+  return cls(workdir, config, model, meta["task"], step)
 
 
 def main(argv: list[str]) -> int:
@@ -180,6 +196,8 @@ def main(argv: list[str]) -> int:
   a = p.parse_args(argv)
   try:
     m = load(a.workdir, a.step)
+    if not isinstance(m, TextModel):
+      raise UserError(f"{a.workdir} holds a {m.task!r} model; gru-tpu sample needs a text one")
     if isinstance(m.tokenizer, text.CharTokenizer):
       unknown = sorted({c for c in a.prompt if c not in m.tokenizer.index})
       if unknown:
