@@ -405,6 +405,14 @@ def _one_line(e: Exception) -> str:
   return msg
 
 
+def _no_orbax_tracebacks(record: logging.LogRecord) -> bool:
+  """orbax logs a failed background save with tracebacks from each thread; the error reaches
+  the user as one CheckpointError line, so its log records keep only their first line."""
+  if "orbax" in record.pathname and record.exc_info:
+    record.exc_info = record.exc_text = None
+  return True
+
+
 def main(argv: list[str]) -> int:
   """`gru-tpu train`: absl config flags; a user error is one line on stderr and exit code 2."""
   from absl import flags
@@ -435,6 +443,7 @@ def main(argv: list[str]) -> int:
   log.handlers[:] = [handler]
   log.setLevel(logging.INFO)
   log.propagate = False
+  logging.getLogger("absl").addFilter(_no_orbax_tracebacks)
   if fv.coordinator_address or fv.distributed:
     initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
   try:

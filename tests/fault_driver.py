@@ -8,12 +8,15 @@ GRU_TPU_FAULTS is a comma-separated list of
   term@N          SIGTERM itself at that point: a preemption notice
   kill_in_save@N  SIGKILL itself while checkpoint N is being committed: every file is written to
                   N.orbax-checkpoint-tmp, the rename that finalises it has not happened
+  enospc@N        the disk is full while checkpoint N is written (its JSON metadata write fails
+                  with ENOSPC, after the arrays went to N.orbax-checkpoint-tmp)
 GRU_TPU_FAULT_PROCESS=I limits them to process I of a multi-process run.
 
 The signals are real and reach the real command (gru_tpu.cli.main); only their timing is pinned,
 so each test kills at the same place every time.
 """
 
+import errno
 import os
 import signal
 import sys
@@ -25,13 +28,17 @@ def _signal_self(sig: int) -> None:
 
 def install(faults: str, only_process: int | None) -> None:
   import jax
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler
   from orbax.checkpoint._src.path import atomicity
 
   from gru_tpu import train
 
-  at_step, in_save = {}, {}
+  at_step, in_save, disk_full = {}, {}, set()
   for fault in filter(None, faults.split(",")):
     kind, n = fault.split("@")
+    if kind == "enospc":
+      disk_full.add(int(n))
+      continue
     {"kill": at_step, "term": at_step, "kill_in_save": in_save}[kind][int(n)] = {
         "kill": signal.SIGKILL, "term": signal.SIGTERM, "kill_in_save": signal.SIGKILL}[kind]
 
@@ -64,6 +71,15 @@ def install(faults: str, only_process: int | None) -> None:
     return await finalize(self, *args, **kwargs)
 
   atomicity.AtomicRenameTemporaryPath.finalize = finalize_with_faults
+
+  save_json = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+  async def save_json_with_faults(self, x, directory):
+    if isinstance(x, dict) and x.get("data_step") in disk_full and armed():
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return await save_json(self, x, directory)
+
+  json_checkpoint_handler.JsonCheckpointHandler._save_fn = save_json_with_faults
 
 
 if __name__ == "__main__":
