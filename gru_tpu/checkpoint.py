@@ -16,6 +16,7 @@ import contextlib
 import logging
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,22 @@ def _reason(e: BaseException) -> str:
   line = (str(e).strip().splitlines() or [""])[0]
   line = re.sub(r' in OCDBT database at local file "[^"]*"', "", line)
   return f"{type(e).__name__}: {line[:300]}"
+
+
+def _quiet_failed_reads() -> None:
+  """A failed restore leaves orbax's other array reads of it running; each fails in turn and,
+  never awaited, prints a page-long traceback when collected, for the error already reported.
+  From the first failed restore on, those are dropped (other unraisable errors still print)."""
+  hook = sys.unraisablehook
+  if getattr(hook, "drops_failed_reads", False):
+    return
+
+  def quiet(u):
+    if getattr(u.object, "__name__", "") != "_read_array_index_and_device_put":
+      hook(u)
+
+  quiet.drops_failed_reads = True
+  sys.unraisablehook = quiet
 
 
 class Checkpointer:
@@ -121,11 +138,15 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """(state on abstract_state's shardings, meta); CheckpointError if unreadable or corrupt."""
     meta = self.restore_meta(step)
+    error = None
     try:
       state = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))["state"]
     except Exception as e:
-      raise self._unreadable(step, _reason(e)) from e
+      error = self._unreadable(step, _reason(e))
+    if error is not None:
+      _quiet_failed_reads()
+      raise error
     if "checksums" in meta:
       got = checksums(state)
       bad = sorted(k for k, v in meta["checksums"].items() if got.get(k) != v)
