@@ -46,7 +46,8 @@ def _checksums(tree):
   def one(a):
     w = _words_u32(a)
     i = jnp.arange(w.size, dtype=jnp.uint32).reshape(w.shape)
-    # Odd weights: any single flipped bit changes the sum mod 2^32; so does moving a value.
+    # Odd weights: any single flipped bit changes the sum mod 2^32, and a value at the wrong
+    # index almost always does.
     return jnp.sum(w * (2 * i + 1), dtype=jnp.uint32)
   return jax.tree.map(one, tree)
 
