@@ -1,10 +1,11 @@
 """Notebook API: `m = gru_tpu.load(workdir)`, then `m.generate(...)` (text) or
-`m.forecast(...)` (forecast), `m.model`, `m.config`, `m.metrics()`; `gru-tpu sample` and
-`gru-tpu forecast`.
+`m.forecast(...)` (forecast), `m.model`, `m.config`, `m.metrics()` (a pandas DataFrame) and
+`m.plot_metrics()`; `gru-tpu sample` and `gru-tpu forecast`.
 
 Loading rebuilds the model from the checkpoint's saved config and task metadata (tokenizer,
 scalers), so the training data need not be present; parameters are restored onto this
-process's first device whatever mesh wrote them.
+process's first device whatever mesh or number of processes wrote them. Nothing is executed
+from the checkpoint: it is arrays and JSON.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gru_tpu import train
 from gru_tpu.checkpoint import Checkpointer
 from gru_tpu.data import text
 from gru_tpu.data import timeseries as ts
-from gru_tpu.errors import UserError
+from gru_tpu.errors import CheckpointError, UserError
 from gru_tpu.metrics import read_metrics
 from gru_tpu.models import lm
 from gru_tpu.tasks import forecast, sequence_lm
@@ -39,7 +40,7 @@ class _ModelOnly:
 
 class Loaded:
   """A trained model with its config, task metadata and metrics history; `load` returns the
-  subclass for the checkpoint's task (TextModel, ForecastModel)."""
+  subclass for the checkpoint's task (TASKS: TextModel, ForecastModel, SyntheticModel)."""
 
   def __init__(self, workdir: Path, config, model, meta: dict, step: int):
     self.workdir, self.config, self.model, self.meta, self.step = (
@@ -50,8 +51,46 @@ class Loaded:
   def build(config, meta: dict, rngs: nnx.Rngs) -> nnx.Module:
     raise NotImplementedError
 
-  def metrics(self) -> list[dict]:
-    return read_metrics(self.workdir)
+  @property
+  def task(self) -> str:
+    return self.config.task
+
+  def metrics(self):
+    """metrics.jsonl as a pandas DataFrame (step, split, one column per metric).
+
+    Steps run again after a resume appear once (the later row), sorted by split and step.
+    """
+    import pandas as pd
+
+    df = pd.DataFrame(read_metrics(self.workdir))
+    if df.empty:
+      return df
+    df = df.drop_duplicates(["split", "step"], keep="last")
+    return df.sort_values(["split", "step"], kind="stable").reset_index(drop=True)
+
+  def plot_metrics(self, *names: str, ax=None):
+    """One line per split for each metric (default: loss) against step; returns the axes."""
+    try:
+      import matplotlib.pyplot as plt
+    except ImportError:
+      raise UserError("plot_metrics() needs matplotlib: pip install 'gru_tpu[notebook]'") from None
+    df = self.metrics()
+    names = names or ("loss",)
+    missing = [n for n in names if n not in df.columns]
+    if missing:
+      raise UserError(f"no metric {', '.join(missing)} in {self.workdir / 'metrics.jsonl'}; "
+                      f"it has {sorted(c for c in df.columns if c not in ('step', 'split'))}")
+    if ax is None:
+      _, ax = plt.subplots(figsize=(6, 3.5))
+    for name in names:
+      for split, rows in df.dropna(subset=[name]).groupby("split", sort=False):
+        ax.plot(rows["step"], rows[name], label=f"{split} {name}",
+                marker="o" if split != "train" else None)
+    ax.set_xlabel("step")
+    ax.set_title(f"{self.workdir.name} ({self.task})")
+    ax.legend()
+    return ax
+
 
 
 class TextModel(Loaded):
@@ -135,34 +174,54 @@ class ForecastModel(Loaded):
                   max_panels)
 
 
-TASKS = {"text": TextModel, "forecast": ForecastModel}
+class SyntheticModel(Loaded):
+  """The engine's synthetic next-token model (tests, debugging): the model only."""
+
+  @staticmethod
+  def build(config, meta, rngs):
+    return sequence_lm(meta["vocab_size"], config.model, rngs)
+
+
+TASKS = {"text": TextModel, "forecast": ForecastModel, "synthetic": SyntheticModel}
 
 
 def load(workdir: str | Path, step: int | None = None) -> Loaded:
-  """The model of a workdir's checkpoint (the latest, or `step`) as the task's Loaded class."""
+  """The checkpoint at `step` (default: the latest complete one) as the task's Loaded class,
+  on this process's first device."""
   workdir = Path(workdir)
   if not (workdir / "checkpoints").is_dir():
     raise UserError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
                     f"{workdir} ...)")
   ckpt = Checkpointer(workdir, async_save=False, create=False)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise UserError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
-                    f"{workdir} ...)")
-  meta = ckpt.restore_meta(step)
-  config = ml_collections.ConfigDict(meta["config"])
-  kind = meta["task"].get("task")
-  if kind not in TASKS:
-    raise UserError(f"{workdir} was trained on task {kind!r}; load() supports "
-                    f"{', '.join(TASKS)} checkpoints")
-  cls = TASKS[kind]
-  builder = _ModelOnly(lambda rngs: cls.build(config, meta["task"], rngs))
-  init = functools.partial(train.init_state, builder, train.make_optimizer(config), config.seed)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        jax.eval_shape(init))
-  state, _ = ckpt.restore(step, target)
-  ckpt.close()
+  steps = ckpt.steps()
+  if not steps:
+    raise CheckpointError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
+                          f"{workdir} ...)")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise CheckpointError(f"{workdir} has no checkpoint at step {step}; it has steps {steps}",
+                          step=step)
+  try:
+    meta = ckpt.restore_meta(step)
+    config = ml_collections.ConfigDict(meta["config"])
+    kind = meta["task"].get("task")
+    if kind not in TASKS:
+      raise UserError(f"{workdir} was trained on task {kind!r}; load() supports "
+                      f"{', '.join(TASKS)} checkpoints")
+    cls = TASKS[kind]
+    builder = _ModelOnly(lambda rngs: cls.build(config, meta["task"], rngs))
+    init = functools.partial(train.init_state, builder, train.make_optimizer(config),
+                             config.seed)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          jax.eval_shape(init))
+    state, _ = ckpt.restore(step, target)
+  except CheckpointError as e:
+    others = [s for s in steps if s != step]
+    hint = f"; other checkpoints: steps {others} (load(..., step=N), --step N)" if others else ""
+    raise CheckpointError(f"{e}{hint}", step=step) from None
+  finally:
+    ckpt.close()
   model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: builder.build_model(nnx.Rngs(0)))),
                     state["params"], state["rest"])
   return cls(workdir, config, model, meta["task"], step)
@@ -218,7 +277,7 @@ def main(argv: list[str]) -> int:
   try:
     m = load(a.workdir, a.step)
     if not isinstance(m, TextModel):
-      raise UserError(f"{a.workdir} holds a {m.meta['task']} model; use gru-tpu forecast")
+      raise UserError(f"{a.workdir} holds a {m.task!r} model; gru-tpu sample needs a text one")
     if isinstance(m.tokenizer, text.CharTokenizer):
       unknown = sorted({c for c in a.prompt if c not in m.tokenizer.index})
       if unknown:

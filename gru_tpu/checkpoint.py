@@ -1,14 +1,89 @@
 """orbax checkpoints of the train state plus JSON metadata (config, data position, task info).
 
-No pickle anywhere: arrays go through orbax's array handlers, everything else is JSON.
+No pickle anywhere: arrays go through orbax's array handlers (tensorstore, zarr chunks), the
+rest is JSON. Only finalised checkpoints count: orbax writes each step into
+`STEP.orbax-checkpoint-tmp` and renames it when every file is on disk, so a save cut off
+mid-write is never a step; opening a directory that holds one logs a warning naming it.
+
+The metadata carries a checksum of every array (computed on device, so it works on any mesh
+and any number of processes); a restore recomputes them, so a flipped byte in an array file is
+an error (`CheckpointError`), not silently wrong weights.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from gru_tpu.errors import CheckpointError
+
+log = logging.getLogger("gru_tpu")
+
+_PARTIAL = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+
+
+def _words_u32(a: jax.Array) -> jax.Array:
+  """The array's bits as uint32 words (wider dtypes split, narrower ones widened)."""
+  if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+    a = jax.random.key_data(a)
+  if a.dtype == jnp.bool_:
+    return a.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[a.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(a, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _checksums(tree):
+  def one(a):
+    w = _words_u32(a)
+    i = jnp.arange(w.size, dtype=jnp.uint32).reshape(w.shape)
+    # Odd weights: any single flipped bit changes the sum mod 2^32, and a value at the wrong
+    # index almost always does.
+    return jnp.sum(w * (2 * i + 1), dtype=jnp.uint32)
+  return jax.tree.map(one, tree)
+
+
+def checksums(state: Any) -> dict[str, int]:
+  """{array path: uint32 checksum of its bits}; the same on any sharding or process count."""
+  sums = _checksums(state)
+  flat, _ = jax.tree_util.tree_flatten_with_path(sums)
+  # Replicated scalars: every process holds the whole value.
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): int(x.addressable_data(0))
+          for p, x in flat}
+
+
+def _reason(e: BaseException) -> str:
+  """The innermost cause's first line: tensorstore's outer messages are pages of spec."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  line = (str(e).strip().splitlines() or [""])[0]
+  line = re.sub(r' in OCDBT database at local file "[^"]*"', "", line)
+  return f"{type(e).__name__}: {line[:300]}"
+
+
+def _quiet_failed_reads() -> None:
+  """A failed restore leaves orbax's other array reads of it running; each fails in turn and,
+  never awaited, prints a page-long traceback when collected, for the error already reported.
+  From the first failed restore on, those are dropped (other unraisable errors still print)."""
+  hook = sys.unraisablehook
+  if getattr(hook, "drops_failed_reads", False):
+    return
+
+  def quiet(u):
+    if getattr(u.object, "__name__", "") != "_read_array_index_and_device_put":
+      hook(u)
+
+  quiet.drops_failed_reads = True
+  sys.unraisablehook = quiet
 
 
 class Checkpointer:
@@ -17,29 +92,103 @@ class Checkpointer:
                create: bool = True):
     """create=False opens an existing directory read-only (for loading)."""
     self.directory = Path(workdir).absolute() / "checkpoints"
+    # Before the manager exists: a writable one removes these leftovers.
+    self.partial_steps = sorted(
+        int(m.group(1)) for p in (self.directory.iterdir() if self.directory.is_dir() else ())
+        if (m := _PARTIAL.match(p.name)))
+    self._saving: int | None = None
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                             enable_async_checkpointing=async_save,
-                                             create=create, read_only=not create))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=create,
+            read_only=not create, save_interval_steps=1 if create else 0,
+            cleanup_tmp_directories=create))
+    latest = self.latest_step()
+    for step in self.partial_steps:
+      log.warning("checkpoint step %d in %s was cut off mid-write and is skipped; the latest "
+                  "complete checkpoint is %s", step, self.directory,
+                  "none" if latest is None else f"step {latest}")
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
   def save(self, step: int, state: Any, meta: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)))
+    """Starts an async save (waits for the previous one first); errors surface in wait()."""
+    meta = dict(meta, checksums=checksums(state))
+    try:
+      self.manager.wait_until_finished()  # the previous save's error, before a new one starts
+    except Exception as e:
+      raise self._save_error(e) from e
+    self._saving = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)))
+    except Exception as e:
+      raise self._save_error(e) from e
 
   def restore_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    try:
+      return self.manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:
+      raise self._unreadable(step, _reason(e)) from e
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"]
+    """(state on abstract_state's shardings, meta); CheckpointError if unreadable or corrupt."""
+    meta = self.restore_meta(step)
+    error = None
+    try:
+      state = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))["state"]
+    except Exception as e:
+      error = self._unreadable(step, _reason(e))
+    if error is not None:
+      _quiet_failed_reads()
+      raise error
+    if "checksums" in meta:
+      got = checksums(state)
+      bad = sorted(k for k, v in meta["checksums"].items() if got.get(k) != v)
+      if bad or got.keys() != meta["checksums"].keys():
+        raise self._unreadable(step, "checksum mismatch in " + (", ".join(bad[:3]) or
+                                                               "the array names"))
+    return state, meta
+
+  def _unreadable(self, step: int, reason: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable "
+                           f"(truncated or corrupt files: {reason})", step=step)
+
+  def _save_error(self, e: BaseException) -> CheckpointError:
+    kept = [s for s in self.steps() if (self.directory / str(s)).is_dir()]
+    return CheckpointError(
+        f"saving checkpoint step {self._saving} in {self.directory} failed ({_reason(e)}); "
+        f"training stopped. "
+        f"Complete checkpoints are kept: {kept or 'none'}. Free disk space (or fix the path) "
+        f"and run the same command again to resume.")
+
+  def set_aside(self, step: int) -> Path:
+    """Moves checkpoints/STEP to checkpoints_unreadable/STEP: kept for inspection, not deleted."""
+    dest = self.directory.parent / "checkpoints_unreadable" / str(step)
+    if jax.process_index() == 0:
+      dest.parent.mkdir(exist_ok=True)
+      while dest.exists():
+        dest = dest.with_name(dest.name + "_")
+      shutil.move(self.directory / str(step), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"gru_tpu set aside {step}")
+    self.manager.reload()
+    return dest
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(e) from e
 
   def close(self) -> None:
-    self.manager.close()
+    """Finishes in-flight saves; their errors were already raised by wait() or save()."""
+    with contextlib.suppress(Exception):
+      self.manager.close()

@@ -1,7 +1,8 @@
 """Run metrics: workdir/metrics.jsonl (one JSON object per event) and TensorBoard events.
 
 Every line has `step` and `split` ("train", "eval" or "test") plus metric names; the training
-loss is `loss`. Only process 0 writes.
+loss is `loss`. Only process 0 writes. A resumed run appends: steps between the checkpoint and
+the kill appear twice (the later row counts).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class MetricsWriter:
       return
     from tensorboardX import SummaryWriter
     self.path = Path(workdir) / "metrics.jsonl"
+    _drop_partial_line(self.path)
     self.file = self.path.open("a")
     self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
@@ -45,6 +47,23 @@ class MetricsWriter:
       self.tb.close()
 
 
+def _drop_partial_line(path: Path) -> None:
+  """A run killed mid-write can leave half a row; cut it so the next row starts a line."""
+  if not path.exists():
+    return
+  data = path.read_bytes()
+  if data and not data.endswith(b"\n"):
+    with path.open("r+b") as f:
+      f.truncate(data.rfind(b"\n") + 1)
+
+
 def read_metrics(workdir: str | Path) -> list[dict]:
+  """The rows of metrics.jsonl ([] if there is none); a half-written last row is left out."""
   path = Path(workdir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  if not path.exists():
+    return []
+  data = path.read_text()
+  lines = data.splitlines()
+  if lines and not data.endswith("\n"):
+    lines = lines[:-1]  # being written right now, or cut off by a kill
+  return [json.loads(line) for line in lines if line.strip()]

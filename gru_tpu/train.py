@@ -5,10 +5,15 @@
 A task is chosen by `config.task` and loaded by name from gru_tpu.tasks (this module never
 imports one). It hands the engine a model constructor, a pure loss function, per-process batch
 iterators, and JSON metadata; see gru_tpu/tasks/__init__.py.
+
+Runs survive being killed: the same command resumes from the latest readable checkpoint (the
+state, the data position and the RNG, so the result is bit-identical to an uninterrupted run),
+and SIGTERM - a preempted VM's notice - saves at the current step and exits cleanly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -16,7 +21,9 @@ import json
 import logging
 import math
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +36,7 @@ from flax import nnx
 
 from gru_tpu import sharding
 from gru_tpu.checkpoint import Checkpointer
-from gru_tpu.errors import UserError
+from gru_tpu.errors import CheckpointError, UserError
 from gru_tpu.metrics import MetricsWriter
 from gru_tpu.models import compiler_options
 
@@ -190,30 +197,29 @@ def setup(config, mesh) -> Setup:
   return Setup(task, graphdef, init, abstract, state_sh, batch_sh, step_fn, eval_fn)
 
 
-def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
-  """Trains config.num_steps steps (resuming from workdir), returns the eval metrics rows."""
+def train_and_evaluate(config, workdir: str | Path,
+                       preemption: Preemption | None = None) -> list[dict]:
+  """Trains config.num_steps steps (resuming from workdir), returns the eval metrics rows.
+
+  Stops early, with a checkpoint at the current step, when `preemption` says so (the CLI's
+  listens for SIGTERM; several processes always agree through JAX's preemption service).
+  """
   workdir = Path(workdir)
+  preemption = preemption or Preemption()
   mesh = sharding.make_mesh(config.mesh)
   s = setup(config, mesh)
   task, step_fn = s.task, s.train_step
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    _check_compatible(ckpt.restore_meta(latest)["config"], config, latest, ckpt.directory)
+  restored = _restore(ckpt, config, s)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-
-  if latest is None:
+  if restored is None:
     # Created inside jit with out_shardings: full parameters never exist on one host.
     state = jax.jit(s.init, out_shardings=s.state_shardings)()
     start = 0
   else:
-    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          s.abstract_state, s.state_shardings)
-    state, meta = ckpt.restore(latest, target)
-    start = int(meta["data_step"])
-    log.info("resumed from step %d in %s", latest, ckpt.directory)
+    state, start = restored
 
   writer = MetricsWriter(workdir)
   batches = task.batches("train", start, jax.process_index(), jax.process_count())
@@ -243,43 +249,123 @@ def train_and_evaluate(config, workdir: str | Path) -> list[dict]:
 
   profile = range(config.get("profile_start", 0),
                   config.get("profile_start", 0) + config.get("profile_steps", 0))
-  for step in range(start, config.num_steps):
-    if profile and step == profile.start:
-      jax.profiler.start_trace(str(workdir / "profile"))
-    batch = _to_global(next(batches), mesh)
-    t0 = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    if not compile_logged:
-      log.info("first step (compile + run) took %.1fs", time.perf_counter() - t0)
-      compile_logged = True
-    if pending is not None:
-      finish(*pending)
-    pending = (step + 1, metrics)
-    done = step + 1
-    if profile and done == profile.stop:
-      jax.block_until_ready(state)
-      jax.profiler.stop_trace()
-    if done % config.eval_every == 0 or done == config.num_steps:
-      finish(*pending)
-      pending = None
-      evals.append(_evaluate(config, s, state, mesh, writer, done,
-                             final=done == config.num_steps))
-    if done % config.checkpoint_every == 0 or done == config.num_steps:
+  # closing() on errors too (a Ctrl-C in a notebook): in-flight saves finish before a rerun.
+  with contextlib.closing(ckpt), contextlib.closing(writer):
+    for step in range(start, config.num_steps):
+      if profile and step == profile.start:
+        jax.profiler.start_trace(str(workdir / "profile"))
+      batch = _to_global(next(batches), mesh)
+      t0 = time.perf_counter()
+      state, metrics = step_fn(state, batch)
+      if not compile_logged:
+        log.info("first step (compile + run) took %.1fs", time.perf_counter() - t0)
+        compile_logged = True
       if pending is not None:
         finish(*pending)
+      pending = (step + 1, metrics)
+      done = step + 1
+      preempted = preemption.reached(done) and done < config.num_steps
+      if profile and done == profile.stop:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+      if done % config.eval_every == 0 or done == config.num_steps:
+        finish(*pending)
         pending = None
-      meta = {"config": json.loads(config.to_json_best_effort()), "data_step": done,
-              "task": task.metadata()}
-      ckpt.save(done, state, meta)
-  if pending is not None:
-    finish(*pending)
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
+        evals.append(_evaluate(config, s, state, mesh, writer, done,
+                               final=done == config.num_steps))
+      if done % config.checkpoint_every == 0 or done == config.num_steps or preempted:
+        if pending is not None:
+          finish(*pending)
+          pending = None
+        meta = {"config": json.loads(config.to_json_best_effort()), "data_step": done,
+                "task": task.metadata()}
+        ckpt.save(done, state, meta)
+      if preempted:
+        log.warning("preemption notice (SIGTERM) at step %d: saving a checkpoint and stopping; "
+                    "run the same command to resume", done)
+        break
+    if pending is not None:
+      finish(*pending)
+    ckpt.wait()
   return evals
 
 
-def _evaluate(config, s: Setup, state, mesh, writer, step: int, final: bool = False) -> dict:
+class Preemption:
+  """When to stop for a preemption notice: `reached(step)`, asked after every step.
+
+  With several processes all must stop at the same step: JAX's preemption service (started by
+  jax.distributed.initialize) catches SIGTERM in each process and agrees on a step through the
+  coordinator (multihost_utils.reached_preemption_sync_point, called at every step). A single
+  process counts a SIGTERM received inside `on_sigterm()` (the CLI's; a library call leaves the
+  process's signal handling alone).
+  """
+
+  def __init__(self):
+    self.requested = False
+    self.multihost = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+
+  def reached(self, step: int) -> bool:
+    if self.multihost:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  @contextlib.contextmanager
+  def on_sigterm(self):
+    if self.multihost or threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+    try:
+      yield self
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _everywhere(ok: bool) -> bool:
+  """True iff `ok` on every process (all of them must take the same branch)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _restore(ckpt: Checkpointer, config, s: Setup) -> tuple[Any, int] | None:
+  """(state, data position) of the latest readable checkpoint, or None when there is none.
+
+  An unreadable checkpoint (truncated or corrupt files) is skipped with a warning and moved to
+  WORKDIR/checkpoints_unreadable/ (so this run can save that step again); if none is readable,
+  CheckpointError and nothing changes.
+  """
+  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        s.abstract_state, s.state_shardings)
+  skipped: list[tuple[int, str]] = []
+  for step in reversed(ckpt.steps()):
+    error = None
+    try:
+      _check_compatible(ckpt.restore_meta(step)["config"], config, step, ckpt.directory)
+      state, meta = ckpt.restore(step, target)
+    except CheckpointError as e:
+      error = str(e)
+    if not _everywhere(error is None):
+      error = error or f"checkpoint step {step} is unreadable on another process"
+      log.warning("%s; trying the previous checkpoint", error)
+      skipped.append((step, error))
+      continue
+    for bad, _ in skipped:
+      log.warning("moved unreadable checkpoint step %d to %s", bad, ckpt.set_aside(bad))
+    log.info("resumed from step %d in %s", step, ckpt.directory)
+    return state, int(meta["data_step"])
+  if skipped:
+    raise CheckpointError(
+        f"no readable checkpoint in {ckpt.directory}: "
+        + "; ".join(e for _, e in skipped)
+        + ". Restore the files, or move the checkpoints away to start over. Nothing was changed.")
+  return None
+
+
+def _evaluate(config, s: Setup, state, mesh, writer, step: int,
+              final: bool = False) -> dict:
   task = s.task
   totals: dict[str, float] = {}
   batches = task.batches("eval", 0, jax.process_index(), jax.process_count())
@@ -351,14 +437,23 @@ def _one_line(e: Exception) -> str:
   return msg
 
 
+def _no_orbax_tracebacks(record: logging.LogRecord) -> bool:
+  """orbax logs a failed background save with tracebacks from each thread; the error reaches
+  the user as one CheckpointError line, so its log records keep only their first line."""
+  if "orbax" in record.pathname and record.exc_info:
+    record.exc_info = record.exc_text = None
+  return True
+
+
 def main(argv: list[str]) -> int:
   """`gru-tpu train`: absl config flags; a user error is one line on stderr and exit code 2."""
   from absl import flags
   from ml_collections import config_flags
 
   fv = flags.FlagValues()
+  # sys_argv: the override flags are found in these args, not sys.argv (in-process calls).
   config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", flag_values=fv,
-                                  lock_config=True)
+                                  lock_config=True, sys_argv=["gru-tpu train", *argv])
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl)",
                       flag_values=fv)
   flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (TPU pods: it "
@@ -380,10 +475,12 @@ def main(argv: list[str]) -> int:
   log.handlers[:] = [handler]
   log.setLevel(logging.INFO)
   log.propagate = False
+  logging.getLogger("absl").addFilter(_no_orbax_tracebacks)
   if fv.coordinator_address or fv.distributed:
     initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
   try:
-    train_and_evaluate(fv.config, fv.workdir)
+    with Preemption().on_sigterm() as preemption:  # SIGTERM: save, then exit 0
+      train_and_evaluate(fv.config, fv.workdir, preemption)
   except UserError as e:
     print(f"gru-tpu train: {e}", file=sys.stderr)
     return 2

@@ -1,4 +1,5 @@
-"""The training engine on the synthetic task: files, learning, exact resume, meshes, bad input."""
+"""The training engine on the synthetic task: files, learning, exact resume, meshes, bad input,
+and loading what a sharded or multi-process run wrote onto this process's one device."""
 
 import json
 import os
@@ -6,17 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
 import synthetic  # noqa: E402
 
+import gru_tpu  # noqa: E402
 from gru_tpu import train  # noqa: E402
 from gru_tpu.errors import UserError  # noqa: E402
 from gru_tpu.metrics import read_metrics  # noqa: E402
+from gru_tpu.tasks.synthetic import SyntheticTask  # noqa: E402
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "synthetic.py")
+DRIVER = str(Path(__file__).parent / "fault_driver.py")
 
 
 def tiny(**overrides):
@@ -109,6 +114,21 @@ def test_same_losses_on_1_device_8_data_and_4x2_data_model(tmp_path):
     got = losses(tmp_path / name)
     np.testing.assert_allclose([got[s] for s in range(1, 13)], [ref[s] for s in range(1, 13)],
                                rtol=2e-5, err_msg=name)
+  # Restore anywhere: the fsdp x tensor-parallel checkpoint on this process's single device
+  # gives the eval loss the 8-device run measured.
+  m = gru_tpu.load(tmp_path / "data4_model2_fsdp")
+  assert m.step == 12 and isinstance(m.model.head.kernel[...].sharding,
+                                     jax.sharding.SingleDeviceSharding)
+  (ev,) = [r for r in read_metrics(tmp_path / "data4_model2_fsdp") if r["split"] == "eval"]
+  np.testing.assert_allclose(loaded_loss(m, "eval", range(m.config.eval_steps)), ev["loss"],
+                             rtol=2e-5)
+
+
+def loaded_loss(m, split: str, batch_indices) -> float:
+  """Mean loss of a loaded synthetic model (eval mode) on the task's global batches."""
+  task = SyntheticTask(m.config)
+  return float(np.mean([task.loss_fn(m.model, {"tokens": task.global_batch(split, k)},
+                                     jax.random.key(0))[0] for k in batch_indices]))
 
 
 def free_port() -> int:
@@ -118,28 +138,42 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
-  """2 processes x 4 CPU devices (gloo) == 1 process x 8 devices, step for step."""
-  common = ["--config.num_steps=8", "--config.log_every=1", "--config.checkpoint_every=4",
+def test_two_processes_match_one_process_preempt_together_and_restore_anywhere(tmp_path):
+  """2 processes x 4 CPU devices (gloo) == 1 process x 8 devices, step for step; SIGTERM to one
+  process stops both at the same step (JAX's preemption sync point) with a checkpoint; that
+  checkpoint resumes on 1 process x 8 devices and loads onto this process's one device."""
+  common = ["--config.num_steps=8", "--config.log_every=1", "--config.checkpoint_every=100",
             "--config.eval_every=8"]
   ref = run_cli(tmp_path / "one", *common, devices=8)
   assert ref.returncode == 0, ref.stderr[-2000:]
   port = free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", GRU_TPU_FAULTS="term@2", GRU_TPU_FAULT_PROCESS="1")
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "gru_tpu.cli", "train", "--config", f"{CONFIG}:size=tiny",
+      [sys.executable, DRIVER, "--config", f"{CONFIG}:size=tiny",
        "--workdir", str(tmp_path / "two"), *common, f"--coordinator_address=127.0.0.1:{port}",
        "--num_processes=2", f"--process_id={i}"],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
+  (saved,) = [int(p.name) for p in (tmp_path / "two" / "checkpoints").iterdir()]
+  assert 3 <= saved < 8, f"preempted at step {saved}"
+  for _, err in outs:  # both processes stopped at the agreed step
+    assert f"preemption notice (SIGTERM) at step {saved}: saving a checkpoint" in err
+  assert sorted(losses(tmp_path / "two")) == list(range(1, saved + 1))  # process 0 writes once
+
+  r = run_cli(tmp_path / "two", *common, devices=8)  # resume on another topology
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert f"resumed from step {saved}" in r.stderr
   a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-  assert sorted(b) == list(range(1, 9))  # written once, by process 0
+  assert sorted(b) == list(range(1, 9))
   np.testing.assert_allclose([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)],
                              rtol=2e-5)
-  assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["4", "8"]
+  # The checkpoint the 2 processes wrote, on one device: the loss of the next batch is the one
+  # the resumed run measured with those parameters.
+  m = gru_tpu.load(tmp_path / "two", step=saved)
+  np.testing.assert_allclose(loaded_loss(m, "train", [saved]), b[saved + 1], rtol=2e-5)
 
 
 @pytest.mark.parametrize("flag,message", [

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from gru_tpu.data import text
+from gru_tpu.errors import UserError
 from gru_tpu.models import lm
 from gru_tpu.models.lm import SequenceLM
 from gru_tpu.tasks import sequence_lm
@@ -30,6 +31,11 @@ class TextTask:
                                    tfds_text_key=d.get("tfds_text_key", "text"))
     self.tokenizer = text.make_tokenizer(config.data.tokenizer, self.corpus)
     self._tokens: dict[str, np.ndarray] = {}
+    for split in ("train", "validation"):  # before training, not at the first eval
+      n = len(self.tokens(split))
+      if n <= config.seq_len:
+        raise UserError(f"config.seq_len={config.seq_len} is longer than the {split} split of "
+                        f"{self.corpus.name} ({n} tokens); lower config.seq_len or use more text")
 
   def tokens(self, split: str) -> np.ndarray:
     if split not in self._tokens:

@@ -1,0 +1,51 @@
+"""Every notebooks/*.ipynb runs top to bottom without a cell error (a new notebook is picked up
+by dropping it in). The kernel is this interpreter (sys.executable) with this environment, so it
+sees the same gru_tpu as the tests; cells run with notebooks/ as the working directory.
+
+  python tests/test_notebooks.py notebooks/quickstart.ipynb   # execute and save the outputs
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+
+
+def execute(path: Path):
+  import nbformat
+  from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+  from jupyter_client.manager import KernelManager
+  from nbclient import NotebookClient
+
+  class ThisInterpreter(KernelSpecManager):
+    def get_kernel_spec(self, kernel_name):
+      return KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f",
+                              "{connection_file}"], display_name="Python 3", language="python",
+                        name=kernel_name)
+
+  nb = nbformat.read(path, as_version=4)
+  km = KernelManager(kernel_name="python3", kernel_spec_manager=ThisInterpreter())
+  NotebookClient(nb, km=km, timeout=600,
+                 resources={"metadata": {"path": str(path.parent)}}).execute()
+  return nb
+
+
+def test_there_are_notebooks():
+  assert any(p.name == "quickstart.ipynb" for p in NOTEBOOKS)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs(path):
+  nb = execute(path)  # raises CellExecutionError on any cell error
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+  assert not [o for o in outputs if o.output_type == "error"]
+  assert any("image/png" in o.get("data", {}) for o in outputs), "no plot was drawn"
+
+
+if __name__ == "__main__":
+  import nbformat
+
+  for arg in sys.argv[1:]:
+    nbformat.write(execute(Path(arg).absolute()), arg)
