@@ -34,6 +34,7 @@ from gru_tpu.metrics import MetricsWriter, read_metrics
 ROOT = Path(__file__).parents[1]
 TEXT = f"{ROOT / 'configs' / 'char_pystdlib.py'}:size=tiny"
 SYNTHETIC = f"{ROOT / 'configs' / 'synthetic.py'}:size=tiny"
+FORECAST = f"{ROOT / 'configs' / 'csv_forecast.py'}:size=tiny"
 COMMON = ["--config.num_steps=4", "--config.checkpoint_every=2", "--config.eval_every=100",
           "--config.eval_steps=1", "--config.log_every=1"]
 TEXT_FLAGS = ["--config.data.sample_length=4"]
@@ -129,6 +130,15 @@ def train_on_empty_file(w: Path, tmp: Path) -> int:
   return train(w, f"--config.data.source=files:{tmp / 'empty.txt'}", keep_source=False)
 
 
+def train_forecast(w: Path, tmp: Path, *flags: str) -> int:
+  import pandas as pd
+  i = np.arange(120)
+  pd.DataFrame({"date": pd.date_range("2000-01-01", periods=120, freq="MS"),
+                "sales": 10 + np.sin(2 * np.pi * i / 12)}).to_csv(tmp / "series.csv", index=False)
+  return cli.main(["train", "--config", FORECAST, "--workdir", str(w), "--config.num_steps=2",
+                   f"--config.data.source=csv:{tmp / 'series.csv'}", *flags])
+
+
 ROWS = [
     # Damaged checkpoints.
     Row("api-array-file-truncated", lambda w, t: gru_tpu.load(w), CheckpointError,
@@ -180,9 +190,15 @@ ROWS = [
         r"empty_workdir holds no checkpoint; train first"),
     Row("sample-prompt-outside-vocab-is-unk", lambda w, t: sample(w, "--prompt", "to Zx"), 0,
         r"prompt characters not in the vocabulary become <unk>: 'Zx'"),
-    # FORECAST TASK ROWS (issue 5): add its bad inputs here once it is merged - a CSV that does
-    # not parse or lacks the column, a series shorter than context + horizon - as CLI rows
-    # (exit 2, message naming the file/column/length) and Loaded.forecast() API rows.
+    # The forecast task's bad inputs (tests/test_data_timeseries.py has every CSV case).
+    Row("forecast-csv-lacks-the-target-column", lambda w, t: train_forecast(
+        w, t, "--config.data.target=revenue"), 2,
+        r"csv:.*series.csv: no target column 'revenue' \(columns: date, sales\)"),
+    Row("forecast-series-too-short", lambda w, t: train_forecast(
+        w, t, "--config.data.target=sales", "--config.data.context_length=200"), 2,
+        r"series 'sales' has 120 time steps; it needs at least context_length \+ horizon"),
+    Row("forecast-api-on-a-text-model", lambda w, t: gru_tpu.load(w).forecast(), AttributeError,
+        r"'TextModel' object has no attribute 'forecast'"),
     # Failures while training.
     Row("train-disk-full-on-save", lambda w, t: train_in_a_process(
         w, "--config.num_steps=8", faults="enospc@6"), 2,
