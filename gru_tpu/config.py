@@ -44,6 +44,7 @@ def engine_defaults(*, task: str, batch_size: int, num_steps: int, hidden: int, 
   c.model.dropout = 0.0
   c.model.recurrent_dropout = 0.0
   c.model.remat = False
+  c.model.unroll = 1  # time steps per scan-loop iteration (lax.scan unroll)
   c.model.dtype = "float32"  # compute dtype; "bfloat16" keeps f32 params, gates and carry
   c.model.hidden_multiple = 1  # hidden and embed_dim must be multiples of this (128 on TPU)
   if embed_dim is not None:  # SequenceLM

@@ -45,7 +45,7 @@ log = logging.getLogger("gru_tpu")
 # Config sections whose change makes an existing checkpoint unusable for this run.
 COMPATIBLE_KEYS = ("task", "model", "data")
 # model keys that leave the parameters alone: a run may resume with another value.
-RUNTIME_MODEL_KEYS = ("impl",)
+RUNTIME_MODEL_KEYS = ("impl", "unroll")
 
 
 class TrainingDiverged(UserError):

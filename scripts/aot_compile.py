@@ -11,8 +11,9 @@ Pallas GRU, config.model.impl), the input projections are outside the loops, and
 parallelism no collective runs inside a loop. Exit 1 if a check fails.
 
 --compare_impls instead compiles the step with config.model.impl=scan and =pallas and prints,
-for both, FLOPs and HBM bytes per step (cost_analysis) and a roofline step time per TPU
-generation at published peak bf16 FLOP/s and HBM bandwidth.
+for both, FLOPs and HBM bytes per step (hbm_traffic: every trip of every time loop, which
+cost_analysis counts once) and a roofline step time per TPU generation at published peak bf16
+FLOP/s and HBM bandwidth, and the ratio of the recurrence's HBM traffic (scan / kernels).
 Needs the [tpu] extra (pip install -e ".[tpu]").
 """
 
@@ -137,6 +138,136 @@ def loop_weight_spaces(hlo: str, H: int) -> list[int]:
   return spaces
 
 
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+               "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
+NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all",
+              "partition-id", "replica-id", "copy-done", "slice-done", "async-done"}
+
+
+def _arrays(type_str: str) -> list[tuple[int, bool]]:
+  """(bytes, in HBM) of each array in an HLO type; on-chip buffers carry S(n>0) in the layout."""
+  out = []
+  for dt, dims, layout in ARRAY.findall(type_str):
+    space = re.search(r"S\((\d+)\)", layout or "")
+    out.append((int(np.prod([int(d) for d in dims.split(",") if d])) * DTYPE_BYTES[dt],
+                not space or space.group(1) == "0"))
+  return out
+
+
+def _instructions(body: str) -> list[tuple[str, str, str, list[str], str]]:
+  """(name, type, opcode, operand names, attributes) of a computation's instructions."""
+  out = []
+  for line in body.splitlines():
+    m = INSTRUCTION.match(line)
+    if m:
+      name, type_, op, rest = m.groups()
+      depth, i = 1, 0
+      while i < len(rest) and depth:
+        depth += {"(": 1, ")": -1}.get(rest[i], 0)
+        i += 1
+      out.append((name, type_, op, re.findall(r"%([\w.\-]+)", rest[:i - 1]), rest[i:]))
+  return out
+
+
+def _sliced(comps: dict, name: str) -> tuple[dict[int, int], dict[int, int]]:
+  """A fusion's parameters it touches only through (dynamic-)slices or in-place
+  dynamic-update-slices, also inside nested fusions ({index: bytes read}), and its outputs that
+  update a parameter in place ({output index: bytes written})."""
+  ins = _instructions(comps[name])
+  params = {m.group(1): int(m.group(2)) for m in
+            re.finditer(r"%([\w.\-]+) = [^=]* parameter\((\d+)\)", comps[name])}
+  types = {n: t for n, t, *_ in ins}
+  root = next(i for i in ins if re.search(rf"ROOT %{re.escape(i[0])} =", comps[name]))
+  outputs = root[3] if root[2] == "tuple" else [root[0]]
+  sliced, whole, updates = {}, set(), {}
+  for n, t, op, ops, attrs in ins:
+    inner = {}
+    if op == "fusion":
+      inner = _sliced(comps, re.search(r"calls=%?([\w.\-]+)", attrs).group(1))[0]
+    for k, x in enumerate(ops):
+      if x not in params:
+        continue
+      i = params[x]
+      if op in ("slice", "dynamic-slice") and k == 0:
+        sliced[i] = sliced.get(i, 0) + sum(b for b, _ in _arrays(t))
+      elif op == "dynamic-update-slice" and k == 0 and n in outputs:
+        updates[outputs.index(n)] = sum(b for b, _ in _arrays(types.get(ops[1], "")))
+        sliced.setdefault(i, 0)  # the rest of the buffer is neither read nor written
+      elif k in inner:
+        sliced[i] = sliced.get(i, 0) + inner[k]
+      else:
+        whole.add(i)
+  return {i: b for i, b in sliced.items() if i not in whole}, updates
+
+
+def hbm_traffic(hlo: str, name: str | None = None, loops: list | None = None) -> float:
+  """Bytes moved to and from HBM by a compiled (TPU) HLO module: every instruction's HBM
+  operands and results, except that a fusion touching a buffer through dynamic-slice or an
+  in-place dynamic-update-slice moves only the slice, buffers XLA placed on chip (S(n)) move
+  nothing, a while loop costs its body times its trip count, and a Mosaic kernel what its
+  pl.CostEstimate declares. cost_analysis counts a loop body once and every operand whole,
+  which for a scan is wrong in both directions. `loops` collects (trip count, bytes per trip)."""
+  comps = computations(hlo)
+  name = name or re.search(r"^ENTRY %?([\w.\-]+)", hlo, re.M).group(1)
+  ins = _instructions(comps[name])
+  types = {n: t for n, t, *_ in ins}
+  total = 0.0
+  for n, t, op, ops, attrs in ins:
+    if op in NO_TRAFFIC:
+      continue
+    if op == "while":
+      body, cond = (re.search(rf"{k}=%?([\w.\-]+)", attrs).group(1) for k in ("body", "condition"))
+      trips = max([int(c) for c in re.findall(r"constant\((\d+)\)", comps[cond])] or [1])
+      per_trip = hbm_traffic(hlo, body)
+      if loops is not None:
+        loops.append((trips, per_trip))
+      total += trips * per_trip
+      continue
+    if op == "custom-call" and "tpu_custom_call" in attrs:
+      declared = re.search(r'"bytes_accessed":"(\d+)"', attrs)
+      total += float(declared.group(1)) if declared else 0.0
+      continue
+    reads, updates = ({}, {}) if op != "fusion" else _sliced(
+        comps, re.search(r"calls=%?([\w.\-]+)", attrs).group(1))
+    outs = _arrays(t)
+    if op in ("copy-start", "slice-start"):  # (destination, source, context): one transfer
+      outs = outs[:1]
+    for k, x in enumerate(ops):
+      arrs = _arrays(types.get(x, ""))
+      total += sum(reads.get(k, b) for b, hbm in arrs if hbm)
+    total += sum(updates.get(k, b) for k, (b, hbm) in enumerate(outs) if hbm)
+  return total
+
+
+def loop_matmul_flops(hlo: str) -> float:
+  """The matmul FLOPs of the while-loop trips cost_analysis leaves out (it counts a body once):
+  sum over loops of (trips - 1) x 2 sqrt(|lhs| |rhs| |out|) per dot, exact for unbatched dots."""
+  comps = computations(hlo)
+
+  def flops(name: str) -> float:
+    ins = _instructions(comps[name])
+    types = {n: t for n, t, *_ in ins}
+    total = 0.0
+    for n, t, op, ops, attrs in ins:
+      if op in ("dot", "convolution"):
+        sizes = [sum(b for b, _ in _arrays(x)) for x in (types.get(ops[0], ""),
+                                                          types.get(ops[1], ""), t)]
+        itemsizes = [DTYPE_BYTES[ARRAY.search(x).group(1)]
+                     for x in (types.get(ops[0], ""), types.get(ops[1], ""), t)]
+        total += 2 * float(np.sqrt(np.prod([b / i for b, i in zip(sizes, itemsizes)])))
+      for called in re.findall(r"calls=%?([\w.\-]+)", attrs):
+        total += flops(called)
+    return total
+
+  extra = 0.0
+  for cond, body in re.findall(r"while\(.*?condition=%?([\w.\-]+), body=%?([\w.\-]+)", hlo):
+    trips = max([int(c) for c in re.findall(r"constant\((\d+)\)", comps[cond])] or [1])
+    extra += (trips - 1) * flops(body)
+  return extra
+
+
 def compare_impls(config, mesh) -> None:
   """HBM traffic and roofline step time of the train step with the scan and the Pallas GRU."""
   out = {}
@@ -144,9 +275,15 @@ def compare_impls(config, mesh) -> None:
     with config.unlocked():
       config.model.impl = impl
     compiled, cost = compile_step(config, mesh)
-    out[impl] = (cost.get("flops", 0.0), cost.get("bytes accessed", 0.0), compiled.as_text())
-  print("per-device cost of one train step (cost_analysis: FLOPs, HBM bytes accessed) and the "
-        "roofline step time per TPU generation:")
+    hlo = compiled.as_text()
+    loops = []
+    out[impl] = dict(flops=cost.get("flops", 0.0) + loop_matmul_flops(hlo),
+                     bytes=hbm_traffic(hlo, loops=loops), loops=loops, hlo=hlo,
+                     cost_bytes=cost.get("bytes accessed", 0.0))
+  print("per-device cost of one train step and its roofline time per TPU generation. FLOPs: "
+        "cost_analysis plus the loop trips it leaves out; HBM bytes: hbm_traffic() over the "
+        "compiled HLO (every trip of a loop, slices as slices, on-chip buffers excluded; "
+        "cost_analysis's count in brackets):")
   m = config.model
   dtype = jnp.dtype(m.dtype)
   rows_per_device = kernel.local_rows(mesh.abstract_mesh, config.batch_size, dtype)[2]
@@ -155,19 +292,28 @@ def compare_impls(config, mesh) -> None:
     p = kernel.plan(config.seq_len, rows_per_device, m.hidden, dtype, chip)
     if isinstance(p, str):
       misfits[chip] = f"  [no kernel here: {p}; auto runs the scan]"
-  rows = [(impl, f, b, None) for impl, (f, b, _) in out.items()]
-  rows.append(("pallas GRU kernels alone (pl.CostEstimate from their BlockSpecs)",
-               *kernel_costs(out["pallas"][2]), misfits))
-  for name, flops, bytes_, notes in rows:
-    print(f"{name}: {flops:.4g} FLOPs, {bytes_:.4g} bytes")
+  k_flops, k_bytes = kernel_costs(out["pallas"]["hlo"])
+  rows = [(impl, o["flops"], o["bytes"], None,
+           f" [cost_analysis {o['cost_bytes']:.4g}]" + "".join(
+               f"; time loop {trips} x {b / 1e6:.3g} MB" for trips, b in o["loops"]))
+          for impl, o in out.items()]
+  rows.append(("pallas GRU kernels alone (pl.CostEstimate from their BlockSpecs)", k_flops,
+               k_bytes, misfits, ""))
+  for name, flops, bytes_, notes, extra in rows:
+    print(f"{name}: {flops:.4g} FLOPs, {bytes_:.4g} bytes{extra}")
     for row in roofline(flops, bytes_, notes):
       print(row)
-  scan, pallas = out["scan"][1], out["pallas"][1]
+  scan, pallas = out["scan"]["bytes"], out["pallas"]["bytes"]
   print(f"HBM traffic per train step, scan / pallas: {scan / max(pallas, 1):.1f}x")
-  spaces = loop_weight_spaces(out["scan"][2], config.model.hidden)
-  print("note: cost_analysis counts a while loop's body once, whatever its trip count, so the "
-        "scan's numbers leave out T - 1 steps of its loops; the Mosaic kernels report their "
-        "whole cost. W_h inside the scan's loops is in memory space "
+  # What both steps share (projections, embedding, logits, optimizer) is what the pallas step
+  # moves outside its kernels; the rest of the scan step is its recurrence.
+  recurrence = scan - (pallas - k_bytes)
+  print(f"HBM traffic of the GRU recurrence, scan / pallas kernels: "
+        f"{recurrence / max(k_bytes, 1):.1f}x ({recurrence:.4g} bytes: the scan step minus what "
+        f"the pallas step moves outside its kernels; {k_bytes:.4g} bytes)")
+  spaces = loop_weight_spaces(out["scan"]["hlo"], config.model.hidden)
+  print("W_h: the kernels read it from HBM once per direction and pass (constant block index); "
+        "inside the scan's loops it is in memory space "
         f"{', '.join(f'S({n})' for n in spaces) or '-'} (0 = HBM"
         f"{'' if any(n == 0 for n in spaces) else ': XLA keeps it on chip across steps'}).")
 

@@ -232,20 +232,20 @@ def test_pallas_under_a_device_mesh_matches_the_scan():
 
 
 def test_training_resumes_across_impls_with_the_same_losses(tmp_path):
-  """config.model.impl changes no parameter: a scan checkpoint resumes with the kernel, and the
-  losses match a run that scanned throughout."""
+  """config.model.impl and unroll change no parameter: a scan checkpoint (4 steps per loop
+  iteration) resumes with the kernel, and the losses match a run that scanned throughout."""
   sys.path.insert(0, str(ROOT / "configs"))
   import synthetic
 
-  def run(workdir, steps, impl):
+  def run(workdir, steps, impl, unroll=1):
     c = synthetic.get_config("size=tiny")
     c.num_steps, c.log_every, c.checkpoint_every, c.eval_every = steps, 1, 2, 100
-    c.model.impl = impl
+    c.model.impl, c.model.unroll = impl, unroll
     train.train_and_evaluate(c, workdir)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
   ref = run(tmp_path / "scan", 4, "scan")
-  run(tmp_path / "mixed", 2, "scan")
+  run(tmp_path / "mixed", 2, "scan", unroll=4)
   mixed = run(tmp_path / "mixed", 4, "pallas")
   np.testing.assert_allclose([mixed[s] for s in (3, 4)], [ref[s] for s in (3, 4)], rtol=1e-5)

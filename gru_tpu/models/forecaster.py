@@ -48,7 +48,7 @@ class Forecaster(nnx.Module):
                point_loss: str = "mse", quantiles=(0.1, 0.5, 0.9), cell: str = "gru",
                hidden: int = 64, num_layers: int = 1, embed_dim: int = 16, dropout: float = 0.0,
                recurrent_dropout: float = 0.0, window_norm: str = "mean", remat: bool = False,
-               dtype=None, impl: str = "auto", rngs: nnx.Rngs):
+               unroll: int = 1, dtype=None, impl: str = "auto", rngs: nnx.Rngs):
     for arg, value, allowed in (("decoder", decoder, DECODERS),
                                 ("head", head, (*NUM_PARAMS, "quantile")),
                                 ("point_loss", point_loss, ("mse", "mae")),
@@ -69,7 +69,7 @@ class Forecaster(nnx.Module):
     self.num_params = len(self.quantiles) if head == "quantile" else NUM_PARAMS[head]
     features = 2 * num_targets * len(lags) + num_known + num_past + 1
     self.rnn = CELLS[cell](features, hidden, num_layers=num_layers, dropout=dropout,
-                           recurrent_dropout=recurrent_dropout, remat=remat, dtype=dtype,
+                           recurrent_dropout=recurrent_dropout, remat=remat, unroll=unroll, dtype=dtype,
                            rngs=rngs, **({"impl": impl} if cell == "gru" else {}))
     out = num_targets * self.num_params
     if decoder == "direct":

@@ -26,6 +26,8 @@ def sequence_lm(vocab_size: int, m, rngs) -> SequenceLM:
   if k > 1 and (m.hidden % k or m.embed_dim % k):
     raise UserError(f"config.model.hidden={m.hidden} and embed_dim={m.embed_dim} must be "
                     f"multiples of model.hidden_multiple={k} (the TPU MXU tile); round them up")
+  if m.get("unroll", 1) < 1:
+    raise UserError(f"config.model.unroll={m.unroll} must be >= 1 (time steps per loop iteration)")
   impl = m.get("impl", "auto")
   if impl not in IMPLS:
     raise UserError(f"config.model.impl={impl!r} is not one of {IMPLS}")
@@ -35,5 +37,6 @@ def sequence_lm(vocab_size: int, m, rngs) -> SequenceLM:
   return SequenceLM(vocab_size, cell=m.cell, embed_dim=m.embed_dim, hidden=m.hidden,
                     num_layers=m.num_layers, dropout=m.dropout,
                     recurrent_dropout=m.recurrent_dropout, remat=m.remat,
+                    unroll=m.get("unroll", 1),
                     dtype=jnp.dtype(m.dtype), tie_embeddings=m.get("tie_embeddings", False),
                     layer_norm=m.get("layer_norm", False), impl=impl, rngs=rngs)

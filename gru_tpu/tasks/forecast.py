@@ -82,7 +82,8 @@ def default_config(size: str = "small"):
 
 def check_config(config) -> None:
   d, m = config.data, config.model
-  for key, value in (("data.horizon", d.horizon), ("data.context_length", d.context_length)):
+  for key, value in (("data.horizon", d.horizon), ("data.context_length", d.context_length),
+                     ("model.unroll", m.get("unroll", 1))):
     if value < 1:
       raise UserError(f"config.{key} must be >= 1, got {value}")
   for key, value in (("data.val_length", d.val_length), ("data.test_length", d.test_length)):
@@ -143,7 +144,8 @@ def build_forecaster(config, meta: dict, rngs: nnx.Rngs) -> Forecaster:
                     head=m.head, point_loss=m.point_loss, quantiles=tuple(m.quantiles),
                     cell=m.cell, hidden=m.hidden, num_layers=m.num_layers, embed_dim=m.embed_dim,
                     dropout=m.dropout, recurrent_dropout=m.recurrent_dropout,
-                    window_norm=m.window_norm, remat=m.remat, dtype=jnp.dtype(m.dtype),
+                    window_norm=m.window_norm, remat=m.remat, unroll=m.get("unroll", 1),
+                    dtype=jnp.dtype(m.dtype),
                     impl=m.get("impl", "auto"),
                     rngs=rngs)
 
