@@ -122,12 +122,13 @@ def test_interval_calibration_reads_the_validation_tail_only():
   df = seasonal_frame()
   task = task_for(df, **{"data.val_length": 12})
   n = task.n_train[0]
-  assert task.windows["calibration"][:, 1].tolist() == list(range(n, n + 12 - 6 + 1))
+  # every origin whose horizon (6) reaches into the validation tail [n, n + 12)
+  assert task.windows["calibration"][:, 1].tolist() == list(range(n - 6 + 1, n + 12))
   model = task.build_model(nnx.Rngs(0))
   scale = task.interval_scale(model)
   assert scale.shape == (1,) and scale[0] > 0
   test_changed, val_changed = df.copy(), df.copy()
-  test_changed.loc[n + 12:, "y"] += 100.0
+  test_changed.loc[n + 12:, "y"] += 100.0  # also what late origins forecast
   val_changed.loc[n + 8, "y"] += 100.0
   np.testing.assert_array_equal(task_for(test_changed, **{"data.val_length": 12})
                                 .interval_scale(model), scale)

@@ -12,8 +12,9 @@ At each eval the validation backtest runs (`evaluate(model, "eval")`): the model
 statsmodels-ETS forecasts of the same windows, every metric of gru_tpu.tasks.forecast_eval for
 each; at the end of training the same on the test tail (split "test").
 
-Interval calibration (config.eval.calibrate): the model's forecasts from every origin of the
-validation tail (stride 1, the "calibration" windows) give one split-conformal factor per target
+Interval calibration (config.eval.calibrate): the model's forecasts of every validation-tail
+value from every origin that reaches it (the "calibration" windows, stride 1, scored only inside
+the validation tail) give one split-conformal factor per target
 that stretches or shrinks the forecast distribution around its median so that the central 80 %
 interval holds 80 % of the validation truth (forecast_eval.interval_scale). Backtests report the
 calibrated distribution (and the raw one's crps and coverage_80 with suffix _uncalibrated);
@@ -270,10 +271,13 @@ class ForecastTask:
                             self.pad)
     stride = config.eval.backtest_stride or H
     self.windows = {"train": [], "eval": [], "calibration": [], "test": []}
+    self._calibration_tail = []  # per calibration window: the validation tail [start, end)
     for i, (s, n) in enumerate(zip(p.series, self.n_train)):
       self.windows["train"] += [(i, o) for o in range(C, n - H + 1)]
       self.windows["eval"] += [(i, o) for o in _tail_origins(n, n + V, H, stride)]
-      self.windows["calibration"] += [(i, o) for o in _tail_origins(n, n + V, H, 1)]
+      # Every origin with a forecast step inside the validation tail; only those steps count.
+      self.windows["calibration"] += [(i, o) for o in range(max(C, n - H + 1), n + V)]
+      self._calibration_tail += [(n, n + V)] * (n + V - max(C, n - H + 1))
       self.windows["test"] += [(i, o) for o in _tail_origins(n + V, len(s.time), H, stride)]
     self.windows = {k: np.array(v, np.int64).reshape(-1, 2) for k, v in self.windows.items()}
     self._references: dict[str, dict] = {}
@@ -303,7 +307,11 @@ class ForecastTask:
     pred = predict_windows(model, self.store, w, H, self.config.eval.num_samples,
                            self.config.seed)
     b = self.store.gather(w[:, 0], w[:, 1], H)
-    y = np.where(b["observed"][:, pad:] > 0, b["y"][:, pad:], np.nan)
+    t_WxH = w[:, 1:] + np.arange(H)
+    tail = np.array(self._calibration_tail).reshape(-1, 2)
+    # Steps before the tail were trained on; steps after it are the test tail: neither counts.
+    keep = (t_WxH >= tail[:, :1]) & (t_WxH < tail[:, 1:])
+    y = np.where(keep[..., None] & (b["observed"][:, pad:] > 0), b["y"][:, pad:], np.nan)
     lo, hi = forecast_eval.central_interval(pred.get("samples"), pred.get("quantiles"),
                                             model.quantiles)
     return forecast_eval.interval_scale(y, pred["median"], lo, hi)
