@@ -159,14 +159,16 @@ class ForecastModel(Loaded):
                                name="history", freq=meta["freq"])
 
   def forecast(self, history: Any = None, horizon: int | None = None, *, num_samples: int = 200,
-               seed: int = 0):
+               seed: int = 0, calibrated: bool = True):
     """Forecasts `horizon` steps (default: the trained horizon) after each series' history, in
-    original units: a DataFrame with [id column], time column, target, point, q<level>..."""
+    original units: a DataFrame with [id column], time column, target, point, q<level>...
+    The intervals carry the checkpoint's validation calibration (meta["interval_scale"]) unless
+    calibrated=False."""
     if num_samples < 1:
       raise UserError(f"num_samples must be >= 1, got {num_samples}")
     return forecast.forecast_frame(self.model, self.config, self.meta, self.history(history),
                                    self.config.data.horizon if horizon is None else horizon,
-                                   num_samples=num_samples, seed=seed)
+                                   num_samples=num_samples, seed=seed, calibrated=calibrated)
 
   def plot(self, history: Any, frame, path: str | Path, max_panels: int = 6) -> None:
     """History (its last few seasons), the point forecast and its quantile bands, as a PNG."""

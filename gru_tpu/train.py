@@ -278,7 +278,7 @@ def train_and_evaluate(config, workdir: str | Path,
           finish(*pending)
           pending = None
         meta = {"config": json.loads(config.to_json_best_effort()), "data_step": done,
-                "task": task.metadata()}
+                "task": _task_metadata(s, state)}
         ckpt.save(done, state, meta)
       if preempted:
         log.warning("preemption notice (SIGTERM) at step %d: saving a checkpoint and stopping; "
@@ -364,6 +364,21 @@ def _restore(ckpt: Checkpointer, config, s: Setup) -> tuple[Any, int] | None:
   return None
 
 
+def _eval_model(s: Setup, state) -> nnx.Module:
+  model = nnx.merge(s.graphdef, state["params"], state["rest"])
+  model.eval()
+  return model
+
+
+def _task_metadata(s: Setup, state) -> dict:
+  """task.metadata(), plus task.model_metadata(model) for tasks whose saved metadata depends on
+  the parameters (the forecast task's interval calibration)."""
+  meta = s.task.metadata()
+  if hasattr(s.task, "model_metadata"):
+    meta = {**meta, **s.task.model_metadata(_eval_model(s, state))}
+  return meta
+
+
 def _evaluate(config, s: Setup, state, mesh, writer, step: int,
               final: bool = False) -> dict:
   task = s.task
@@ -377,8 +392,7 @@ def _evaluate(config, s: Setup, state, mesh, writer, step: int,
     totals = task.finalize_eval(totals)
   model = None
   if hasattr(task, "evaluate") or hasattr(task, "sample_text"):
-    model = nnx.merge(s.graphdef, state["params"], state["rest"])
-    model.eval()
+    model = _eval_model(s, state)
   if hasattr(task, "evaluate"):  # task-level evaluation (e.g. backtests against baselines)
     totals.update(task.evaluate(model, "eval"))
   writer.write(step, "eval", totals)

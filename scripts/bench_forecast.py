@@ -85,6 +85,9 @@ def run(name: str, seed: int, overrides: list[str], plot: bool = False) -> dict:
   for f in FORECASTERS:
     prefix = "" if f == "gru_tpu" else f + "_"
     out[f] = {k: test.get(prefix + k) for k in METRICS}
+  # The interval calibration: its factor and what the raw spread scored (JSON only).
+  out["gru_tpu"].update({k: test.get(k) for k in ("interval_scale", "crps_uncalibrated",
+                                                  "coverage_80_uncalibrated")})
   return out
 
 

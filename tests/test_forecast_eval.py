@@ -86,3 +86,53 @@ def test_baselines(rng):
   np.testing.assert_allclose(point, want.forecast(12))
   assert samples.shape == (200, 12) and abs(samples.mean(0) - point).max() < 0.5
   assert fe.ets(h[:8], 4, 12, 10, 0) is None
+
+
+def test_interval_scale_by_hand():
+  # median 0, interval [-1, 2]: a point's ratio is |y| over the half on its side of the median.
+  y = np.array([0.5, -0.2, 1.0, -0.9, 3.0, -2.0, 0.0, 4.4, np.nan, -0.6]).reshape(1, -1, 1)
+  m, lo, hi = np.zeros_like(y), np.full_like(y, -1.0), np.full_like(y, 2.0)
+  r = fe.spread_ratios(y, m, lo, hi)[0, :, 0]
+  np.testing.assert_allclose(r[[0, 1, 2, 3, 4, 5, 6, 7, 9]],
+                             [0.25, 0.2, 0.5, 0.9, 1.5, 2.0, 0.0, 2.2, 0.6])
+  # 9 observed points: the ⌈(9 + 1)·0.8⌉ = 8th smallest ratio of 0, .2, .25, .5, .6, .9, 1.5, 2, 2.2
+  assert fe.interval_scale(y, m, lo, hi) == pytest.approx([2.0])
+  assert fe.interval_scale(y, m, lo, hi, coverage=0.5) == pytest.approx([0.6])  # 5th
+  # no spread below the median: a point there is covered only if it is the median
+  assert np.isinf(fe.spread_ratios(np.array([-1.0]), np.zeros(1), np.zeros(1), np.ones(1))[0])
+  assert fe.interval_scale(np.full((1, 2, 1), np.nan), np.zeros((1, 2, 1)), lo[:, :2],
+                           hi[:, :2]) == pytest.approx([1.0])             # nothing observed
+
+
+@pytest.mark.parametrize("spread", [0.4, 3.0])   # under- and over-dispersed forecasters
+def test_interval_scale_calibrates_samples_and_quantiles_to_80_percent(rng, spread):
+  """Truth y = mu + N(0, 1); the forecaster's distribution is N(mu, spread²) (and a skewed
+  second target). After scale_spread the central 80 % interval holds 80 % of the calibration
+  points, by construction, and ~80 % of fresh points from the same distribution."""
+  N, H = 40, 25
+  mu = rng.normal(size=(N, H, 2)) * 5
+  y, fresh = (mu + rng.standard_normal((N, H, 2)) * [1.0, 2.0] for _ in range(2))
+  samples = mu + spread * rng.standard_normal((2000, N, H, 2)) * [1.0, 1.0]
+  samples[..., 1] = mu[..., 1] + spread * (rng.gamma(4.0, size=(2000, N, H)) - 4.0 + 0.3)
+  pred = {"median": np.median(samples, 0), "samples": samples}
+  lo, hi = fe.central_interval(samples)
+  scale = fe.interval_scale(y, pred["median"], lo, hi)
+  assert scale[0] == pytest.approx(1.2816 / (1.2816 * spread), rel=0.1)  # z_0.9 / (z_0.9·spread)
+  cal = fe.scale_spread(pred, scale)
+  np.testing.assert_allclose(np.median(cal["samples"], 0), pred["median"], atol=1e-12)
+  lo2, hi2 = fe.central_interval(cal["samples"])
+  np.testing.assert_allclose(lo2, pred["median"] + scale * (lo - pred["median"]), atol=1e-9)
+  for c in range(2):
+    before = ((lo <= y) & (y <= hi))[..., c].mean()
+    after = ((lo2 <= y) & (y <= hi2))[..., c].mean()
+    assert abs(before - 0.8) > 0.15                         # miscalibrated to start with
+    assert 0.8 <= after <= 0.8 + 2 / (N * H)                # the conformal quantile, exactly
+    assert fe.metrics(fresh[..., c:c + 1], cal["median"][..., c:c + 1], np.ones((N, 1)),
+                      samples_SxNxHxC=cal["samples"][..., c:c + 1])["coverage_80"] == \
+        pytest.approx(0.8, abs=0.04)
+  # quantile forecasts scale the same way and keep their order
+  levels = (0.1, 0.5, 0.9)
+  q = np.moveaxis(np.quantile(samples, levels, axis=0), 0, -1)
+  qc = fe.scale_spread({"median": q[..., 1], "quantiles": q}, scale)["quantiles"]
+  assert (np.diff(qc, axis=-1) >= 0).all()
+  np.testing.assert_allclose(qc[..., 0], lo2, atol=1e-9)

@@ -64,6 +64,22 @@ def test_engine_end_to_end_beats_naive_and_reports_baselines(tmp_path):
 
   m = gru_tpu.load(tmp_path / "run")
   assert isinstance(m, gru_tpu.api.ForecastModel) and m.meta["scales"]["y"]["y"][0]["scale"] > 0
+  # The checkpoint carries the factor the test line used; forecasting from the history before
+  # the test tail reproduces the test window's calibrated and raw coverage exactly.
+  assert test["interval_scale"] == m.meta["interval_scale"][0] != 1.0
+  df = seasonal_frame()
+  cover = {}
+  for calibrated in (True, False):
+    f = m.forecast(df.iloc[:144], 6, num_samples=c.eval.num_samples, seed=c.seed,
+                   calibrated=calibrated)
+    y = df["y"].to_numpy()[144:]
+    cover[calibrated] = f
+    assert ((f["q0.1"] <= y) & (y <= f["q0.9"])).mean() == pytest.approx(
+        test["coverage_80" if calibrated else "coverage_80_uncalibrated"])
+  np.testing.assert_allclose(cover[True]["point"], cover[False]["point"])
+  np.testing.assert_allclose(cover[True]["q0.9"] - cover[True]["point"],
+                             test["interval_scale"] * (cover[False]["q0.9"] - cover[False]["point"]),
+                             rtol=1e-4)
   f = m.forecast(horizon=4, num_samples=30)
   assert list(f.columns) == ["date", "target", "point", "q0.1", "q0.5", "q0.9"]
   assert len(f) == 4 and f["date"].iloc[0] == pd.Timestamp("2012-07-01")
@@ -100,6 +116,28 @@ def test_resume_is_exact(tmp_path, monkeypatch):
   a, b = loss(tmp_path / "straight"), loss(tmp_path / "resumed")
   for step in range(11, 31):
     assert a[step] == b[step], step
+
+
+def test_interval_calibration_reads_the_validation_tail_only():
+  df = seasonal_frame()
+  task = task_for(df, **{"data.val_length": 12})
+  n = task.n_train[0]
+  # every origin whose horizon (6) reaches into the validation tail [n, n + 12)
+  assert task.windows["calibration"][:, 1].tolist() == list(range(n - 6 + 1, n + 12))
+  model = task.build_model(nnx.Rngs(0))
+  scale = task.interval_scale(model)
+  assert scale.shape == (1,) and scale[0] > 0
+  test_changed, val_changed = df.copy(), df.copy()
+  test_changed.loc[n + 12:, "y"] += 100.0  # also what late origins forecast
+  val_changed.loc[n + 8, "y"] += 100.0
+  np.testing.assert_array_equal(task_for(test_changed, **{"data.val_length": 12})
+                                .interval_scale(model), scale)
+  assert task_for(val_changed, **{"data.val_length": 12}).interval_scale(model)[0] > scale[0]
+  assert task.model_metadata(model) == {"interval_scale": scale.tolist()}
+  off = task_for(df, **{"eval.calibrate": False})
+  assert off.interval_scale(model) is None and off.model_metadata(model) == {}
+  point = task_for(df, **{"model.head": "point"})
+  assert point.interval_scale(point.build_model(nnx.Rngs(0))) is None
 
 
 def test_bad_task_inputs():

@@ -10,7 +10,9 @@ Batches are a pure function of (seed, split, step) or restartable from a step, s
 step continues the exact data order. Optional: finalize_eval(mean metrics) -> metrics,
 sample_text(model, step) -> str (logged at each eval), and evaluate(model, split) -> metrics:
 task-level evaluation (e.g. forecasts against baselines), merged into every eval line with
-split "eval" and written once more on split "test" after the last step.
+split "eval" and written once more on split "test" after the last step; model_metadata(model)
+-> dict: JSON that depends on the parameters (e.g. the forecast task's interval calibration),
+merged into metadata() for each checkpoint from the parameters saved in it.
 """
 
 import jax.numpy as jnp

@@ -11,6 +11,16 @@ At each eval the validation backtest runs (`evaluate(model, "eval")`): the model
 (median, samples or quantiles) in original units against naive, seasonal-naive and
 statsmodels-ETS forecasts of the same windows, every metric of gru_tpu.tasks.forecast_eval for
 each; at the end of training the same on the test tail (split "test").
+
+Interval calibration (config.eval.calibrate): the model's forecasts of every validation-tail
+value from every origin that reaches it (the "calibration" windows, stride 1, scored only inside
+the validation tail) give one split-conformal factor per target
+that stretches or shrinks the forecast distribution around its median so that the central 80 %
+interval holds 80 % of the validation truth (forecast_eval.interval_scale). Backtests report the
+calibrated distribution (and the raw one's crps and coverage_80 with suffix _uncalibrated);
+`model_metadata` saves the factors with every checkpoint (`interval_scale`), computed from that
+checkpoint's parameters, so gru_tpu.load(...).forecast and `gru-tpu forecast` apply the same.
+The test tail is never read.
 """
 
 from __future__ import annotations
@@ -76,6 +86,7 @@ def default_config(size: str = "small"):
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 200       # forecast samples per window (probabilistic heads)
   c.eval.backtest_stride = 0     # steps between rolling origins in a tail (0 = horizon)
+  c.eval.calibrate = True        # conformal interval calibration on the validation tail
   c.eval.baselines = forecast_eval.BASELINES
   return c
 
@@ -261,10 +272,14 @@ class ForecastTask:
     self.store = make_store([series_arrays(s, self.scales[s.id], self.meta) for s in p.series],
                             self.pad)
     stride = config.eval.backtest_stride or H
-    self.windows = {"train": [], "eval": [], "test": []}
+    self.windows = {"train": [], "eval": [], "calibration": [], "test": []}
+    self._calibration_tail = []  # per calibration window: the validation tail [start, end)
     for i, (s, n) in enumerate(zip(p.series, self.n_train)):
       self.windows["train"] += [(i, o) for o in range(C, n - H + 1)]
       self.windows["eval"] += [(i, o) for o in _tail_origins(n, n + V, H, stride)]
+      # Every origin with a forecast step inside the validation tail; only those steps count.
+      self.windows["calibration"] += [(i, o) for o in range(max(C, n - H + 1), n + V)]
+      self._calibration_tail += [(n, n + V)] * (n + V - max(C, n - H + 1))
       self.windows["test"] += [(i, o) for o in _tail_origins(n + V, len(s.time), H, stride)]
     self.windows = {k: np.array(v, np.int64).reshape(-1, 2) for k, v in self.windows.items()}
     self._references: dict[str, dict] = {}
@@ -284,6 +299,29 @@ class ForecastTask:
 
   def metadata(self) -> dict:
     return self.meta
+
+  def interval_scale(self, model) -> np.ndarray | None:
+    """Per target, the conformal spread factor of the model's forecasts on the calibration
+    windows (scaled units; the factor is unit-free). None when off or for a point model."""
+    if not self.config.eval.get("calibrate", True) or model.head == "point":
+      return None
+    w, H, pad = self.windows["calibration"], self.horizon, self.store.pad
+    pred = predict_windows(model, self.store, w, H, self.config.eval.num_samples,
+                           self.config.seed)
+    b = self.store.gather(w[:, 0], w[:, 1], H)
+    t_WxH = w[:, 1:] + np.arange(H)
+    tail = np.array(self._calibration_tail).reshape(-1, 2)
+    # Steps before the tail were trained on; steps after it are the test tail: neither counts.
+    keep = (t_WxH >= tail[:, :1]) & (t_WxH < tail[:, 1:])
+    y = np.where(keep[..., None] & (b["observed"][:, pad:] > 0), b["y"][:, pad:], np.nan)
+    lo, hi = forecast_eval.central_interval(pred.get("samples"), pred.get("quantiles"),
+                                            model.quantiles)
+    return forecast_eval.interval_scale(y, pred["median"], lo, hi)
+
+  def model_metadata(self, model) -> dict:
+    """Saved with each checkpoint beside metadata(): that checkpoint's interval_scale."""
+    scale = self.interval_scale(model)
+    return {} if scale is None else {"interval_scale": scale.tolist()}
 
   def _reference(self, split: str) -> dict:
     """Truth, MASE scales and baseline forecasts of a split's windows (model-independent)."""
@@ -316,10 +354,17 @@ class ForecastTask:
     e = self.config.eval
     pred = to_original(predict_windows(model, self.store, self.windows[split], self.horizon,
                                        e.num_samples, self.config.seed), ref["loc"], ref["unit"])
-    out = forecast_eval.metrics(ref["y"], pred["median"], ref["scale"],
-                                samples_SxNxHxC=pred.get("samples"),
-                                quantiles_NxHxCxQ=pred.get("quantiles"),
-                                levels=tuple(self.config.model.quantiles))
+    score = lambda p: forecast_eval.metrics(ref["y"], p["median"], ref["scale"],
+                                            samples_SxNxHxC=p.get("samples"),
+                                            quantiles_NxHxCxQ=p.get("quantiles"),
+                                            levels=model.quantiles)
+    out = score(pred)
+    scale = self.interval_scale(model)
+    if scale is not None:
+      raw = out
+      out = score(forecast_eval.scale_spread(pred, scale))
+      out.update({f"{k}_uncalibrated": raw[k] for k in ("crps", "coverage_80")},
+                 interval_scale=float(scale.mean()))
     for name, (point, samples) in ref["baselines"].items():
       out.update({f"{name}_{k}": v for k, v in forecast_eval.metrics(
           ref["y"], point, ref["scale"], samples_SxNxHxC=samples).items()})
@@ -333,13 +378,14 @@ def make_task(config) -> ForecastTask:
 # -- forecasting from a trained model (gru_tpu.load(...).forecast, gru-tpu forecast) --------------
 
 def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horizon: int,
-                   num_samples: int = 200, seed: int = 0):
+                   num_samples: int = 200, seed: int = 0, calibrated: bool = True):
   """Forecasts `horizon` steps after the last observed target of every series in the panel.
 
   Rows after a series' last observed target are its future: they supply known-future
   covariates (required for all `horizon` steps when the model has any). Returns a long
   DataFrame: [id column], time column, `target`, `point` (the median), and one column per
-  level of config.model.quantiles (`q0.1`, ...), in original units.
+  level of config.model.quantiles (`q0.1`, ...), in original units. With `calibrated`, the
+  spread around the median is scaled by the checkpoint's meta["interval_scale"] (if any).
   """
   import pandas as pd
   d = config.data
@@ -379,6 +425,8 @@ def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horiz
     times.append(ext.time[origin:origin + horizon])
   store = make_store(arrays, model.pad)
   pred = predict_windows(model, store, np.array(windows), steps, num_samples, seed)
+  if calibrated and "interval_scale" in meta:
+    pred = forecast_eval.scale_spread(pred, meta["interval_scale"])
   pred = to_original(pred, np.stack([a["loc"] for a in arrays]),
                      np.stack([a["unit"] for a in arrays]))
   levels = tuple(config.model.quantiles)

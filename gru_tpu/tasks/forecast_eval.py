@@ -12,6 +12,11 @@ points count in no metric). Definitions:
   coverage_80    share of observed points inside the [0.1, 0.9] quantile interval
 The point forecast is the median of the forecast distribution (the mean for ETS, whose errors
 are additive and symmetric).
+
+Interval calibration (split conformal, multiplicative around the median): `interval_scale`
+finds on held-out windows the factor s by which the spread of every forecast around its median
+has to be stretched so that the central 80 % interval holds 80 % of the truth; `scale_spread`
+applies it to samples and quantiles alike (the median stays, quantiles keep their order).
 """
 
 from __future__ import annotations
@@ -72,6 +77,52 @@ def interp_levels(q_xQ: np.ndarray, levels_Q, u: float) -> np.ndarray:
   return q_xQ[..., k - 1] + t * (q_xQ[..., k] - q_xQ[..., k - 1])
 
 
+def central_interval(samples_SxNxHxC=None, quantiles_NxHxCxQ=None, levels=None):
+  """The [0.1, 0.9] quantiles (lo, hi) of the forecast distribution (what coverage_80 uses)."""
+  if quantiles_NxHxCxQ is not None:
+    return tuple(interp_levels(quantiles_NxHxCxQ, levels, u) for u in (0.1, 0.9))
+  return tuple(np.quantile(samples_SxNxHxC, [0.1, 0.9], axis=0))
+
+
+def spread_ratios(y_NxHxC, median_NxHxC, lo_NxHxC, hi_NxHxC) -> np.ndarray:
+  """Per point, the smallest s for which [m - s(m - lo), m + s(hi - m)] holds y: |y - m| over
+  the interval's half on y's side of the median m (inf where that half is empty)."""
+  dev = np.asarray(y_NxHxC, np.float64) - median_NxHxC
+  half = np.where(dev >= 0, hi_NxHxC - median_NxHxC, median_NxHxC - lo_NxHxC)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.where(dev == 0, 0.0, np.where(half > 0, np.abs(dev) / half, np.inf))
+
+
+def interval_scale(y_NxHxC, median_NxHxC, lo_NxHxC, hi_NxHxC, coverage: float = 0.8):
+  """Per target (C,): the split-conformal factor for the central interval [lo, hi], the
+  ⌈(n + 1)·coverage⌉-th smallest of the n observed points' spread_ratios (the finite-sample
+  guarantee for exchangeable windows). 1 where it is undefined (no data, no spread)."""
+  r = spread_ratios(y_NxHxC, median_NxHxC, lo_NxHxC, hi_NxHxC)
+  obs = ~np.isnan(np.asarray(y_NxHxC, np.float64))
+  out = []
+  for c in range(r.shape[-1]):
+    rc = np.sort(r[..., c][obs[..., c]])
+    if not len(rc):
+      out.append(1.0)
+      continue
+    s = rc[min(len(rc), int(np.ceil((len(rc) + 1) * coverage - 1e-9))) - 1]
+    out.append(float(s) if np.isfinite(s) and s > 0 else 1.0)
+  return np.array(out)
+
+
+def scale_spread(pred: dict, scale_C) -> dict:
+  """Forecasts (median (N, H, C), samples (S, N, H, C), quantiles (N, H, C, Q)) with their
+  spread around the median multiplied by scale_C (one factor per target)."""
+  s = np.asarray(scale_C, np.float64)
+  m = pred["median"]
+  out = dict(pred)
+  if "samples" in pred:
+    out["samples"] = m[None] + s * (pred["samples"] - m[None])
+  if "quantiles" in pred:
+    out["quantiles"] = m[..., None] + s[:, None] * (pred["quantiles"] - m[..., None])
+  return out
+
+
 def metrics(y_NxHxC, point_NxHxC, scale_NxC, *, samples_SxNxHxC=None, quantiles_NxHxCxQ=None,
             levels=None) -> dict[str, float]:
   """The metrics above for one forecaster; crps and coverage_80 need samples or quantiles."""
@@ -92,14 +143,13 @@ def metrics(y_NxHxC, point_NxHxC, scale_NxC, *, samples_SxNxHxC=None, quantiles_
   yz = np.where(obs, y, 0.0)
   if quantiles_NxHxCxQ is not None:
     crps = crps_quantiles(quantiles_NxHxCxQ, levels, yz)
-    lo, hi = (interp_levels(quantiles_NxHxCxQ, levels, u) for u in (0.1, 0.9))
   elif samples_SxNxHxC is not None:
     crps = crps_samples(samples_SxNxHxC, yz)
-    lo, hi = np.quantile(samples_SxNxHxC, [0.1, 0.9], axis=0)
   else:
     out["crps"] = float(np.abs(e)[obs].mean())  # a point forecast's CRPS is its absolute error
     return out
   out["crps"] = float(crps[obs].mean())
+  lo, hi = central_interval(samples_SxNxHxC, quantiles_NxHxCxQ, levels)
   out["coverage_80"] = float(((lo <= y) & (y <= hi))[obs].mean())
   return out
 
