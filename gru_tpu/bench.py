@@ -30,15 +30,20 @@ SHAPES = [(32, 256, 256), (64, 128, 512)]  # (B, T, H = I)
 QUICK_SHAPES = [(4, 16, 32)]
 
 
-def _timeit(fn, repeats: int) -> float:
-  fn()
-  fn()  # compile + warm caches
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
+def _timeit(fns: dict, repeats: int) -> dict[str, float]:
+  """Median seconds per call of each function, timed in interleaved rounds (one call of each per
+  round, in rotating order) so that load on a shared machine hits all of them alike."""
+  for fn in fns.values():
     fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    fn()  # compile + warm caches
+  times = {name: [] for name in fns}
+  names = list(fns)
+  for r in range(repeats):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      t0 = time.perf_counter()
+      fns[name]()
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _torch_gru(H: int, seed: int = 0):
@@ -104,9 +109,10 @@ def bench_shape(B: int, T: int, H: int, repeats: int) -> dict:
                      lambda: block(linen_fwd(lparams, x_j))),
   }
   out = {"B": B, "T": T, "H": H, "max_abs_diff_vs_torch": max_diff}
-  for name, (train, fwd) in rows.items():
-    out[name] = {"train_tok_s": tokens / _timeit(train, repeats),
-                 "fwd_tok_s": tokens / _timeit(fwd, repeats)}
+  train_s = _timeit({name: train for name, (train, _) in rows.items()}, repeats)
+  fwd_s = _timeit({name: fwd for name, (_, fwd) in rows.items()}, repeats)
+  for name in rows:
+    out[name] = {"train_tok_s": tokens / train_s[name], "fwd_tok_s": tokens / fwd_s[name]}
   for name in ("torch", "flax_linen"):
     out[f"train_vs_{name}"] = out["gru_tpu"]["train_tok_s"] / out[name]["train_tok_s"]
     out[f"fwd_vs_{name}"] = out["gru_tpu"]["fwd_tok_s"] / out[name]["fwd_tok_s"]
@@ -123,23 +129,26 @@ def _train_fn(B: int, T: int, H: int, remat: bool):
 
 def bench_scaling(B: int, H: int, Ts: tuple[int, int], repeats: int) -> dict:
   """Time per token must stay flat in T; quadratic output stacking (jax#40101) would show here."""
-  secs = {}
+  fns = {}
   for T in Ts:
     train, params, x = _train_fn(B, T, H, remat=False)
-    secs[T] = _timeit(lambda: jax.block_until_ready(train(params, x)), repeats)
+    fns[T] = functools.partial(lambda f, p, x: jax.block_until_ready(f(p, x)), train, params, x)
+  secs = _timeit(fns, repeats)
   return {"B": B, "H": H, "T": list(Ts), "train_s": [secs[T] for T in Ts],
           "time_ratio": secs[Ts[1]] / secs[Ts[0]], "length_ratio": Ts[1] / Ts[0]}
 
 
 def bench_remat(B: int, T: int, H: int, repeats: int) -> dict:
   """Activation memory = compiled temp buffers of the train step (params/inputs excluded)."""
-  out = {"B": B, "T": T, "H": H}
+  out, fns = {"B": B, "T": T, "H": H}, {}
   for remat in (False, True):
     train, params, x = _train_fn(B, T, H, remat)
     mem = train.lower(params, x).compile().memory_analysis()
-    out["remat" if remat else "no_remat"] = {
-        "temp_bytes": int(mem.temp_size_in_bytes),
-        "train_s": _timeit(lambda: jax.block_until_ready(train(params, x)), repeats)}
+    key = "remat" if remat else "no_remat"
+    out[key] = {"temp_bytes": int(mem.temp_size_in_bytes)}
+    fns[key] = functools.partial(lambda f, p, x: jax.block_until_ready(f(p, x)), train, params, x)
+  for key, secs in _timeit(fns, repeats).items():
+    out[key]["train_s"] = secs
   out["memory_cut"] = out["no_remat"]["temp_bytes"] / out["remat"]["temp_bytes"]
   out["time_cost"] = out["remat"]["train_s"] / out["no_remat"]["train_s"]
   return out
