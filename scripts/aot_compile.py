@@ -8,7 +8,8 @@ compiles the jitted train step with its shardings, prints per-device HBM use (me
 and FLOPs / bytes (cost_analysis), and checks the compiled HLO: every time loop holds exactly
 one matmul (the recurrent one, per direction) or the recurrence runs in Mosaic kernels (the
 Pallas GRU, config.model.impl), the input projections are outside the loops, and under data
-parallelism no collective runs inside a loop. Exit 1 if a check fails.
+parallelism no collective runs inside a loop and (on one slice) nothing is all-gathered. Exit 1
+if a check fails.
 
 --compare_impls instead compiles the step with config.model.impl=scan and =pallas and prints,
 for both, FLOPs and HBM bytes per step (hbm_traffic: every trip of every time loop, which
@@ -68,7 +69,8 @@ def count(comps: dict, name: str, pattern) -> int:
   return len(pattern.findall(body)) + sum(count(comps, c, pattern) for c in _called(body))
 
 
-def check_loops(hlo: str, data_parallel: bool) -> tuple[list[int], int, list[str]]:
+def check_loops(hlo: str, data_parallel: bool,
+                single_slice: bool = True) -> tuple[list[int], int, list[str]]:
   """Per time loop its matmuls, the matmuls outside loops, and what is wrong. A recurrence is
   either a while loop with one matmul (the scan) or a Mosaic kernel (the Pallas GRU)."""
   comps = computations(hlo)
@@ -87,6 +89,13 @@ def check_loops(hlo: str, data_parallel: bool) -> tuple[list[int], int, list[str
     inside = sum(count(comps, b, coll) for b in loop_bodies)
     if inside:
       problems.append(f"{inside} collective(s) inside a time loop under data parallelism")
+    # Replicated parameters need only gradient all-reduces; an all-gather means some
+    # batch-sharded activation was gathered whole onto every device. (Across slices XLA splits
+    # the gradient all-reduce into reduce-scatter, all-reduce over DCN and all-gather.)
+    gathers = count(comps, entry, re.compile(r"= [^=]*\ball-gather(-start)?\("))
+    if gathers and single_slice:
+      problems.append(f"{gathers} all-gather(s) under data parallelism: a batch-sharded "
+                      f"activation is gathered onto every device")
   return per_loop, outside, problems
 
 
@@ -229,6 +238,11 @@ def hbm_traffic(hlo: str, name: str | None = None, loops: list | None = None) ->
       declared = re.search(r'"bytes_accessed":"(\d+)"', attrs)
       total += float(declared.group(1)) if declared else 0.0
       continue
+    if op in ("dynamic-slice", "dynamic-update-slice"):  # in place: only the slice moves
+      piece = _arrays(t if op == "dynamic-slice" else types.get(ops[1], ""))
+      total += 2 * sum(b for b, _ in piece) if any(h for _, h in _arrays(t)) or any(
+          h for _, h in _arrays(types.get(ops[0], ""))) else 0
+      continue
     reads, updates = ({}, {}) if op != "fusion" else _sliced(
         comps, re.search(r"calls=%?([\w.\-]+)", attrs).group(1))
     outs = _arrays(t)
@@ -346,7 +360,8 @@ def main(argv) -> int:
         f"{cost.get('bytes accessed', 0):.4g} bytes accessed")
   per_loop, outside, problems = check_loops(compiled.as_text(),
                                             data_parallel=mesh.shape.get("model", 1) == 1
-                                            and config.sharding == "dp")
+                                            and config.sharding == "dp",
+                                            single_slice=FLAGS.num_slices == 1)
   print(f"matmuls per time loop: {per_loop}; outside loops: {outside}")
   print(f"Mosaic kernels (Pallas GRU, forward and backward): {mosaic_kernels(compiled.as_text())}")
   for p in problems:

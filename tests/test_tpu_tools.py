@@ -71,6 +71,7 @@ def test_hlo_checks_can_fail():
 
 ENTRY %main (p: f32[2]) -> f32[2] {
   %w = (f32[2]) while(%t), condition=%cond, body=%body
+  %g = f32[8]{0} all-gather(f32[2]{0} %p), dimensions={0}
 }
 """
   per_loop, outside, problems = aot_compile.check_loops(hlo, data_parallel=True)
@@ -78,6 +79,9 @@ ENTRY %main (p: f32[2]) -> f32[2] {
   assert any("exactly one matmul" in p for p in problems)
   assert any("not hoisted" in p for p in problems)
   assert any("collective" in p for p in problems)
+  assert any("1 all-gather(s)" in p for p in problems)
+  assert not any("all-gather" in p for p in aot_compile.check_loops(
+      hlo, data_parallel=True, single_slice=False)[2])
 
 
 def test_launcher_dry_run_prints_the_pod_commands():

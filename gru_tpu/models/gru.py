@@ -88,12 +88,21 @@ def _per_chain(a_Dx_, chains: int) -> list[jax.Array]:
   return [a_Dx_[d] for d in range(a_Dx_.shape[0]) for _ in range(chains)]
 
 
-def _weight_grad(a_TxDxBxK, g_TxDxBxN):
-  """sum over t, b of a^T g per direction -> (D, K, N) f32."""
+def _weight_grad(a_TxDxBxK, g_TxDxBxN, flat: bool = False):
+  """sum over t, b of a^T g per direction -> (D, K, N) f32.
+
+  flat (the CPU path): as a (T·B, K)^T (T·B, N) matmul, which XLA:CPU runs faster than the
+  two-axis contraction (the train step measured ~20 % slower without). Elsewhere T and B stay
+  separate: merging T with a sharded B would make the SPMD partitioner gather the batch onto
+  every device (see direction_dot).
+  """
   T, D, B, K = a_TxDxBxK.shape
-  return jnp.stack([jnp.dot(a_TxDxBxK[:, d].reshape(T * B, K).T,
-                            g_TxDxBxN[:, d].reshape(T * B, -1), preferred_element_type=f32)
-                    for d in range(D)])
+  if flat:
+    return jnp.stack([jnp.dot(a_TxDxBxK[:, d].reshape(T * B, K).T,
+                              g_TxDxBxN[:, d].reshape(T * B, -1), preferred_element_type=f32)
+                      for d in range(D)])
+  return jnp.stack([jnp.einsum("tbk,tbn->kn", a_TxDxBxK[:, d], g_TxDxBxN[:, d],
+                               preferred_element_type=f32) for d in range(D)])
 
 
 def _block_scan(step, carry, xs, k: int, reverse: bool = False, prepare=None):
@@ -142,7 +151,7 @@ def _fwd_scan(gi_TxDxBx3H, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll, cha
       ys.append(y)
     return tuple(new), (_unchain(ys, D), _unchain(ghs, D) if save_gh else None)
 
-  project = None if w_i is None else (lambda xk: (direction_dot(xk[0], w_i), xk[1]))
+  project = None if w_i is None else (lambda xk: (direction_dot(xk[0], w_i, flat=True), xk[1]))
   hs, (y, gh) = _block_scan(body, tuple(_chains(h0_DxBxH, chains)), (gi_TxDxBx3H, mask_TxB),
                             unroll, prepare=project)
   return (y, gh) if save_gh else y, _unchain(list(hs), D)
@@ -161,7 +170,7 @@ def _recurrence(x_TxDxBxI, w_i, b_i, w_h, b_h, h0_DxBxH, mask_TxB, rmask, unroll
 def _recurrence_fwd(x, w_i, b_i, w_h, b_h, h0, mask, rmask, unroll, chains, block_projection):
   # Training: project in bulk (gi is needed again in the backward pass) and keep gh and y.
   # r, z, n are then recomputed in bulk (cheap elementwise) rather than stored.
-  gi = direction_dot(x, w_i)
+  gi = direction_dot(x, w_i, flat=block_projection)
   (y, gh), h_T = _fwd_scan(gi, b_i, w_h, b_h, h0, mask, rmask, unroll, chains, save_gh=True)
   return (y, h_T), (x, w_i, gi, gh, b_i, w_h, h0, mask, rmask, y)
 
@@ -204,9 +213,10 @@ def _recurrence_bwd(unroll, chains, block_projection, res, cts):
   d3 = jnp.tile(d, (1, 1, 1, 3))
   dgh, dgi = d3 * A, d3 * A_in
   cdt = w_h.dtype
-  dx = direction_dot(dgi.astype(cdt), jnp.swapaxes(w_i, 1, 2)).astype(x.dtype)
-  dw_i = _weight_grad(x, dgi.astype(cdt)).astype(w_i.dtype)
-  dw_h = _weight_grad(hm.astype(cdt), dgh.astype(cdt)).astype(cdt)
+  dx = direction_dot(dgi.astype(cdt), jnp.swapaxes(w_i, 1, 2), flat=block_projection).astype(
+      x.dtype)
+  dw_i = _weight_grad(x, dgi.astype(cdt), block_projection).astype(w_i.dtype)
+  dw_h = _weight_grad(hm.astype(cdt), dgh.astype(cdt), block_projection).astype(cdt)
   return (dx, dw_i, dgi.sum(axis=(0, 2)), dw_h, dgh.sum(axis=(0, 2)), _unchain(list(dh0), D),
           None, None)
 

@@ -242,14 +242,22 @@ class RecurrentStack(nnx.Module):
                        f"batch, hidden), got {got}")
 
 
-def direction_dot(a_TxDxBxK: jax.Array, w_DxKxN: jax.Array, out_dtype=jnp.float32) -> jax.Array:
-  """(T, D, B, K) @ (D, K, N) -> (T, D, B, N) as one plain 2-D matmul per direction.
+def direction_dot(a_TxDxBxK: jax.Array, w_DxKxN: jax.Array, out_dtype=jnp.float32,
+                  flat: bool = False) -> jax.Array:
+  """(T, D, B, K) @ (D, K, N) -> (T, D, B, N) as one plain matmul per direction.
 
   XLA:CPU lays out the equivalent d-batched einsum with a transposed output and relayout copies.
+  T and B stay separate axes: merging T with a sharded B would make the SPMD partitioner gather
+  the batch and project it whole on every device. flat (the GRU's CPU path) reshapes to a 2-D
+  (T·B, K) matmul, as fast there and unsharded in practice.
   """
   T, D, B, K = a_TxDxBxK.shape
-  outs = [jnp.dot(a_TxDxBxK[:, d].reshape(T * B, K), w_DxKxN[d],
-                  preferred_element_type=out_dtype).reshape(T, 1, B, -1) for d in range(D)]
+  if flat:
+    outs = [jnp.dot(a_TxDxBxK[:, d].reshape(T * B, K), w_DxKxN[d],
+                    preferred_element_type=out_dtype).reshape(T, 1, B, -1) for d in range(D)]
+  else:
+    outs = [jnp.einsum("tbk,kn->tbn", a_TxDxBxK[:, d], w_DxKxN[d],
+                       preferred_element_type=out_dtype)[:, None] for d in range(D)]
   return outs[0] if D == 1 else jnp.concatenate(outs, axis=1)
 
 
