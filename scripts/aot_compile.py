@@ -152,7 +152,7 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16"
 ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
 NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all",
-              "partition-id", "replica-id", "copy-done", "slice-done", "async-done"}
+              "partition-id", "replica-id"}  # and every *-done: counted at its *-start
 
 
 def _arrays(type_str: str) -> list[tuple[int, bool]]:
@@ -224,7 +224,7 @@ def hbm_traffic(hlo: str, name: str | None = None, loops: list | None = None) ->
   types = {n: t for n, t, *_ in ins}
   total = 0.0
   for n, t, op, ops, attrs in ins:
-    if op in NO_TRAFFIC:
+    if op in NO_TRAFFIC or op.endswith("-done"):
       continue
     if op == "while":
       body, cond = (re.search(rf"{k}=%?([\w.\-]+)", attrs).group(1) for k in ("body", "condition"))
@@ -238,6 +238,10 @@ def hbm_traffic(hlo: str, name: str | None = None, loops: list | None = None) ->
       declared = re.search(r'"bytes_accessed":"(\d+)"', attrs)
       total += float(declared.group(1)) if declared else 0.0
       continue
+    if op == "slice-start":  # ((source), slice, ...): the slice leaves the source once
+      (_, src_hbm), (piece, dst_hbm) = _arrays(t)[:2]
+      total += piece * (src_hbm + dst_hbm)
+      continue
     if op in ("dynamic-slice", "dynamic-update-slice"):  # in place: only the slice moves
       piece = _arrays(t if op == "dynamic-slice" else types.get(ops[1], ""))
       total += 2 * sum(b for b, _ in piece) if any(h for _, h in _arrays(t)) or any(
@@ -246,7 +250,7 @@ def hbm_traffic(hlo: str, name: str | None = None, loops: list | None = None) ->
     reads, updates = ({}, {}) if op != "fusion" else _sliced(
         comps, re.search(r"calls=%?([\w.\-]+)", attrs).group(1))
     outs = _arrays(t)
-    if op in ("copy-start", "slice-start"):  # (destination, source, context): one transfer
+    if op == "copy-start":  # (destination, source, context): one transfer
       outs = outs[:1]
     for k, x in enumerate(ops):
       arrs = _arrays(types.get(x, ""))

@@ -135,7 +135,7 @@ def test_hbm_traffic_counts_every_loop_trip():
 
 def test_hbm_traffic_reads_the_layout():
   """On-chip buffers (S(1)) move nothing, an in-place dynamic-update-slice writes only its
-  update, and a Mosaic kernel costs what it declares."""
+  update, an async slice moves its slice once, and a Mosaic kernel costs what it declares."""
   aot_compile = _aot_module()
   hlo = """HloModule m
 
@@ -147,15 +147,19 @@ def test_hbm_traffic_reads_the_layout():
   ROOT %d = f32[16,4]{1,0} dynamic-update-slice(f32[16,4]{1,0} %p0, f32[1,4]{1,0} %p1, s32[] %p2, s32[] %z)
 }
 
-ENTRY %main (a: f32[16,4], u: f32[1,4], i: s32[], v: f32[256]) -> f32[16,4] {
+ENTRY %main (a: f32[16,4], u: f32[1,4], i: s32[], v: f32[256], x: f32[64]) -> f32[16,4] {
   %a = f32[16,4]{1,0} parameter(0)
   %u = f32[1,4]{1,0} parameter(1)
   %i = s32[] parameter(2)
   %v = f32[256]{0:S(1)} parameter(3)
+  %x = f32[64]{0} parameter(4)
+  %s = ((f32[64]{0}), f32[8]{0:S(1)}, u32[]) slice-start(f32[64]{0} %x), slice={[0:8]}
+  %sd = f32[8]{0:S(1)} slice-done(((f32[64]{0}), f32[8]{0:S(1)}, u32[]) %s)
   %n = f32[256]{0:S(1)} negate(f32[256]{0:S(1)} %v)
   %k = f32[8]{0} custom-call(f32[256]{0:S(1)} %n), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"cost_estimate":{"flops":"10","transcendentals":"0","bytes_accessed":"1000"}}}
   ROOT %f = f32[16,4]{1,0} fusion(f32[16,4]{1,0} %a, f32[1,4]{1,0} %u, s32[] %i), kind=kLoop, calls=%fused
 }
 """
-  # the fusion reads its 16-byte update and the 4-byte index and writes 16 bytes in place
-  assert aot_compile.hbm_traffic(hlo) == 1000 + 16 + 4 + 16
+  # the fusion reads its 16-byte update and the 4-byte index and writes 16 bytes in place; the
+  # slice reads 32 bytes of x into on-chip memory
+  assert aot_compile.hbm_traffic(hlo) == 1000 + 16 + 4 + 16 + 32
