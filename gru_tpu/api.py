@@ -92,7 +92,6 @@ class Loaded:
     return ax
 
 
-
 class TextModel(Loaded):
   """A text model: `generate` and `stream`, with its tokenizer."""
 
@@ -122,7 +121,7 @@ class TextModel(Loaded):
     for start in range(0, length, chunk):
       n = min(chunk, length - start)
       carry, logits, toks = lm.advance_jit(graphdef, state, carry, logits, key, start, n,
-                                     float(temperature), top_k, top_p)
+                                           float(temperature), top_k, top_p)
       yield [self.tokenizer.decode(t) for t in np.asarray(toks)]
 
   def generate(self, prompt: str, length: int, temperature: float = 1.0,
@@ -141,9 +140,11 @@ class ForecastModel(Loaded):
 
   def history(self, data: Any = None):
     """A Panel from a DataFrame (the training CSV's layout), a pandas Series (index = time),
-    a source string (csv:PATH, statsmodels:NAME) or None (the training source)."""
+    a source string (csv:PATH, statsmodels:NAME) or None (the training source); a Panel as is."""
     import pandas as pd
     meta = self.meta
+    if isinstance(data, ts.Panel):
+      return data
     if data is None or isinstance(data, str):
       return forecast.load_panel(self.config.data, data)
     if isinstance(data, pd.Series):
@@ -325,16 +326,14 @@ def forecast_main(argv: list[str]) -> int:
     m = load(a.workdir, a.step)
     if not isinstance(m, ForecastModel):
       raise UserError(f"{a.workdir} holds a {m.meta['task']} model; use gru-tpu sample")
-    history = m.history(a.data)
-    frame = forecast.forecast_frame(m.model, m.config, m.meta, history,
-                                    m.config.data.horizon if a.horizon is None else a.horizon,
-                                    num_samples=a.num_samples, seed=a.seed)
+    history = m.history(a.data)  # read once: for the forecast and the plot
+    frame = m.forecast(history, a.horizon, num_samples=a.num_samples, seed=a.seed)
     for path in (a.output, a.plot):
       if path and not Path(path).absolute().parent.is_dir():
         raise UserError(f"{path}: the directory does not exist")
     frame.to_csv(a.output, index=False)
     if a.plot:
-      plot_forecast(history, frame, a.plot, tuple(m.config.model.quantiles))
+      m.plot(history, frame, a.plot)
   except UserError as e:
     print(f"gru-tpu forecast: {e}", file=sys.stderr)
     return 2

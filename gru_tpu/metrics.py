@@ -49,12 +49,14 @@ class MetricsWriter:
 
 def _drop_partial_line(path: Path) -> None:
   """A run killed mid-write can leave half a row; cut it so the next row starts a line."""
-  if not path.exists():
+  if not path.exists() or path.stat().st_size == 0:
     return
-  data = path.read_bytes()
-  if data and not data.endswith(b"\n"):
-    with path.open("r+b") as f:
-      f.truncate(data.rfind(b"\n") + 1)
+  with path.open("r+b") as f:
+    f.seek(-1, 2)
+    if f.read(1) == b"\n":  # the usual case: no need to read a long run's whole file
+      return
+    f.seek(0)
+    f.truncate(f.read().rfind(b"\n") + 1)
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:

@@ -1,5 +1,6 @@
 """Shared test setup: small shapes, CPU, and torch models with nonzero random biases."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -17,6 +18,32 @@ jax.config.update("jax_disable_most_optimizations", True)
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
+
+
+@pytest.fixture
+def killed_at(monkeypatch):
+  """`with killed_at(n): train_and_evaluate(...)`: the run dies (KeyboardInterrupt) as its n-th
+  batch is handed to the devices, like a process killed mid-run; the block expects that."""
+  from gru_tpu import train
+
+  @contextlib.contextmanager
+  def at(n: int):
+    real, calls = train._to_global, []
+
+    def crash(batch, mesh):
+      calls.append(1)
+      if len(calls) == n:
+        raise KeyboardInterrupt("simulated crash")
+      return real(batch, mesh)
+
+    monkeypatch.setattr(train, "_to_global", crash)
+    try:
+      with pytest.raises(KeyboardInterrupt):
+        yield
+    finally:
+      monkeypatch.setattr(train, "_to_global", real)
+
+  return at
 
 
 def randomize_biases(module, seed=0):

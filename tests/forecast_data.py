@@ -30,12 +30,7 @@ def config(source="csv:unused.csv", **overrides):
   c.eval.baselines = ("naive", "seasonal_naive")
   c.eval.num_samples = 50
   c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-2, 5
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 

@@ -95,22 +95,12 @@ def test_engine_end_to_end_beats_naive_and_reports_baselines(tmp_path):
     m.forecast(hist.iloc[:10], 3)
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
+def test_resume_is_exact(tmp_path, killed_at):
   src = write_csv(tmp_path)
   c = config(src, **{"model.decoder": "autoregressive"})
   train.train_and_evaluate(c, tmp_path / "straight")
-  real, calls = train._to_global, []
-
-  def crash_at_step_15(batch, mesh):
-    calls.append(1)
-    if len(calls) == 15:
-      raise KeyboardInterrupt("simulated crash")
-    return real(batch, mesh)
-
-  monkeypatch.setattr(train, "_to_global", crash_at_step_15)
-  with pytest.raises(KeyboardInterrupt):
+  with killed_at(15):
     train.train_and_evaluate(c, tmp_path / "resumed")
-  monkeypatch.setattr(train, "_to_global", real)
   train.train_and_evaluate(c, tmp_path / "resumed")   # continues from the step-10 checkpoint
   loss = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if r["split"] == "train"}
   a, b = loss(tmp_path / "straight"), loss(tmp_path / "resumed")

@@ -27,12 +27,7 @@ DRIVER = str(Path(__file__).parent / "fault_driver.py")
 def tiny(**overrides):
   c = synthetic.get_config("size=tiny")
   c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 30, 1, 30, 10
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 
@@ -52,21 +47,11 @@ def test_trains_writes_metrics_config_and_checkpoints(tmp_path):
   assert list((tmp_path / "tensorboard").iterdir())
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
+def test_resume_is_exact(tmp_path, killed_at):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   train.train_and_evaluate(tiny(), straight)
-  real, calls = train._to_global, []
-
-  def crash_at_step_25(batch, mesh):
-    calls.append(1)
-    if len(calls) == 25:
-      raise KeyboardInterrupt("simulated crash")
-    return real(batch, mesh)
-
-  monkeypatch.setattr(train, "_to_global", crash_at_step_25)
-  with pytest.raises(KeyboardInterrupt):
+  with killed_at(25):
     train.train_and_evaluate(tiny(), resumed)
-  monkeypatch.setattr(train, "_to_global", real)
   train.train_and_evaluate(tiny(), resumed)  # continues from the step-20 checkpoint
   a, b = losses(straight), losses(resumed)  # steps 21-24 appear twice in `resumed`: last wins
   assert sorted(b) == list(range(1, 31))

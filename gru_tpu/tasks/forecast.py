@@ -263,6 +263,7 @@ class ForecastTask:
             f"context_length + horizon + val_length + test_length = {C} + {H} + {V} + {T} = "
             f"{need}. Lower those config.data keys or give a longer series")
     self.n_train = [len(s.time) - V - T for s in p.series]
+    self.val_length = V
     self.scales = {s.id: fit_scales(s, n, d.scaling) for s, n in zip(p.series, self.n_train)}
     self.meta = {"task": "forecast", "source": p.name, "time_column": p.time_column,
                  "id_column": p.id_column, "targets": p.targets, "known": p.known,
@@ -273,16 +274,15 @@ class ForecastTask:
                             self.pad)
     stride = config.eval.backtest_stride or H
     self.windows = {"train": [], "eval": [], "calibration": [], "test": []}
-    self._calibration_tail = []  # per calibration window: the validation tail [start, end)
     for i, (s, n) in enumerate(zip(p.series, self.n_train)):
       self.windows["train"] += [(i, o) for o in range(C, n - H + 1)]
       self.windows["eval"] += [(i, o) for o in _tail_origins(n, n + V, H, stride)]
       # Every origin with a forecast step inside the validation tail; only those steps count.
       self.windows["calibration"] += [(i, o) for o in range(max(C, n - H + 1), n + V)]
-      self._calibration_tail += [(n, n + V)] * (n + V - max(C, n - H + 1))
       self.windows["test"] += [(i, o) for o in _tail_origins(n + V, len(s.time), H, stride)]
     self.windows = {k: np.array(v, np.int64).reshape(-1, 2) for k, v in self.windows.items()}
     self._references: dict[str, dict] = {}
+    self._scale_of: tuple[list, np.ndarray | None] = ([], None)  # (parameter arrays, factor)
 
   def build_model(self, rngs: nnx.Rngs) -> Forecaster:
     return build_forecaster(self.config, self.meta, rngs)
@@ -305,18 +305,25 @@ class ForecastTask:
     windows (scaled units; the factor is unit-free). None when off or for a point model."""
     if not self.config.eval.get("calibrate", True) or model.head == "point":
       return None
+    # One step's eval, test and checkpoint metadata share the same parameters: compute once.
+    arrays = jax.tree.leaves(nnx.state(model))
+    seen, scale = self._scale_of
+    if len(seen) == len(arrays) and all(a is b for a, b in zip(seen, arrays)):
+      return scale
     w, H, pad = self.windows["calibration"], self.horizon, self.store.pad
     pred = predict_windows(model, self.store, w, H, self.config.eval.num_samples,
                            self.config.seed)
     b = self.store.gather(w[:, 0], w[:, 1], H)
     t_WxH = w[:, 1:] + np.arange(H)
-    tail = np.array(self._calibration_tail).reshape(-1, 2)
+    n_W1 = np.array(self.n_train)[w[:, :1]]  # the series' validation tail: [n, n + val_length)
     # Steps before the tail were trained on; steps after it are the test tail: neither counts.
-    keep = (t_WxH >= tail[:, :1]) & (t_WxH < tail[:, 1:])
+    keep = (t_WxH >= n_W1) & (t_WxH < n_W1 + self.val_length)
     y = np.where(keep[..., None] & (b["observed"][:, pad:] > 0), b["y"][:, pad:], np.nan)
     lo, hi = forecast_eval.central_interval(pred.get("samples"), pred.get("quantiles"),
                                             model.quantiles)
-    return forecast_eval.interval_scale(y, pred["median"], lo, hi)
+    scale = forecast_eval.interval_scale(y, pred["median"], lo, hi)
+    self._scale_of = (arrays, scale)
+    return scale
 
   def model_metadata(self, model) -> dict:
     """Saved with each checkpoint beside metadata(): that checkpoint's interval_scale."""
