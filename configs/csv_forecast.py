@@ -26,6 +26,7 @@ def get_config(arg: str | None = None):
   c.data.id_column = ""            # e.g. "store" for a panel of series
   c.data.known_covariates = ""     # e.g. "price,holiday"
   c.data.past_covariates = ""      # e.g. "visits"
+  c.data.transform = "none"        # "sqrt" or "log1p" for counts whose spread grows with level
   c.data.context_length = 56
   c.data.horizon = 14
   return c

@@ -11,7 +11,8 @@ coverage of gru_tpu and of the naive, seasonal-naive and ETS (Holt-Winters, addi
 season) baselines fitted to the same history. With --seeds N the model is trained N times; the
 table shows the mean [min, max], the JSON every run. --set overrides config keys of both
 datasets (e.g. --set num_steps=500 model.hidden=32). --plot draws the first seed's test-tail
-forecast (median, 80 % band) against the truth, seasonal naive and ETS.
+forecast (median, 80 % band) against the truth, seasonal naive and ETS. The JSON also keeps each
+run's last validation-tail metrics (`validation`): choose settings on those, not on the test.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def run(name: str, seed: int, overrides: list[str], plot: bool = False) -> dict:
     t0 = time.perf_counter()
     train.train_and_evaluate(c, workdir)
     seconds = time.perf_counter() - t0
-    (test,) = [r for r in read_metrics(workdir) if r["split"] == "test"]
+    rows = read_metrics(workdir)
+    (test,) = [r for r in rows if r["split"] == "test"]
+    val = [r for r in rows if r["split"] == "eval"][-1]
     picture = test_tail_forecast(workdir, c) if plot else None
   out = {"seed": seed, "train_seconds": round(seconds, 1), "num_steps": c.num_steps,
          "picture": picture}
@@ -88,6 +91,8 @@ def run(name: str, seed: int, overrides: list[str], plot: bool = False) -> dict:
   # The interval calibration: its factor and what the raw spread scored (JSON only).
   out["gru_tpu"].update({k: test.get(k) for k in ("interval_scale", "crps_uncalibrated",
                                                   "coverage_80_uncalibrated")})
+  # What a user can select on: the same metrics on the validation tail at the end of training.
+  out["validation"] = {k: val.get(k) for k in METRICS}
   return out
 
 

@@ -115,6 +115,23 @@ def test_scaling_round_trips_and_fits_observed_values_only(rng, method):
   assert const[0]["scale"] == 1.0
 
 
+@pytest.mark.parametrize("name", ["sqrt", "log1p"])
+def test_transforms_round_trip_and_refuse_negative_targets(rng, name):
+  x = rng.gamma(2.0, 10.0, (50, 1))
+  x[3, 0], x[4, 0] = np.nan, 0.0
+  z = ts.transform(x, name)
+  assert np.isnan(z[3, 0]) and z[4, 0] == 0 and (np.diff(np.sort(z[5:, 0])) >= 0).all()
+  np.testing.assert_allclose(ts.invert_transform(z, name), x, rtol=1e-12)
+  # A forecast below the transform's zero is a forecast of 0, not a negative value.
+  assert ts.invert_transform(np.array([-0.5]), name)[0] == 0.0
+  df = pd.DataFrame({"t": np.arange(6), "y": [1.0, np.nan, 2.0, -0.5, 3.0, 4.0]})
+  panel = ts.panel_from_frame(df, time_column="t", targets=["y"], name="f.csv")
+  ts.check_transform(panel, "none")
+  with pytest.raises(UserError, match=rf"f.csv: target 'y' is -0.5 at 3; "
+                                      rf"config.data.transform='{name}' needs values >= 0"):
+    ts.check_transform(panel, name)
+
+
 def test_fill_forward_is_causal():
   x = np.array([[np.nan], [1.0], [np.nan], [np.nan], [4.0], [np.nan]])
   np.testing.assert_array_equal(ts.fill_forward(x)[:, 0], [0, 1, 1, 1, 4, 4])

@@ -14,7 +14,7 @@ from gru_tpu import train
 from gru_tpu.data import timeseries as ts
 from gru_tpu.errors import UserError
 from gru_tpu.metrics import read_metrics
-from gru_tpu.tasks.forecast import ForecastTask
+from gru_tpu.tasks.forecast import ForecastTask, forecast_frame, predict_windows, to_original
 
 
 def test_splits_scales_and_inputs_never_see_the_future():
@@ -128,6 +128,41 @@ def test_interval_calibration_reads_the_validation_tail_only():
   assert off.interval_scale(model) is None and off.model_metadata(model) == {}
   point = task_for(df, **{"model.head": "point"})
   assert point.interval_scale(point.build_model(nnx.Rngs(0))) is None
+
+
+def test_sqrt_transform_feeds_the_model_sqrt_and_forecasts_in_original_units():
+  df = seasonal_frame()
+  df["y"] = df["y"] ** 2                      # nonnegative, spread growing with the level
+  task = task_for(df, **{"data.transform": "sqrt", "eval.calibrate": False})
+  n = task.n_train[0]
+  (sc,) = task.scales["y"]["y"]
+  y = df["y"].to_numpy()
+  want = (np.sqrt(y) - sc["loc"]) / sc["scale"]
+  assert sc == ts.fit_scale(np.sqrt(y[:n, None]), "standard")[0]     # fitted on sqrt(train)
+  obs = ~np.isnan(y)
+  np.testing.assert_allclose(task.store.y[task.pad:, 0][obs], want[obs], rtol=1e-6)
+  # The model's (transformed, scaled) forecasts come back in original units: quantiles map
+  # through the monotone inverse, so the test line's coverage is the model-space coverage.
+  model = task.build_model(nnx.Rngs(0))
+  out = task.evaluate(model, "test")
+  w = task.windows["test"]
+  pred = predict_windows(model, task.store, w, 6, task.config.eval.num_samples, task.config.seed)
+  lo, hi = np.quantile(pred["samples"], [0.1, 0.9], axis=0)
+  z = want[144:150, None]
+  assert out["coverage_80"] == pytest.approx(((lo <= z) & (z <= hi)).mean())
+  ref = task._reference("test")
+  orig = to_original(pred, ref["loc"], ref["unit"], "sqrt")
+  np.testing.assert_allclose(orig["median"], (pred["median"] * sc["scale"] + sc["loc"]) ** 2,
+                             rtol=1e-5)
+  assert (orig["samples"] >= 0).all()
+  f = forecast_frame(model, task.config, task.meta, task.panel, 6, num_samples=20)
+  assert (f[["point", "q0.1", "q0.9"]].to_numpy() >= 0).all() and task.meta["transform"] == "sqrt"
+  negative = seasonal_frame()
+  negative.loc[7, "y"] = -1.0
+  with pytest.raises(UserError, match=r"target 'y' is -1 at 2000-08-01.*transform='sqrt'"):
+    task_for(negative, **{"data.transform": "sqrt"})
+  with pytest.raises(UserError, match=r"data.transform='box_cox': expected one of none, sqrt"):
+    task_for(df, **{"data.transform": "box_cox"})
 
 
 def test_bad_task_inputs():

@@ -283,7 +283,48 @@ def calendar_features(time: np.ndarray, cycles: list[str], terms: int) -> np.nda
   return np.stack(cols, -1).astype(np.float32)
 
 
-# -- scaling and imputation ---------------------------------------------------------------------
+# -- transform, scaling and imputation ----------------------------------------------------------
+
+TRANSFORMS = ("none", "sqrt", "log1p")
+
+
+def transform(x: np.ndarray, name: str) -> np.ndarray:
+  """Variance-stabilising transform of nonnegative targets, applied before scaling: the model
+  sees sqrt(y) or log(1 + y), so its spread can grow with the level (counts, sunspots, sales)."""
+  if name == "sqrt":
+    return np.sqrt(x)
+  if name == "log1p":
+    return np.log1p(x)
+  return x
+
+
+def invert_transform(x: np.ndarray, name: str) -> np.ndarray:
+  """The inverse of `transform`; forecasts below the transform's zero map to 0. Monotone, so
+  medians, quantiles and interval coverage carry over unchanged."""
+  if name == "sqrt":
+    return np.square(np.maximum(x, 0.0))
+  if name == "log1p":
+    return np.expm1(np.maximum(x, 0.0))
+  return x
+
+
+def check_transform(panel: Panel, name: str) -> None:
+  """A UserError naming the first negative target value when `name` needs values >= 0."""
+  if name == "none":
+    return
+  for s in panel.series:
+    with np.errstate(invalid="ignore"):
+      bad = np.argwhere(s.y < 0)
+    if len(bad):
+      t, c = bad[0]
+      label = f" (series {s.id!r})" if panel.id_column else ""
+      when = s.time[t]
+      when = (np.datetime_as_string(when, unit="auto") if np.issubdtype(s.time.dtype, np.datetime64)
+              else f"{when:g}")
+      raise UserError(f"{panel.name}: target {panel.targets[c]!r}{label} is {s.y[t, c]:g} at "
+                      f"{when}; config.data.transform={name!r} needs values >= 0: use "
+                      f"transform='none' or shift the series")
+
 
 def fit_scale(x_TxC: np.ndarray, method: str) -> list[dict]:
   """Per-column {loc, scale} from the observed values of x (the training part only)."""

@@ -73,6 +73,7 @@ def default_config(size: str = "small"):
   d.test_length = 0              # test tail (0 = one horizon)
   d.lags = ""                    # target lags fed as inputs, "1,2,52"; "" = 1 and season_length
   d.calendar_terms = 2           # Fourier terms per calendar cycle (year/week/day); 0 = none
+  d.transform = "none"           # of nonnegative targets, before scaling: none | sqrt | log1p
   d.scaling = "standard"         # per series, fitted on the training part: standard|mean_abs|none
   m = c.model
   m.decoder = "direct"           # direct | autoregressive
@@ -106,6 +107,7 @@ def check_config(config) -> None:
                               ("model.point_loss", m.point_loss, ("mse", "mae")),
                               ("model.window_norm", m.window_norm, WINDOW_NORMS),
                               ("model.cell", m.cell, tuple(CELLS)),
+                              ("data.transform", d.transform, ts.TRANSFORMS),
                               ("data.scaling", d.scaling, ("standard", "mean_abs", "none"))):
     if value not in allowed:
       raise UserError(f"config.{key}={value!r}: expected one of {', '.join(allowed)}")
@@ -161,15 +163,15 @@ def build_forecaster(config, meta: dict, rngs: nnx.Rngs) -> Forecaster:
                     rngs=rngs)
 
 
-def fit_scales(s: ts.Series, n_train: int, method: str) -> dict:
-  return {"y": ts.fit_scale(s.y[:n_train], method),
+def fit_scales(s: ts.Series, n_train: int, method: str, transform: str = "none") -> dict:
+  return {"y": ts.fit_scale(ts.transform(s.y[:n_train], transform), method),
           "known": ts.fit_scale(s.known[:n_train], "standard"),
           "past": ts.fit_scale(s.past[:n_train], "standard")}
 
 
 def series_arrays(s: ts.Series, scales: dict, meta: dict) -> dict:
-  """Scaled, imputed model inputs of one series, (T, ·) float32 each."""
-  y = ts.apply_scale(s.y, scales["y"])
+  """Transformed, scaled, imputed model inputs of one series, (T, ·) float32 each."""
+  y = ts.apply_scale(ts.transform(s.y, meta.get("transform", "none")), scales["y"])
   known = np.concatenate([
       ts.calendar_features(s.time, meta["cycles"], meta["calendar_terms"]),
       ts.fill_forward(ts.apply_scale(s.known, scales["known"]))], -1)
@@ -230,7 +232,9 @@ def predict_windows(model, store: ts.WindowStore, windows: np.ndarray, horizon: 
           for k in outs[0]}
 
 
-def to_original(pred: dict, loc_NxC: np.ndarray, scale_NxC: np.ndarray) -> dict:
+def to_original(pred: dict, loc_NxC: np.ndarray, scale_NxC: np.ndarray,
+                transform: str = "none") -> dict:
+  """Model-space forecasts (scaled, transformed) -> original units."""
   out = {}
   for k, v in pred.items():
     if k == "samples":
@@ -239,6 +243,7 @@ def to_original(pred: dict, loc_NxC: np.ndarray, scale_NxC: np.ndarray) -> dict:
       out[k] = v * scale_NxC[:, None, :, None] + loc_NxC[:, None, :, None]
     else:
       out[k] = v * scale_NxC[:, None] + loc_NxC[:, None]
+    out[k] = ts.invert_transform(out[k], transform)
   return out
 
 
@@ -262,14 +267,16 @@ class ForecastTask:
             f"{p.name}: series {s.id!r} has {len(s.time)} time steps; it needs at least "
             f"context_length + horizon + val_length + test_length = {C} + {H} + {V} + {T} = "
             f"{need}. Lower those config.data keys or give a longer series")
+    ts.check_transform(p, d.transform)
     self.n_train = [len(s.time) - V - T for s in p.series]
     self.val_length = V
-    self.scales = {s.id: fit_scales(s, n, d.scaling) for s, n in zip(p.series, self.n_train)}
+    self.scales = {s.id: fit_scales(s, n, d.scaling, d.transform)
+                   for s, n in zip(p.series, self.n_train)}
     self.meta = {"task": "forecast", "source": p.name, "time_column": p.time_column,
                  "id_column": p.id_column, "targets": p.targets, "known": p.known,
                  "past": p.past, "freq": p.freq, "season_length": self.season, "lags": list(lags),
                  "cycles": ts.calendar_cycles(p.freq), "calendar_terms": int(d.calendar_terms),
-                 "scaling": d.scaling, "scales": self.scales}
+                 "transform": d.transform, "scaling": d.scaling, "scales": self.scales}
     self.store = make_store([series_arrays(s, self.scales[s.id], self.meta) for s in p.series],
                             self.pad)
     stride = config.eval.backtest_stride or H
@@ -360,7 +367,8 @@ class ForecastTask:
     ref = self._reference(split)
     e = self.config.eval
     pred = to_original(predict_windows(model, self.store, self.windows[split], self.horizon,
-                                       e.num_samples, self.config.seed), ref["loc"], ref["unit"])
+                                       e.num_samples, self.config.seed), ref["loc"], ref["unit"],
+                       self.config.data.transform)
     score = lambda p: forecast_eval.metrics(ref["y"], p["median"], ref["scale"],
                                             samples_SxNxHxC=p.get("samples"),
                                             quantiles_NxHxCxQ=p.get("quantiles"),
@@ -403,6 +411,8 @@ def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horiz
                     f"data.horizon={d.horizon}); ask for fewer, or retrain with a longer "
                     f"data.horizon or model.decoder=autoregressive")
   steps = max(horizon, d.horizon) if model.decoder == "direct" else horizon
+  transform = meta.get("transform", "none")  # checkpoints from before transforms: none
+  ts.check_transform(panel, transform)
   arrays, windows, times = [], [], []
   for i, s in enumerate(panel.series):
     seen = np.flatnonzero(~np.isnan(s.y).all(1))
@@ -423,7 +433,7 @@ def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horiz
                     np.concatenate([s.y, np.full((extra, s.y.shape[1]), np.nan)]),
                     np.concatenate([s.known, np.zeros((extra, s.known.shape[1]))]),
                     np.concatenate([s.past, np.zeros((extra, s.past.shape[1]))]))
-    scales = meta["scales"].get(s.id) or fit_scales(s, origin, meta["scaling"])
+    scales = meta["scales"].get(s.id) or fit_scales(s, origin, meta["scaling"], transform)
     a = series_arrays(ext, scales, meta)
     a["loc"] = np.array([v["loc"] for v in scales["y"]])
     a["unit"] = np.array([v["scale"] for v in scales["y"]])
@@ -435,7 +445,7 @@ def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horiz
   if calibrated and "interval_scale" in meta:
     pred = forecast_eval.scale_spread(pred, meta["interval_scale"])
   pred = to_original(pred, np.stack([a["loc"] for a in arrays]),
-                     np.stack([a["unit"] for a in arrays]))
+                     np.stack([a["unit"] for a in arrays]), transform)
   levels = tuple(config.model.quantiles)
   if "quantiles" in pred:
     qs = np.stack([forecast_eval.interp_levels(pred["quantiles"], model.quantiles, u)
