@@ -157,6 +157,8 @@ def test_sqrt_transform_feeds_the_model_sqrt_and_forecasts_in_original_units():
   assert (orig["samples"] >= 0).all()
   f = forecast_frame(model, task.config, task.meta, task.panel, 6, num_samples=20)
   assert (f[["point", "q0.1", "q0.9"]].to_numpy() >= 0).all() and task.meta["transform"] == "sqrt"
+  # The series' level is ~10 in sqrt units and ~100 in original ones; a missed inverse shows.
+  assert 50 < f["point"].mean() < 250, f["point"]
   negative = seasonal_frame()
   negative.loc[7, "y"] = -1.0
   with pytest.raises(UserError, match=r"target 'y' is -1 at 2000-08-01.*transform='sqrt'"):
