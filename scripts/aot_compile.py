@@ -8,8 +8,8 @@ compiles the jitted train step with its shardings, prints per-device HBM use (me
 and FLOPs / bytes (cost_analysis), and checks the compiled HLO: every time loop holds exactly
 one matmul (the recurrent one, per direction) or the recurrence runs in Mosaic kernels (the
 Pallas GRU, config.model.impl), the input projections are outside the loops, and under data
-parallelism no collective runs inside a loop and (on one slice) nothing is all-gathered. Exit 1
-if a check fails.
+parallelism no collective runs inside a loop and (on one slice) nothing is all-gathered, and no
+jnp.tile result is materialised outside the loops. Exit 1 if a check fails.
 
 --compare_impls instead compiles the step with config.model.impl=scan and =pallas and prints,
 for both, FLOPs and HBM bytes per step (hbm_traffic: every trip of every time loop, which
@@ -84,6 +84,13 @@ def check_loops(hlo: str, data_parallel: bool,
   outside = count(comps, entry, MATMUL) - sum(per_loop)
   if outside < 1:
     problems.append("no matmul outside the loops: the input projection is not hoisted")
+  # A jnp.tile of a (T, B, H) array across the gates is materialised and relaid out by TPU XLA
+  # (the scan's backward once lost ~1.9 GB of HBM traffic per step to it): multiply per gate.
+  tiles = [m.group(1) for m in re.finditer(
+      r"^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*op_name=\"[^\"]*/tile\"", comps.get(entry, ""), re.M)]
+  if tiles:
+    problems.append(f"{len(tiles)} jnp.tile result(s) materialised outside the time loops "
+                    f"({', '.join(tiles[:3])}): multiply per gate instead")
   if data_parallel:
     coll = re.compile(r"= [^=]*\b(" + "|".join(COLLECTIVES) + r")(-start)?\(")
     inside = sum(count(comps, b, coll) for b in loop_bodies)

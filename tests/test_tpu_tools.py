@@ -72,6 +72,7 @@ def test_hlo_checks_can_fail():
 ENTRY %main (p: f32[2]) -> f32[2] {
   %w = (f32[2]) while(%t), condition=%cond, body=%body
   %g = f32[8]{0} all-gather(f32[2]{0} %p), dimensions={0}
+  %copy.7 = f32[4,6]{1,0} copy(f32[4,6]{0,1} %b), metadata={op_name="jit(f)/transpose(jvp())/tile"}
 }
 """
   per_loop, outside, problems = aot_compile.check_loops(hlo, data_parallel=True)
@@ -80,6 +81,8 @@ ENTRY %main (p: f32[2]) -> f32[2] {
   assert any("not hoisted" in p for p in problems)
   assert any("collective" in p for p in problems)
   assert any("1 all-gather(s)" in p for p in problems)
+  assert any("1 jnp.tile result(s) materialised outside the time loops (copy.7)" in p
+             for p in problems)
   assert not any("all-gather" in p for p in aot_compile.check_loops(
       hlo, data_parallel=True, single_slice=False)[2])
 
