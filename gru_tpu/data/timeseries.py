@@ -313,8 +313,7 @@ def check_transform(panel: Panel, name: str) -> None:
   if name == "none":
     return
   for s in panel.series:
-    with np.errstate(invalid="ignore"):
-      bad = np.argwhere(s.y < 0)
+    bad = np.argwhere(s.y < 0)  # NaN (missing) compares False
     if len(bad):
       t, c = bad[0]
       label = f" (series {s.id!r})" if panel.id_column else ""

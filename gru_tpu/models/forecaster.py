@@ -69,8 +69,8 @@ class Forecaster(nnx.Module):
     self.num_params = len(self.quantiles) if head == "quantile" else NUM_PARAMS[head]
     features = 2 * num_targets * len(lags) + num_known + num_past + 1
     self.rnn = CELLS[cell](features, hidden, num_layers=num_layers, dropout=dropout,
-                           recurrent_dropout=recurrent_dropout, remat=remat, unroll=unroll, dtype=dtype,
-                           rngs=rngs, **({"impl": impl} if cell == "gru" else {}))
+                           recurrent_dropout=recurrent_dropout, remat=remat, unroll=unroll,
+                           dtype=dtype, rngs=rngs, **({"impl": impl} if cell == "gru" else {}))
     out = num_targets * self.num_params
     if decoder == "direct":
       self.step_embed = nnx.Embed(horizon, embed_dim, rngs=rngs)

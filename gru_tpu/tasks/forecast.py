@@ -158,9 +158,7 @@ def build_forecaster(config, meta: dict, rngs: nnx.Rngs) -> Forecaster:
                     cell=m.cell, hidden=m.hidden, num_layers=m.num_layers, embed_dim=m.embed_dim,
                     dropout=m.dropout, recurrent_dropout=m.recurrent_dropout,
                     window_norm=m.window_norm, remat=m.remat, unroll=m.get("unroll", 1),
-                    dtype=jnp.dtype(m.dtype),
-                    impl=m.get("impl", "auto"),
-                    rngs=rngs)
+                    dtype=jnp.dtype(m.dtype), impl=m.get("impl", "auto"), rngs=rngs)
 
 
 def fit_scales(s: ts.Series, n_train: int, method: str, transform: str = "none") -> dict:
