@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from gru_tpu import train
@@ -42,7 +44,7 @@ class Loaded:
   """A trained model with its config, task metadata and metrics history; `load` returns the
   subclass for the checkpoint's task (TASKS: TextModel, ForecastModel, SyntheticModel)."""
 
-  def __init__(self, workdir: Path, config, model, meta: dict, step: int):
+  def __init__(self, workdir: epath.Path, config, model, meta: dict, step: int):
     self.workdir, self.config, self.model, self.meta, self.step = (
         workdir, config, model, meta, step)
     self.model.eval()
@@ -188,10 +190,10 @@ class SyntheticModel(Loaded):
 TASKS = {"text": TextModel, "forecast": ForecastModel, "synthetic": SyntheticModel}
 
 
-def load(workdir: str | Path, step: int | None = None) -> Loaded:
+def load(workdir: str | os.PathLike, step: int | None = None) -> Loaded:
   """The checkpoint at `step` (default: the latest complete one) as the task's Loaded class,
-  on this process's first device."""
-  workdir = Path(workdir)
+  on this process's first device. `workdir`: a local path or a gs:// URI."""
+  workdir = epath.Path(workdir)
   if not (workdir / "checkpoints").is_dir():
     raise UserError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
                     f"{workdir} ...)")

@@ -15,20 +15,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import shutil
 import sys
-from pathlib import Path
+from os import PathLike
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 from gru_tpu.errors import CheckpointError
 
 log = logging.getLogger("gru_tpu")
 
-_PARTIAL = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+# A step's directory: STEP, or STEP.orbax-checkpoint-tmp... while a local save is in flight.
+_STEP_DIR = re.compile(r"^(\d+)(\.orbax-checkpoint-tmp.*)?$")
 
 
 def _words_u32(a: jax.Array) -> jax.Array:
@@ -86,16 +87,42 @@ def _quiet_failed_reads() -> None:
   sys.unraisablehook = quiet
 
 
+def is_uri(path: str | PathLike) -> bool:
+  """gs://bucket/... and the like, as opposed to a local path."""
+  return "://" in str(path)
+
+
+def _move_tree(src: epath.Path, dest: epath.Path, remote: bool) -> None:
+  if not remote:
+    src.rename(dest)
+    return
+  # An object store has no directory to rename (gcsfs cannot rename into a prefix that holds no
+  # object yet): copy every object, then delete the source.
+  def copy(src: epath.Path, dest: epath.Path) -> None:
+    for p in src.iterdir():  # iterdir keeps the gs:// scheme (fsspec's walk drops it)
+      if p.is_dir():
+        copy(p, dest / p.name)
+      else:
+        dest.mkdir(parents=True, exist_ok=True)  # a no-op on an object store
+        p.copy(dest / p.name)
+  copy(src, dest)
+  src.rmtree()
+
+
 class Checkpointer:
 
-  def __init__(self, workdir: str | Path, *, keep: int | None = None, async_save: bool = True,
-               create: bool = True):
-    """create=False opens an existing directory read-only (for loading)."""
-    self.directory = Path(workdir).absolute() / "checkpoints"
-    # Before the manager exists: a writable one removes these leftovers.
-    self.partial_steps = sorted(
-        int(m.group(1)) for p in (self.directory.iterdir() if self.directory.is_dir() else ())
-        if (m := _PARTIAL.match(p.name)))
+  def __init__(self, workdir: str | PathLike, *, keep: int | None = None,
+               async_save: bool = True, create: bool = True):
+    """create=False opens an existing directory read-only (for loading). `workdir` may be a
+    gs:// URI (what every host of a pod sees); a local path is made absolute for orbax."""
+    workdir = epath.Path(workdir)
+    self.remote = is_uri(workdir)
+    self.directory = (workdir if self.remote else workdir.absolute()) / "checkpoints"
+    # Listed before the manager exists: a writable one removes the leftovers of cut-off saves
+    # (locally STEP.orbax-checkpoint-tmp; on GCS a STEP without its commit_success.txt).
+    found = {int(m.group(1)) for p in
+             (self.directory.iterdir() if self.directory.is_dir() else ())
+             if (m := _STEP_DIR.match(p.name))}
     self._saving: int | None = None
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -104,6 +131,7 @@ class Checkpointer:
             read_only=not create, save_interval_steps=1 if create else 0,
             cleanup_tmp_directories=create))
     latest = self.latest_step()
+    self.partial_steps = sorted(found - set(self.manager.all_steps()))
     for step in self.partial_steps:
       log.warning("checkpoint step %d in %s was cut off mid-write and is skipped; the latest "
                   "complete checkpoint is %s", step, self.directory,
@@ -168,14 +196,14 @@ class Checkpointer:
         f"Complete checkpoints are kept: {kept or 'none'}. Free disk space (or fix the path) "
         f"and run the same command again to resume.")
 
-  def set_aside(self, step: int) -> Path:
+  def set_aside(self, step: int) -> epath.Path:
     """Moves checkpoints/STEP to checkpoints_unreadable/STEP: kept for inspection, not deleted."""
     dest = self.directory.parent / "checkpoints_unreadable" / str(step)
     if jax.process_index() == 0:
       dest.parent.mkdir(exist_ok=True)
       while dest.exists():
         dest = dest.with_name(dest.name + "_")
-      shutil.move(self.directory / str(step), dest)
+      _move_tree(self.directory / str(step), dest, self.remote)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"gru_tpu set aside {step}")

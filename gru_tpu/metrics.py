@@ -2,37 +2,51 @@
 
 Every line has `step` and `split` ("train", "eval" or "test") plus metric names; the training
 loss is `loss`. Only process 0 writes. A resumed run appends: steps between the checkpoint and
-the kill appear twice (the later row counts).
+the kill appear twice (the later row counts). In a gs:// workdir, which cannot be appended to,
+every write replaces the object with all rows so far (one upload per logged step).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from os import PathLike
 from pathlib import Path
 
 import jax
+from etils import epath
+
+from gru_tpu.checkpoint import is_uri
 
 
 class MetricsWriter:
 
-  def __init__(self, workdir: Path):
+  def __init__(self, workdir: str | PathLike):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter
-    self.path = Path(workdir) / "metrics.jsonl"
-    _drop_partial_line(self.path)
-    self.file = self.path.open("a")
-    self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+    from tensorboardX import SummaryWriter  # gs:// through google-cloud-storage (the [gcs] extra)
+    workdir = epath.Path(workdir)
+    self.path, self.file, self.rows = workdir / "metrics.jsonl", None, ""
+    if is_uri(workdir):
+      self.rows = self.path.read_text() if self.path.exists() else ""
+      self.rows = self.rows[:self.rows.rfind("\n") + 1]
+    else:
+      _drop_partial_line(Path(self.path))
+      self.file = Path(self.path).open("a")
+    self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
     row = {"step": int(step), "split": split}
     row.update({k: float(v) for k, v in metrics.items()})
-    self.file.write(json.dumps(row) + "\n")
-    self.file.flush()
+    if self.file is None:
+      self.rows += json.dumps(row) + "\n"
+      self.path.write_text(self.rows)  # an object upload replaces the old one atomically
+    else:
+      self.file.write(json.dumps(row) + "\n")
+      self.file.flush()
     for k, v in metrics.items():
       if math.isfinite(float(v)):
         self.tb.add_scalar(f"{split}/{k}", float(v), int(step))
@@ -43,7 +57,8 @@ class MetricsWriter:
 
   def close(self) -> None:
     if self.enabled:
-      self.file.close()
+      if self.file is not None:
+        self.file.close()
       self.tb.close()
 
 
@@ -59,9 +74,9 @@ def _drop_partial_line(path: Path) -> None:
     f.truncate(f.read().rfind(b"\n") + 1)
 
 
-def read_metrics(workdir: str | Path) -> list[dict]:
+def read_metrics(workdir: str | PathLike) -> list[dict]:
   """The rows of metrics.jsonl ([] if there is none); a half-written last row is left out."""
-  path = Path(workdir) / "metrics.jsonl"
+  path = epath.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
   data = path.read_text()

@@ -20,6 +20,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from gru_tpu import sharding
@@ -133,7 +135,7 @@ def _check_batch(config, mesh) -> None:
                     f"divisible by the data-parallel size {data}")
 
 
-def _check_compatible(saved: dict, config, step: int, directory: Path) -> None:
+def _check_compatible(saved: dict, config, step: int, directory: epath.Path) -> None:
   now = json.loads(config.to_json_best_effort())
   saved, now = ({**c, "model": {k: v for k, v in c.get("model", {}).items()
                                 if k not in RUNTIME_MODEL_KEYS}} for c in (saved, now))
@@ -197,14 +199,14 @@ def setup(config, mesh) -> Setup:
   return Setup(task, graphdef, init, abstract, state_sh, batch_sh, step_fn, eval_fn)
 
 
-def train_and_evaluate(config, workdir: str | Path,
+def train_and_evaluate(config, workdir: str | os.PathLike,
                        preemption: Preemption | None = None) -> list[dict]:
   """Trains config.num_steps steps (resuming from workdir), returns the eval metrics rows.
 
   Stops early, with a checkpoint at the current step, when `preemption` says so (the CLI's
   listens for SIGTERM; several processes always agree through JAX's preemption service).
   """
-  workdir = Path(workdir)
+  workdir = epath.Path(workdir)  # a local path or a gs:// URI
   preemption = preemption or Preemption()
   mesh = sharding.make_mesh(config.mesh)
   s = setup(config, mesh)

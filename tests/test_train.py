@@ -166,6 +166,7 @@ def test_two_processes_match_one_process_preempt_together_and_restore_anywhere(t
      "unknown config key 'learning_rat' (did you mean 'learning_rate'?)"),
     ("--config.optimizer.zzz=1", "unknown config key 'zzz'"),
     ("--config.batch_size=abc", "--config.batch_size=abc: invalid literal for int()"),
+    ("--config.model.unroll=0", "config.model.unroll=0 must be >= 1"),
 ])
 def test_bad_config_override_is_one_clear_line(tmp_path, flag, message):
   r = run_cli(tmp_path, flag)
