@@ -1,118 +1,140 @@
-"""gs:// workdirs (what every worker of a TPU pod sees), on a simulated bucket.
+"""gs:// workdirs (what every worker of a TPU pod sees), end to end against a local GCS emulator.
 
-Each layer that touches the workdir is pointed at a local directory standing in for gs://BUCKET:
-epath (our JSON, orbax's metadata and step listing), tensorstore (orbax's arrays) and
-tensorboardX's event files; orbax still takes its GCS code paths (commit files, not renames).
-What this cannot show is real GCS behaviour (no directories, network errors): only a bucket can.
+Real `gru-tpu train` processes write through the clients a TPU VM uses: epath through gcsfs
+(JSON, orbax's metadata), tensorstore's gcs driver (orbax's arrays), google-cloud-storage
+(orbax's step listing, tensorboardX's event files); only the endpoint is local
+(gcp-storage-emulator, from [dev]). EPATH_USE_TF=false: with TensorFlow installed epath would
+go through tf.io.gfile instead, which this does not cover.
 """
 
-import contextlib
+import json
 import os
+import socket
+import subprocess
 import sys
-import types
+import time
 from pathlib import Path
-from unittest import mock
 
 import pytest
-from etils.epath import gpath
-from etils.epath import testing as epath_testing
-from orbax.checkpoint._src.path import gcs_utils
-from tensorboardX import record_writer
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-import synthetic  # noqa: E402
+from gru_tpu.metrics import read_metrics
 
-import gru_tpu  # noqa: E402
-from gru_tpu import train  # noqa: E402
-from gru_tpu.checkpoint import Checkpointer  # noqa: E402
-from gru_tpu.metrics import read_metrics  # noqa: E402
+ROOT = Path(__file__).parents[1]
+DRIVER = str(ROOT / "tests" / "fault_driver.py")
+FLAGS = ["--config", f"{ROOT / 'configs' / 'synthetic.py'}:size=tiny", "--config.num_steps=30",
+         "--config.checkpoint_every=10", "--config.eval_every=30", "--config.log_every=1"]
+URL, PREFIX = "gs://bkt/runs/syn", "runs/syn/"
 
-_EPATH_FNS = ("copy", "exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "open",
-              "remove", "rename", "replace", "rmtree", "stat", "walk")
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 @pytest.fixture
-def bucket(tmp_path, monkeypatch):
-  """gs://... → tmp_path/bucket/...; the working directory is an empty tmp_path/cwd."""
-  root = tmp_path / "bucket"
+def gcs(tmp_path):
+  """(environment for a process that should see the emulator, the bucket client)."""
+  from google.auth.credentials import AnonymousCredentials
+  from google.cloud import storage
+  port = free_port()
+  server = subprocess.Popen(
+      [sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), "start", "--port", str(port), "--in-memory",
+       "--default-bucket", "bkt", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  endpoint = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.monotonic() + 60
+    while True:
+      with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+          break
+      assert server.poll() is None, server.stderr.read().decode()[-2000:]
+      assert time.monotonic() < deadline, "the GCS emulator did not start"
+      time.sleep(0.2)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", STORAGE_EMULATOR_HOST=endpoint,
+               TENSORSTORE_GCS_HTTP_URL=endpoint, EPATH_USE_TF="false",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    client = storage.Client(project="test", credentials=AnonymousCredentials(),
+                            client_options={"api_endpoint": endpoint})
+    yield env, client.bucket("bkt")
+  finally:
+    server.kill()
+    server.wait()
 
-  def local(p):
-    s = os.fspath(p)
-    return f"{root}/{s[len('gs://'):]}" if s.startswith("gs://") else s
 
-  def redirect(fn, *args, **kwargs):
-    return fn(*[local(a) if isinstance(a, (str, os.PathLike)) else a for a in args], **kwargs)
+def run(env, workdir, faults="", cwd=None, wait=True):
+  p = subprocess.Popen([sys.executable, DRIVER, *FLAGS, "--workdir", str(workdir)],
+                       env=dict(env, GRU_TPU_FAULTS=faults), cwd=cwd, text=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  if not wait:
+    return p
+  _, err = p.communicate(timeout=600)
+  return p.returncode, err
 
-  class EventFiles:  # tensorboardX's writer for gs:// would upload with google-cloud-storage
-    def open(self, path):
-      os.makedirs(os.path.dirname(local(path)), exist_ok=True)
-      return open(local(path), "wb")
 
-    def directory_check(self, path):
-      pass
+def objects(bucket, under=""):
+  return sorted(b.name[len(PREFIX):] for b in bucket.list_blobs(prefix=PREFIX + under))
 
-  monkeypatch.setitem(record_writer.REGISTERED_FACTORIES, "gs", EventFiles())
-  # epath would use TensorFlow's gfile (installed by [tfds]) rather than its mockable backends.
-  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
-  monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs",
-                      lambda path: {"driver": "file", "path": local(path)})
-  monkeypatch.setattr(gcs_utils, "get_bucket",
-                      lambda name: types.SimpleNamespace(hierarchical_namespace_enabled=False))
-  cwd = tmp_path / "cwd"
+
+def committed(bucket) -> list[int]:
+  """Steps whose commit file exists: orbax's GCS protocol, since objects cannot be renamed."""
+  return sorted(int(n.split("/")[1]) for n in objects(bucket, "checkpoints/")
+                if n.count("/") == 2 and n.endswith("/commit_success.txt"))
+
+
+def test_gs_workdir_survives_kill_preemption_and_damage_exactly_and_loads(gcs, tmp_path):
+  env, bucket = gcs
+  cwd = tmp_path / "cwd"  # a gs:// workdir read as a local path used to land here, ./gs:/...
   cwd.mkdir()
-  monkeypatch.chdir(cwd)
-  with epath_testing.mock_epath(**dict.fromkeys(_EPATH_FNS, redirect)):
-    yield root
-  # A gs:// workdir read as a local path used to land here, as ./gs:/BUCKET/...
+  straight = run(env, tmp_path / "straight", wait=False)
+
+  # 1. SIGKILL after 25 steps; step 20's save may be cut off: make sure it is.
+  rc, err = run(env, URL, "kill@25", cwd=cwd)
+  assert rc == -9, err[-3000:]
+  assert committed(bucket)[0] == 10
+  bucket.blob(PREFIX + "checkpoints/20/commit_success.txt").delete(if_generation_match=None) \
+      if 20 in committed(bucket) else None
+  assert committed(bucket) == [10] and objects(bucket, "checkpoints/20/")
+
+  # 2. The cut-off step is skipped; SIGTERM (a preemption notice) saves the step it is on.
+  rc, err = run(env, URL, "term@24", cwd=cwd)
+  assert rc == 0, err[-3000:]
+  assert "checkpoint step 20 in gs://bkt/runs/syn/checkpoints was cut off mid-write" in err
+  assert "resumed from step 10" in err
+  steps = committed(bucket)
+  assert steps[:2] == [10, 20] and len(steps) == 3, steps
+
+  # 3. The preemption checkpoint damaged (its largest array object cut short) and the last
+  #    metrics row cut in half: set aside by copying its objects, the run resumes and finishes.
+  last = steps[-1]
+  before = objects(bucket, f"checkpoints/{last}/")
+  victim = max(bucket.list_blobs(prefix=f"{PREFIX}checkpoints/{last}/state/"),
+               key=lambda b: b.size)
+  victim.upload_from_string(victim.download_as_bytes()[:64])
+  metrics = bucket.blob(PREFIX + "metrics.jsonl")
+  metrics.upload_from_string(metrics.download_as_text() + '{"step": 26, "spl')
+  rc, err = run(env, URL, cwd=cwd)
+  assert rc == 0, err[-3000:]
+  assert f"checkpoint step {last} in " in err and "is unreadable (truncated or corrupt" in err
+  assert "resumed from step 20" in err
+  assert [n.replace("checkpoints_unreadable/", "checkpoints/", 1)
+          for n in objects(bucket, f"checkpoints_unreadable/{last}/")] == before
+  assert committed(bucket) == [10, 20, 30]
+  assert objects(bucket, "config.json") and objects(bucket, "tensorboard/")
   assert not list(cwd.iterdir())
 
+  # Every train row, those of steps run twice included, matches the straight local run.
+  _, err = straight.communicate(timeout=600)
+  assert straight.returncode == 0, err[-3000:]
+  want = {r["step"]: r for r in read_metrics(tmp_path / "straight") if r["split"] == "train"}
+  got = [json.loads(line) for line in metrics.download_as_text().splitlines()]
+  assert {r["step"] for r in got if r["split"] == "train"} == set(range(1, 31))
+  for r in got:
+    if r["split"] == "train":
+      assert r == want[r["step"]], r
 
-def tiny(num_steps):
-  c = synthetic.get_config("size=tiny")
-  c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = num_steps, 1, 30, 10
-  return c
-
-
-def train_losses(workdir):
-  return {r["step"]: r["loss"] for r in read_metrics(workdir) if r["split"] == "train"}
-
-
-def test_gs_workdir_trains_resumes_exactly_loads_and_sets_aside(bucket, tmp_path, killed_at):
-  url, run = "gs://bkt/runs/syn", bucket / "bkt" / "runs" / "syn"
-  with killed_at(25):
-    train.train_and_evaluate(tiny(30), url)
-  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["10", "20"]
-  # orbax's GCS protocol: a step counts once its commit files are written (no atomic rename).
-  commits = sorted((run / "checkpoints" / "20").rglob("commit_success.txt"))
-  assert commits and (run / "config.json").is_file() and list((run / "tensorboard").iterdir())
-  for p in commits:  # as if killed while saving step 20
-    p.unlink()
-  with contextlib.closing(Checkpointer(url, create=False)) as ckpt:
-    assert ckpt.steps() == [10] and ckpt.partial_steps == [20]
-  # A row cut off by a kill: the writer rewrites the object without it before appending.
-  with (run / "metrics.jsonl").open("a") as f:
-    f.write('{"step": 21, "spl')
-  train.train_and_evaluate(tiny(30), url)  # resumes from step 10
-
-  local = tmp_path / "local"
-  train.train_and_evaluate(tiny(30), local)
-  a, b = train_losses(local), train_losses(url)
-  assert sorted(b) == list(range(1, 31))
-  for step in a:
-    assert a[step] == b[step], f"step {step}: {a[step]} (local, straight) vs {b[step]} (gs://)"
-
-  m = gru_tpu.load(url)
-  assert m.step == 30 and str(m.workdir) == url
-  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["10", "20", "30"]
-  assert m.metrics()["loss"].notna().any()
-
-  ckpt = Checkpointer(url, async_save=False)
-  files = sorted(p.relative_to(run / "checkpoints" / "20")
-                 for p in (run / "checkpoints" / "20").rglob("*") if p.is_file())
-  with contextlib.closing(ckpt), mock.patch("jax.process_count", lambda: 1):
-    dest = ckpt.set_aside(20)
-    assert str(dest) == f"{url}/checkpoints_unreadable/20"
-    assert ckpt.steps() == [10, 30]
-  moved = run / "checkpoints_unreadable" / "20"
-  assert sorted(p.relative_to(moved) for p in moved.rglob("*") if p.is_file()) == files
-  assert not (run / "checkpoints" / "20").exists()
+  load = ("import gru_tpu; m = gru_tpu.load('gs://bkt/runs/syn'); "
+          "print(m.step, int(m.metrics()['step'].max()))")
+  r = subprocess.run([sys.executable, "-c", load], env=env, cwd=cwd, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0 and r.stdout.split() == ["30", "30"], r.stderr[-3000:]
