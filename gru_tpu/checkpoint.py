@@ -13,6 +13,7 @@ an error (`CheckpointError`), not silently wrong weights.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import re
 import sys
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gru_tpu.errors import CheckpointError
+from gru_tpu.errors import CheckpointError, UserError
 
 log = logging.getLogger("gru_tpu")
 
@@ -92,6 +93,26 @@ def is_uri(path: str | PathLike) -> bool:
   return "://" in str(path)
 
 
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ImportError:  # its parent package is missing
+    return False
+
+
+def check_clients(workdir: epath.Path) -> None:
+  """A gs:// workdir needs gcsfs (or TensorFlow, which epath then uses instead) for files and
+  google-cloud-storage for orbax's step listing: one clear error up front, not a traceback."""
+  if not str(workdir).startswith("gs://"):
+    return
+  missing = [name for name, ok in (
+      ("gcsfs", _installed("gcsfs") or _installed("tensorflow")),
+      ("google-cloud-storage", _installed("google.cloud.storage"))) if not ok]
+  if missing:
+    raise UserError(f"workdir {workdir} needs {' and '.join(missing)}: pip install "
+                    f"'gru_tpu[gcs]' (the [tpu] extra includes it)")
+
+
 def _move_tree(src: epath.Path, dest: epath.Path, remote: bool) -> None:
   if not remote:
     src.rename(dest)
@@ -116,6 +137,7 @@ class Checkpointer:
     """create=False opens an existing directory read-only (for loading). `workdir` may be a
     gs:// URI (what every host of a pod sees); a local path is made absolute for orbax."""
     workdir = epath.Path(workdir)
+    check_clients(workdir)
     self.remote = is_uri(workdir)
     self.directory = (workdir if self.remote else workdir.absolute()) / "checkpoints"
     # Listed before the manager exists: a writable one removes the leftovers of cut-off saves

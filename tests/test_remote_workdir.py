@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from gru_tpu import checkpoint
+from gru_tpu.errors import UserError
 from gru_tpu.metrics import read_metrics
 
 ROOT = Path(__file__).parents[1]
@@ -138,3 +140,13 @@ def test_gs_workdir_survives_kill_preemption_and_damage_exactly_and_loads(gcs, t
   r = subprocess.run([sys.executable, "-c", load], env=env, cwd=cwd, capture_output=True,
                      text=True, timeout=300)
   assert r.returncode == 0 and r.stdout.split() == ["30", "30"], r.stderr[-3000:]
+
+
+def test_gs_workdir_without_its_clients_is_one_clear_error(monkeypatch):
+  monkeypatch.setattr(checkpoint, "_installed", lambda module: module == "gcsfs")
+  with pytest.raises(UserError, match=r"^workdir gs://b/run needs google-cloud-storage: pip "
+                                      r"install 'gru_tpu\[gcs\]' \(the \[tpu\] extra"):
+    checkpoint.Checkpointer("gs://b/run")
+  monkeypatch.setattr(checkpoint, "_installed", lambda module: False)
+  with pytest.raises(UserError, match=r"needs gcsfs and google-cloud-storage"):
+    checkpoint.Checkpointer("gs://b/run")
