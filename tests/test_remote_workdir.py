@@ -142,6 +142,33 @@ def test_gs_workdir_survives_kill_preemption_and_damage_exactly_and_loads(gcs, t
   assert r.returncode == 0 and r.stdout.split() == ["30", "30"], r.stderr[-3000:]
 
 
+def test_two_processes_share_a_gs_workdir_and_another_topology_resumes_it(gcs, tmp_path):
+  """A pod's layout: 2 processes x 4 devices (gloo) save one checkpoint into gs://, each its
+  own shards; 1 process x 8 devices resumes from it."""
+  env, bucket = gcs
+  url, flags = "gs://bkt/runs/two", [f for f in FLAGS if "num_steps" not in f]
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "gru_tpu.cli", "train", *flags, "--config.num_steps=20",
+       "--workdir", url, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}"], env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  names = [b.name for b in bucket.list_blobs(prefix="runs/two/checkpoints/20/state/")]
+  assert {n.split("/")[-1] for n in names if "array_metadatas" in n} == {"process_0", "process_1"}
+
+  r = subprocess.run([sys.executable, "-m", "gru_tpu.cli", "train", *flags,
+                      "--config.num_steps=30", "--workdir", url],
+                     env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0 and "resumed from step 20" in r.stderr, r.stderr[-3000:]
+  rows = [json.loads(line) for line in
+          bucket.blob("runs/two/metrics.jsonl").download_as_text().splitlines()]
+  assert sorted(r["step"] for r in rows if r["split"] == "train") == list(range(1, 31))
+
+
 def test_gs_workdir_without_its_clients_is_one_clear_error(monkeypatch):
   monkeypatch.setattr(checkpoint, "_installed", lambda module: module == "gcsfs")
   with pytest.raises(UserError, match=r"^workdir gs://b/run needs google-cloud-storage: pip "
