@@ -208,6 +208,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   """
   workdir = epath.Path(workdir)  # a local path or a gs:// URI
   preemption = preemption or Preemption()
+  _check_shared(workdir)
   mesh = sharding.make_mesh(config.mesh)
   s = setup(config, mesh)
   task, step_fn = s.task, s.train_step
@@ -322,6 +323,31 @@ class Preemption:
       yield self
     finally:
       signal.signal(signal.SIGTERM, previous)
+
+
+def _check_shared(workdir: epath.Path) -> None:
+  """All processes must see one workdir (gs://, or a filesystem every host mounts); with a
+  directory per host, orbax would write each host's shards to its own disk and a resume would
+  find different steps on each. Process 0 writes a token, every process reads it back."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  nonce = str(int(multihost_utils.broadcast_one_to_all(
+      np.int32(np.random.default_rng().integers(2**31 - 1)))))
+  token = workdir / ".gru_tpu_shared_check"
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    token.write_text(nonce)
+  multihost_utils.sync_global_devices("gru_tpu workdir token written")
+  seen = multihost_utils.process_allgather(
+      np.asarray(token.exists() and token.read_text() == nonce))
+  if jax.process_index() == 0:  # the allgather was a barrier: every process has looked
+    token.unlink()
+  if not np.all(seen):
+    blind = [i for i, ok in enumerate(seen) if not ok]
+    raise UserError(f"--workdir {workdir} is not shared: process(es) {blind} of "
+                    f"{jax.process_count()} do not see what process 0 writes there; use a gs:// "
+                    f"workdir or a filesystem every host mounts")
 
 
 def _everywhere(ok: bool) -> bool:

@@ -161,6 +161,25 @@ def test_two_processes_match_one_process_preempt_together_and_restore_anywhere(t
   np.testing.assert_allclose(loaded_loss(m, "train", [saved]), b[saved + 1], rtol=2e-5)
 
 
+def test_a_workdir_each_process_cannot_see_is_refused(tmp_path):
+  """Processes on different hosts given a local path each get their own disk's directory."""
+  port = free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "gru_tpu.cli", "train", "--config", f"{CONFIG}:size=tiny",
+       "--workdir", str(tmp_path / f"host{i}"), f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 2, err[-3000:]
+    assert (f"--workdir {tmp_path / 'host0'}" in err or f"--workdir {tmp_path / 'host1'}" in err)
+    assert "is not shared: process(es) [1] of 2 do not see what process 0 writes" in err
+  assert [p.name for p in (tmp_path / "host0").iterdir()] == []  # the token is gone
+  assert not (tmp_path / "host1").exists()
+
+
 @pytest.mark.parametrize("flag,message", [
     ("--config.optimizer.learning_rat=0.1",
      "unknown config key 'learning_rat' (did you mean 'learning_rate'?)"),
