@@ -100,7 +100,7 @@ def _installed(module: str) -> bool:
     return False
 
 
-def check_clients(workdir: epath.Path) -> None:
+def _check_clients(workdir: epath.Path) -> None:
   """A gs:// workdir needs gcsfs (or TensorFlow, which epath then uses instead) for files and
   google-cloud-storage for orbax's step listing: one clear error up front, not a traceback."""
   if not str(workdir).startswith("gs://"):
@@ -137,7 +137,7 @@ class Checkpointer:
     """create=False opens an existing directory read-only (for loading). `workdir` may be a
     gs:// URI (what every host of a pod sees); a local path is made absolute for orbax."""
     workdir = epath.Path(workdir)
-    check_clients(workdir)
+    _check_clients(workdir)
     self.remote = is_uri(workdir)
     self.directory = (workdir if self.remote else workdir.absolute()) / "checkpoints"
     # Listed before the manager exists: a writable one removes the leftovers of cut-off saves

@@ -326,9 +326,9 @@ class Preemption:
 
 
 def _check_shared(workdir: epath.Path) -> None:
-  """All processes must see one workdir (gs://, or a filesystem every host mounts); with a
-  directory per host, orbax would write each host's shards to its own disk and a resume would
-  find different steps on each. Process 0 writes a token, every process reads it back."""
+  """All processes must see one workdir (gs://, or a filesystem every host mounts): with a
+  directory per host the first checkpoint save never commits, and the run hangs there.
+  Process 0 writes a token, every process reads it back."""
   if jax.process_count() == 1:
     return
   from jax.experimental import multihost_utils
