@@ -1,4 +1,4 @@
-"""gs:// workdirs (what every worker of a TPU pod sees), end to end against a local GCS emulator.
+"""gs:// workdirs (what every worker of a TPU pod sees) and data, against a local GCS emulator.
 
 Real `gru-tpu train` processes write through the clients a TPU VM uses: epath through gcsfs
 (JSON, orbax's metadata), tensorstore's gcs driver (orbax's arrays), google-cloud-storage
@@ -167,6 +167,35 @@ def test_two_processes_share_a_gs_workdir_and_another_topology_resumes_it(gcs, t
   rows = [json.loads(line) for line in
           bucket.blob("runs/two/metrics.jsonl").download_as_text().splitlines()]
   assert sorted(r["step"] for r in rows if r["split"] == "train") == list(range(1, 31))
+
+
+def test_text_files_and_a_forecast_csv_read_from_gs(gcs):
+  env, bucket = gcs
+  files = {"data/b.txt": b"second file\n", "data/a.txt": b"first file\n",
+           "data/sub/c.txt": b"one level down\n", "data/notes.md": b"not text\n"}
+  for name, data in files.items():
+    bucket.blob(name).upload_from_string(data)
+  bucket.blob("series.csv").upload_from_string("date,sales\n2024-01-01,3\n2024-01-02,4\n")
+  script = """if 1:
+    from gru_tpu.data import text, timeseries
+    from gru_tpu.errors import UserError
+    c = text.load_corpus("files:gs://bkt/data/*.txt")
+    print(repr(c.train + c.validation + c.test))
+    print(timeseries.read_csv("gs://bkt/series.csv").to_dict("list"))
+    for source in ("files:gs://bkt/data/**/*.txt", "files:gs://bkt/nothing/*.txt"):
+      try:
+        text.load_corpus(source)
+      except UserError as e:
+        print(e)
+  """
+  r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  corpus, frame, recursive, empty = r.stdout.splitlines()
+  assert corpus == repr(b"first file\nsecond file\n")  # sorted by name, this level only
+  assert frame == repr({"date": ["2024-01-01", "2024-01-02"], "sales": [3, 4]})
+  assert "a gs:// glob takes * and ? within one directory level, not **" in recursive
+  assert "the glob matches no files" in empty
 
 
 def test_gs_workdir_without_its_clients_is_one_clear_error(monkeypatch):

@@ -24,6 +24,7 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from gru_tpu.errors import UserError
 
@@ -116,18 +117,30 @@ def _tfds(name: str, data_dir: str, manual_dir: str, text_key: str) -> Corpus:
   return Corpus(f"tfds:{name}", splits["train"], splits["validation"], splits["test"])
 
 
+def _glob_files(source: str, pattern: str) -> list:
+  """The files a local glob (`**` recursive) or a gs:// one matches, sorted by name."""
+  if "://" not in pattern:
+    return [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()]
+  if "**" in pattern:  # a recursive listing of a bucket is one request per object
+    raise UserError(f"config.data.source={source!r}: a gs:// glob takes * and ? within one "
+                    f"directory level, not **; list the directories")
+  first = min((i for i, c in enumerate(pattern) if c in "*?["), default=len(pattern))
+  cut = pattern.rfind("/", 0, first)
+  return sorted((p for p in epath.Path(pattern[:cut]).glob(pattern[cut + 1:]) if p.is_file()),
+                key=str)
+
+
 def load_corpus(source: str, *, tfds_data_dir: str = "", tfds_manual_dir: str = "",
                 tfds_text_key: str = "text") -> Corpus:
   """`pystdlib`, `files:GLOB` or `tfds:NAME`; UserError for an unknown source or an empty one."""
   if source == "pystdlib":
     corpus = _pystdlib()
   elif source.startswith("files:"):
-    pattern = source[len("files:"):]
-    paths = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    paths = _glob_files(source, source[len("files:"):])
     if not paths:
       raise UserError(f"config.data.source={source!r}: the glob matches no files; check the "
                       f"path (relative paths are from the current directory)")
-    corpus = split_90_5_5(source, b"".join(Path(p).read_bytes() for p in paths))
+    corpus = split_90_5_5(source, b"".join(p.read_bytes() for p in paths))
   elif source.startswith("tfds:"):
     corpus = _tfds(source[len("tfds:"):], tfds_data_dir, tfds_manual_dir, tfds_text_key)
   else:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from gru_tpu.errors import UserError
 
@@ -82,11 +82,12 @@ def _statsmodels_frame(name: str):
 
 def read_csv(path: str):
   import pandas as pd
-  p = Path(path)
+  p = epath.Path(path)  # local, or gs://
   if not p.is_file():
     raise UserError(f"csv:{path}: no such file (relative paths are from the current directory)")
   try:
-    df = pd.read_csv(p)
+    with p.open("rb") as f:
+      df = pd.read_csv(f)
   except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
     raise UserError(f"csv:{path}: not a readable CSV ({' '.join(str(e).split())}); save it as "
                     f"comma-separated UTF-8 with a header row") from None
