@@ -39,10 +39,13 @@ def gcs(tmp_path):
   """(environment for a process that should see the emulator, the bucket client)."""
   from google.auth.credentials import AnonymousCredentials
   from google.cloud import storage
-  port = free_port()
-  server = subprocess.Popen(
-      [sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), "start", "--port", str(port), "--in-memory",
-       "--default-bucket", "bkt", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  port, log = free_port(), tmp_path / "emulator.log"
+  # Its log goes to a file: a pipe nobody reads could fill up (it prints a traceback for every
+  # connection a killed client drops) and stall the server.
+  with log.open("w") as f:
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), "start", "--port", str(port),
+         "--in-memory", "--default-bucket", "bkt", "--quiet"], stdout=f, stderr=f)
   endpoint = f"http://127.0.0.1:{port}"
   try:
     deadline = time.monotonic() + 60
@@ -50,7 +53,7 @@ def gcs(tmp_path):
       with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", port)) == 0:
           break
-      assert server.poll() is None, server.stderr.read().decode()[-2000:]
+      assert server.poll() is None, log.read_text()[-2000:]
       assert time.monotonic() < deadline, "the GCS emulator did not start"
       time.sleep(0.2)
     env = dict(os.environ, JAX_PLATFORMS="cpu", STORAGE_EMULATOR_HOST=endpoint,
