@@ -334,7 +334,8 @@ def _check_shared(workdir: epath.Path) -> None:
   from jax.experimental import multihost_utils
   nonce = str(int(multihost_utils.broadcast_one_to_all(
       np.int32(np.random.default_rng().integers(2**31 - 1)))))
-  token = workdir / ".gru_tpu_shared_check"
+  # A name never looked up before: NFS may cache a "no such file" answer for a reused one.
+  token = workdir / f".gru_tpu_shared_check_{nonce}"
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     token.write_text(nonce)
