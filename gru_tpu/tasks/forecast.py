@@ -366,7 +366,7 @@ class ForecastTask:
     e = self.config.eval
     pred = to_original(predict_windows(model, self.store, self.windows[split], self.horizon,
                                        e.num_samples, self.config.seed), ref["loc"], ref["unit"],
-                       self.config.data.transform)
+                       self.meta["transform"])
     score = lambda p: forecast_eval.metrics(ref["y"], p["median"], ref["scale"],
                                             samples_SxNxHxC=p.get("samples"),
                                             quantiles_NxHxCxQ=p.get("quantiles"),
