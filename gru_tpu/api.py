@@ -148,7 +148,7 @@ class ForecastModel(Loaded):
     if isinstance(data, ts.Panel):
       return data
     if data is None or isinstance(data, str):
-      return forecast.load_panel(self.config.data, data)
+      return forecast.load_panel(self.config.data, data, freq=meta["freq"])
     if isinstance(data, pd.Series):
       if len(meta["targets"]) != 1:
         raise UserError(f"this model forecasts {len(meta['targets'])} targets "

@@ -64,6 +64,13 @@ def test_csv_panel_with_covariates(tmp_path):
     ("date,y\n2024-01-01,1\n2024-01-01,2\n", {}, r"line 3: duplicated timestamp"),
     ("date,y\n2024-01-01,\n2024-01-02,\n", {}, r"target 'y' has no values"),
     ("date,y\n,1\n", {}, r"line 2: empty timestamp"),
+    # blank lines count: pandas skips them, the line number must not
+    ("date,y\n2024-01-01,1\n\n\n2024-01-02,x\n", {}, r"line 5: target column 'y' holds 'x'"),
+    ("date,y\n2024-01-01,1\n2024-01-02,inf\n", {}, r"line 3: .* holds inf, not a finite"),
+    ("date,y\n2024-01-01,1\n", dict(known=["price"]),
+     r"no known covariate column 'price' .* fix config.data.known_covariates or the file"),
+    ("date,y\n2024-01-01,1\n", dict(id_column="store"),
+     r"no id column 'store' .* fix config.data.id_column or the file"),
 ])
 def test_bad_csv_is_one_clear_error(tmp_path, text, kw, message):
   src = write(tmp_path, text)
@@ -87,9 +94,75 @@ def test_numeric_time_and_future_times():
   df = pd.DataFrame({"t": [10, 12, 14, 16], "y": [1.0, 2, 3, 4]})
   p = ts.panel_from_frame(df, time_column="t", targets=["y"])
   assert p.freq == 2.0 and p.season_length == 1
-  assert ts.future_times(16, 2.0, 3).tolist() == [18, 20, 22]
-  weekly = ts.future_times(np.datetime64("2001-12-29"), "W-SAT", 2)
+  future = ts.future_times(p.series[0].time, 3, p.freq)
+  assert future.tolist() == [18, 20, 22] and future.dtype == np.int64  # integer years stay so
+  assert ts.future_times(np.array([0.5, 1.0]), 2, 1.0).tolist() == [1.5, 2.0]
+  weekly = ts.future_times(pd.date_range("2001-12-01", "2001-12-29", freq="W-SAT").to_numpy(),
+                           2, "W-SAT")
   assert [str(t)[:10] for t in weekly] == ["2002-01-05", "2002-01-12"]
+
+
+def _dates(*days):
+  return pd.DatetimeIndex(list(days)).to_numpy("datetime64[ns]")
+
+
+@pytest.mark.parametrize("times, want", [
+    # monthly on the 15th: no pandas alias; it keeps its day
+    (_dates("2011-06-15", "2011-07-15", "2011-08-15", "2011-09-15"), ["2011-10-15", "2011-11-15"]),
+    # monthly with a missing month: still calendar months, not a 31-day step
+    (_dates("2009-08-01", "2009-09-01", "2009-11-01", "2009-12-01"), ["2010-01-01", "2010-02-01"]),
+    (_dates("2009-08-31", "2009-09-30", "2009-11-30", "2009-12-31"), ["2010-01-31", "2010-02-28"]),
+    # weekly on Sundays, the last one not on the panel's anchor
+    (_dates("2022-01-09", "2022-01-16", "2022-01-23"), ["2022-01-30", "2022-02-06"]),
+    # daily with a gap: the most common step
+    (_dates("2024-01-01", "2024-01-02", "2024-01-04", "2024-01-05"), ["2024-01-06", "2024-01-07"]),
+])
+def test_future_times_continue_each_series_own_step(times, want):
+  got = ts.future_times(times, 2, "D")
+  assert [str(t)[:10] for t in got] == want
+
+
+@pytest.mark.parametrize("freq, m", [
+    ("D", 7), ("B", 5), ("h", 24), ("6h", 4), ("min", 60), ("15min", 4), ("W-SUN", 52),
+    ("2W", 26), ("MS", 12), ("2MS", 6), ("ME", 12), ("BME", 12), ("BMS", 12), ("QS-JAN", 4),
+    ("YS-JAN", 1), ("YE-DEC", 1), ("2D", 1), ("744h", 12), ("168h", 52), ("24h", 7)])
+def test_season_from_freq(freq, m):
+  assert ts.season_from_freq(freq) == m
+
+
+def test_timezones_are_kept_and_changing_offsets_read_as_utc(tmp_path):
+  days = pd.date_range("2021-04-01", periods=30, freq="D", tz="Asia/Tokyo")
+  src = write(tmp_path, "date,y\n" + "".join(f"{d.isoformat()},{i}\n" for i, d in
+                                              enumerate(days)))
+  p = load(src, time_column="date", target="y")
+  assert p.freq == "D" and p.season_length == 7 and str(p.tz) == "UTC+09:00"
+  future = pd.DatetimeIndex(ts.future_times(p.series[0].time, 1, p.freq, p.tz))
+  assert future.tz_localize("UTC").tz_convert(p.tz)[0].isoformat() == "2021-05-01T00:00:00+09:00"
+  # Berlin midnights across the switch to summer time: +01:00, then +02:00.
+  days = pd.date_range("2021-03-20", periods=20, freq="D", tz="Europe/Berlin")
+  src = write(tmp_path, "date,y\n" + "".join(f"{d.isoformat()},{i}\n" for i, d in
+                                              enumerate(days)), "berlin.csv")
+  p = load(src, time_column="date", target="y")
+  assert str(p.tz) == "UTC" and p.season_length == 7
+  assert str(p.series[0].time[-1])[:16] == "2021-04-07T22:00"
+
+
+def test_a_panel_needs_one_sampling_step_and_forecast_data_the_trained_one(tmp_path):
+  rows = ["date,store,y"]
+  rows += [f"{d.date()},d,1" for d in pd.date_range("2024-01-01", periods=30, freq="D")]
+  rows += [f"{d.date()},w,1" for d in pd.date_range("2024-01-07", periods=10, freq="W-SUN")]
+  src = write(tmp_path, "\n".join(rows) + "\n")
+  with pytest.raises(UserError, match=r"series 'w' is sampled every 7 day\(s\) \(W-SUN\) but "
+                                      r"series 'd' every 1 day\(s\) \(D\)"):
+    load(src, time_column="date", target="y", id_column="store")
+  daily = write(tmp_path, "date,y\n" + "".join(
+      f"{d.date()},1\n" for d in pd.date_range("2024-01-01", periods=9)), "daily.csv")
+  assert load(daily, time_column="date", target="y", freq="D").freq == "D"
+  with pytest.raises(UserError, match=r"sampled every 1 day\(s\) \(D\) but the model was "
+                                      r"trained on data sampled every 7 day\(s\)"):
+    load(daily, time_column="date", target="y", freq="W-SUN")
+  with pytest.raises(UserError, match="is dates but the model was trained on numbers"):
+    load(daily, time_column="date", target="y", freq=1.0)
 
 
 def test_calendar_features_are_fourier_terms_of_the_year_phase():

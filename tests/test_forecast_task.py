@@ -14,7 +14,8 @@ from gru_tpu import train
 from gru_tpu.data import timeseries as ts
 from gru_tpu.errors import UserError
 from gru_tpu.metrics import read_metrics
-from gru_tpu.tasks.forecast import ForecastTask, forecast_frame, predict_windows, to_original
+from gru_tpu.tasks.forecast import (ForecastTask, forecast_frame, predict_windows,
+                                    series_arrays, to_original)
 
 
 def test_splits_scales_and_inputs_never_see_the_future():
@@ -87,6 +88,17 @@ def test_engine_end_to_end_beats_naive_and_reports_baselines(tmp_path):
   hist = seasonal_frame().set_index("date")["y"].iloc[:100]
   g = m.forecast(hist, 6)                                   # a pandas Series works too
   assert g["date"].iloc[0] == pd.Timestamp("2008-05-01") and len(g) == 6
+  # Forecast times continue the history's own calendar and timezone.
+  first = seasonal_frame().iloc[:100]
+  tokyo = m.forecast(first.assign(date=first["date"].dt.tz_localize("Asia/Tokyo")), 2)
+  assert [t.isoformat() for t in tokyo["date"]] == ["2008-05-01T00:00:00+09:00",
+                                                    "2008-06-01T00:00:00+09:00"]
+  mid = m.forecast(first.assign(date=first["date"] + pd.Timedelta(days=14)), 2)
+  assert mid["date"].tolist() == [pd.Timestamp("2008-05-15"), pd.Timestamp("2008-06-15")]
+  weekly = first.assign(date=pd.date_range("2000-01-02", periods=100, freq="W-SUN"))
+  with pytest.raises(UserError, match=r"sampled every 7 day\(s\) \(W-SUN\) but the model was "
+                                      r"trained on data sampled every 28 day\(s\) \(MS\)"):
+    m.forecast(weekly, 2)
   with pytest.raises(UserError, match="at most 6 steps"):
     m.forecast(hist, 7)
   with pytest.raises(UserError, match="horizon must be >= 1"):
@@ -180,6 +192,20 @@ def test_bad_task_inputs():
     task_for(seasonal_frame(), **{"model.head": "laplace"})
   with pytest.raises(UserError, match="val_length=3 is shorter than"):
     task_for(seasonal_frame(), **{"data.val_length": 3})
+  # The 80 % interval would be read off the (0.25, 0.75) levels and mislabelled.
+  with pytest.raises(UserError, match="quantile head needs levels at or beyond 0.1 and 0.9"):
+    task_for(seasonal_frame(), **{"model.head": "quantile",
+                                  "model.quantiles": (0.25, 0.5, 0.75)})
+  huge = seasonal_frame()
+  huge.loc[60, "y"] = 1e300  # finite, but its variance overflows: every scaled value would be 0
+  with pytest.raises(UserError, match="series 'y': the training part of the targets .* too "
+                                      "large to scale"):
+    task_for(huge)
+  task = task_for(seasonal_frame())
+  s = task.panel.series[0]
+  s.y[-1] = 1e300  # a forecast history far outside the training scale: it overflows float32
+  with pytest.raises(UserError, match=r"series 'y': a target value at 2012-06-01 is too large"):
+    series_arrays(s, task.scales["y"], task.meta)
 
 
 def test_panel_with_covariates_and_a_multivariate_source():

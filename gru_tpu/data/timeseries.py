@@ -49,6 +49,7 @@ class Panel:
   id_column: str | None
   freq: str | float   # a pandas offset alias (datetime time) or the numeric step
   season_length: int
+  tz: object = None   # the time column's timezone (times are UTC instants); None: naive
 
 
 def names(value) -> list[str]:
@@ -81,19 +82,25 @@ def _statsmodels_frame(name: str):
 
 
 def read_csv(path: str):
+  """The file as a DataFrame; df.attrs["lines"][i] is row i's line in the file (pandas skips
+  blank lines, so error messages cannot count rows)."""
+  import io
   import pandas as pd
   p = epath.Path(path)  # local, or gs://
   if not p.is_file():
     raise UserError(f"csv:{path}: no such file (relative paths are from the current directory)")
+  data = p.read_bytes()
   try:
-    with p.open("rb") as f:
-      df = pd.read_csv(f)
+    df = pd.read_csv(io.BytesIO(data))
   except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
     raise UserError(f"csv:{path}: not a readable CSV ({' '.join(str(e).split())}); save it as "
                     f"comma-separated UTF-8 with a header row") from None
   if df.empty:
     raise UserError(f"csv:{path}: no data rows; the file needs a header row and one row per "
                     f"timestamp")
+  lines = [i + 1 for i, line in enumerate(data.splitlines()) if line.strip()][1:]
+  # A quoted field spanning lines breaks the count; then rows are numbered as if none were blank.
+  df.attrs["lines"] = lines if len(lines) == len(df) else [i + 2 for i in range(len(df))]
   return df
 
 
@@ -114,7 +121,8 @@ def load_frame(source: str, time_column: str = "", target="", season_length: int
     if not time_column or not names(target):
       raise UserError(f"{source}: set config.data.time_column and config.data.target (columns "
                       f"of the file: {', '.join(map(str, df.columns))})")
-    return df, time_column, names(target), season_length, lambda i: f"{path} line {i + 2}"
+    lines = df.attrs["lines"]
+    return df, time_column, names(target), season_length, lambda i: f"{path} line {lines[i]}"
   raise UserError(f"config.data.source={source!r}: expected 'statsmodels:NAME' (co2, sunspots, "
                   f"elnino, macrodata) or 'csv:PATH'")
 
@@ -130,88 +138,194 @@ def _numeric(df, col: str, what: str, where) -> np.ndarray:
     i = int(np.flatnonzero(bad.to_numpy())[0])
     raise UserError(f"{where(i)}: {what} column {col!r} holds {s.iloc[i]!r}, not a number; fix "
                     f"the value or leave the cell empty for a missing value")
-  return values.to_numpy(np.float64)
+  values = values.to_numpy(np.float64)
+  inf = np.isinf(values)
+  if inf.any():  # pandas reads "inf"; one would turn the scaling and every loss into NaN
+    i = int(np.flatnonzero(inf)[0])
+    raise UserError(f"{where(i)}: {what} column {col!r} holds {values[i]:g}, not a finite "
+                    f"number; fix the value or leave the cell empty for a missing value")
+  return values
 
 
-def _times(df, col: str, where) -> np.ndarray:
+def _times(df, col: str, where):
+  """(times, tz): datetime64[ns] (UTC if the column had offsets) or int64/float64, and the
+  column's timezone (None if naive), which forecasts are written back in."""
   import pandas as pd
   s = df[col]
   if s.isna().any():
     raise UserError(f"{where(int(np.flatnonzero(s.isna().to_numpy())[0]))}: empty timestamp in "
                     f"time column {col!r}; every row needs a time")
+  if pd.api.types.is_integer_dtype(s) and not pd.api.types.is_bool_dtype(s):
+    return s.to_numpy(np.int64), None
   if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
-    return s.to_numpy(np.float64)
+    return s.to_numpy(np.float64), None
   if pd.api.types.is_datetime64_any_dtype(s):
     t = pd.DatetimeIndex(s)
   else:
-    t = pd.to_datetime(s.astype(str), errors="coerce", format="mixed")
+    raw = s.astype(str)
+    try:
+      t = pd.to_datetime(raw, errors="coerce", format="mixed")
+    except ValueError:  # UTC offsets that change within the column (daylight saving)
+      t = pd.to_datetime(raw, errors="coerce", format="mixed", utc=True)
     if t.isna().any():
       i = int(np.flatnonzero(t.isna())[0])
       raise UserError(f"{where(i)}: cannot parse timestamp {s.iloc[i]!r} in time column {col!r};"
                       f" use ISO dates such as 2024-01-31 or 2024-01-31 13:00, or plain numbers")
     t = pd.DatetimeIndex(t)
-  if t.tz is not None:
+  tz = t.tz
+  if tz is not None:
     t = t.tz_convert(None)
-  return t.to_numpy("datetime64[ns]")
+  return t.to_numpy("datetime64[ns]"), tz
 
 
-def infer_freq(times: list[np.ndarray]) -> str | float:
-  """A pandas offset alias for datetime series, the median step for numeric ones."""
+def _mode(x: np.ndarray):
+  values, counts = np.unique(x, return_counts=True)
+  return values[counts.argmax()]
+
+
+def series_step(time: np.ndarray, tz=None):
+  """(alias, step) of one series: a pandas offset alias naming its sampling frequency (for the
+  season and the calendar features) and what steps its own timestamps (a pandas offset or
+  Timedelta; a number for numeric time). pandas' inferred frequency if it has one; else whole
+  months when every timestamp falls on the same day of the month (or on month ends), so a series
+  on the 15th or one with a gap keeps its calendar; else the most common step. Datetimes are
+  read on `tz`'s wall clock (UTC if None)."""
   import pandas as pd
-  t = max(times, key=len)
-  if np.issubdtype(t.dtype, np.number):
-    return float(np.median(np.diff(t))) if len(t) > 1 else 1.0
-  with warnings.catch_warnings():  # pandas 3 warns that infer_freq will return an offset
-    warnings.simplefilter("ignore", DeprecationWarning)
-    freq = pd.infer_freq(pd.DatetimeIndex(t)) if len(t) >= 3 else None
-  freq = getattr(freq, "freqstr", freq)
-  if freq is None:  # irregular: the most common step
-    steps, counts = np.unique(np.diff(t), return_counts=True)
-    freq = pd.tseries.frequencies.to_offset(pd.Timedelta(steps[counts.argmax()])).freqstr
-  return freq
+  if np.issubdtype(time.dtype, np.number):
+    return (float(np.median(np.diff(time))),) * 2 if len(time) > 1 else (None, None)
+  idx = _local(time, tz)
+  if len(idx) >= 3:
+    with warnings.catch_warnings():  # pandas 3 warns that infer_freq will return an offset
+      warnings.simplefilter("ignore", DeprecationWarning)
+      freq = pd.infer_freq(idx)
+    freq = getattr(freq, "freqstr", freq)
+    if freq:
+      return freq, pd.tseries.frequencies.to_offset(freq)
+  if len(idx) < 2:
+    return None, None
+  months = np.diff(idx.year * 12 + idx.month)
+  if (idx - idx.normalize()).nunique() == 1 and months.min() > 0:
+    m = int(_mode(months))
+    alias = f"{m if m > 1 else ''}MS"
+    if (idx.day == idx.day[0]).all() and idx.day[0] <= 28:
+      return alias, pd.DateOffset(months=m)
+    if idx.is_month_end.all():
+      return alias.replace("MS", "ME"), pd.offsets.MonthEnd(m)
+  step = pd.Timedelta(_mode(np.diff(idx.to_numpy("datetime64[ns]"))))
+  return pd.tseries.frequencies.to_offset(step).freqstr, step
+
+
+def _local(time: np.ndarray, tz):
+  """datetime64 UTC instants -> a naive DatetimeIndex of tz's wall clock (tz None: as is)."""
+  import pandas as pd
+  idx = pd.DatetimeIndex(time)
+  return idx if tz is None else idx.tz_localize("UTC").tz_convert(tz).tz_localize(None)
+
+
+def step_days(freq: str | float) -> float:
+  """The nominal length of one step of `freq` in days (its numeric step for numeric time)."""
+  import pandas as pd
+  if not isinstance(freq, str):
+    return float(freq)
+  offset = pd.tseries.frequencies.to_offset(freq)
+  anchor = pd.Timestamp("2001-01-01") + offset  # anchored offsets (W-SAT, MS) first snap to one
+  return ((anchor + offset) - anchor) / pd.Timedelta(days=1)
 
 
 def season_from_freq(freq: str | float) -> int:
-  """The usual seasonal period of a sampling frequency (1 = none)."""
+  """The usual seasonal period of a sampling frequency (1 = none): a year of months, quarters or
+  weeks, a week of days (5 business days), a day of hours, an hour of minutes, a minute of
+  seconds; multiples divide it (6h -> 4, 2W -> 26) when they fit a whole number of times."""
+  import pandas as pd
   if not isinstance(freq, str):
     return 1
-  base = freq.split("-")[0].lstrip("0123456789").upper()
-  for prefix, m in (("W", 52), ("MIN", 60), ("ME", 12), ("MS", 12), ("M", 12), ("QE", 4),
-                    ("QS", 4), ("Q", 4), ("BQ", 4), ("H", 24), ("B", 5), ("D", 7)):
-    if base.startswith(prefix):
-      return m
+  offset = pd.tseries.frequencies.to_offset(freq)
+  kind, n = type(offset).__name__, offset.n
+  per_year = {"SemiMonth": 24, "Month": 12, "Quarter": 4, "Year": 1}
+  for name, k in per_year.items():
+    if name in kind:
+      return k // n if k % n == 0 and k // n > 1 else 1
+  if kind.endswith("BusinessDay"):
+    return 5 if n == 1 else 1
+  if kind == "Week":
+    return 52 // n if 52 % n == 0 else 1
+  seconds = step_days(freq) * 86400
+  if seconds >= 7 * 86400:  # a fixed step of days from an irregular series: weeks or ~months
+    weeks, months = seconds / (7 * 86400), seconds / (30.44 * 86400)
+    if weeks == round(weeks) and 52 % round(weeks) == 0:
+      return 52 // round(weeks)
+    m = round(months)
+    return 12 // m if m and abs(months - m) < 0.1 * m and 12 % m == 0 and m < 12 else 1
+  for period in (60, 3600, 86400, 7 * 86400):
+    if seconds < period:
+      k = period / seconds
+      return int(round(k)) if abs(k - round(k)) < 1e-9 and k > 1 else 1
   return 1
 
 
-def future_times(last, freq: str | float, n: int) -> np.ndarray:
-  """The n timestamps after `last` at the series' frequency."""
+def future_times(time: np.ndarray, n: int, freq: str | float, tz=None) -> np.ndarray:
+  """The n timestamps after a series' last one, at that series' own step (see series_step;
+  `freq`, the panel's, when it has a single timestamp). Datetimes step on tz's wall clock and
+  come back as UTC instants; integer time stays integer when the step is whole."""
   import pandas as pd
-  if not isinstance(freq, str):
-    return float(last) + freq * np.arange(1, n + 1)
-  return pd.date_range(pd.Timestamp(last), periods=n + 1, freq=freq)[1:].to_numpy(
-      "datetime64[ns]")
+  _, step = series_step(time, tz)
+  if step is None:
+    step = freq if not isinstance(freq, str) else pd.tseries.frequencies.to_offset(freq)
+  k = np.arange(1, n + 1)
+  if np.issubdtype(time.dtype, np.number):
+    out = time[-1] + step * k
+    return out.astype(np.int64) if np.issubdtype(time.dtype, np.integer) and step == int(step) \
+        else out.astype(np.float64)
+  last = _local(time[-1:], tz)[0]
+  local = pd.DatetimeIndex([last + i * step for i in k])  # i·step from `last`: no drift, no snap
+  if tz is not None:
+    local = local.tz_localize(tz, ambiguous=np.zeros(n, bool), nonexistent="shift_forward")
+    local = local.tz_convert(None)
+  return local.to_numpy("datetime64[ns]")
+
+
+def _infer_freq(series: list[Series], tz, label) -> str | float:
+  """The panel's frequency: its longest series'; every other series must step about as often."""
+  longest = max(series, key=lambda s: len(s.time))
+  freq = series_step(longest.time, tz)[0]
+  if freq is None:
+    return 1.0 if np.issubdtype(longest.time.dtype, np.number) else "D"
+  for s in series:
+    own = series_step(s.time, tz)[0]
+    if own is not None and not 0.9 <= step_days(own) / step_days(freq) <= 1.1:
+      raise UserError(f"{label(s)} is sampled every {_every(own)} but series "
+                      f"{longest.id!r} every {_every(freq)}; one model needs one frequency: "
+                      f"resample the series to a common step, or train them separately")
+  return freq
+
+
+def _every(freq: str | float) -> str:
+  return f"{freq:g}" if not isinstance(freq, str) else f"{step_days(freq):g} day(s) ({freq})"
 
 
 def panel_from_frame(df, *, time_column: str, targets: list[str], id_column: str | None = None,
                      known: list[str] = (), past: list[str] = (), season_length: int = 0,
                      name: str = "data", where=lambda i: f"row {i}",
                      freq: str | float | None = None) -> Panel:
-  """Validates a DataFrame and splits it into series; every bad input is one UserError."""
+  """Validates a DataFrame and splits it into series; every bad input is one UserError.
+
+  `freq`: the frequency a model was trained on; the data must have it (dates vs numbers, about
+  the same step), and the panel keeps it."""
   known, past = list(known), list(past)
-  wanted = [("time", time_column), *(("target", c) for c in targets),
-            *(("known covariate", c) for c in known), *(("past covariate", c) for c in past)]
+  wanted = [("time", time_column, "time_column"), *(("target", c, "target") for c in targets),
+            *(("known covariate", c, "known_covariates") for c in known),
+            *(("past covariate", c, "past_covariates") for c in past)]
   if id_column:
-    wanted.append(("id", id_column))
+    wanted.append(("id", id_column, "id_column"))
   have = [str(c) for c in df.columns]
-  for role, col in wanted:
+  for role, col, key in wanted:
     if col not in have:
       raise UserError(f"{name}: no {role} column {col!r} (columns: {', '.join(have)}); fix "
-                      f"config.data ({'time_column' if role == 'time' else role.split()[0]}"
-                      f"{'' if role in ('time', 'id') else 's'}) or the file")
+                      f"config.data.{key} or the file")
   if not targets:
     raise UserError(f"{name}: no target column; set config.data.target")
   df = df.reset_index(drop=True)
-  t_all = _times(df, time_column, where)
+  t_all, tz = _times(df, time_column, where)
   y_all = np.stack([_numeric(df, c, "target", where) for c in targets], -1)
   kn_all = np.stack([_numeric(df, c, "known covariate", where) for c in known], -1) if known \
       else np.zeros((len(df), 0))
@@ -244,13 +358,21 @@ def panel_from_frame(df, *, time_column: str, targets: list[str], id_column: str
         raise UserError(f"{name}: target {col!r}{label} has no values (all {len(rows)} missing);"
                         f" drop the series or fix the column")
     series.append(Series(sid, t, y, kn_all[rows], pa_all[rows]))
-  freq = freq if freq is not None else infer_freq([s.time for s in series])
-  if np.issubdtype(series[0].time.dtype, np.datetime64) != isinstance(freq, str):
-    raise UserError(f"{name}: time column {time_column!r} is "
-                    f"{'dates' if np.issubdtype(series[0].time.dtype, np.datetime64) else 'numbers'}"
-                    f" but the model was trained on {'dates' if isinstance(freq, str) else 'numbers'}")
+  label = lambda s: f"{name}: series {s.id!r}" if id_column else name
+  own = _infer_freq(series, tz, label)
+  if freq is not None:
+    dates = np.issubdtype(series[0].time.dtype, np.datetime64)
+    if dates != isinstance(freq, str):
+      raise UserError(f"{name}: time column {time_column!r} is "
+                      f"{'dates' if dates else 'numbers'} but the model was trained on "
+                      f"{'dates' if isinstance(freq, str) else 'numbers'}")
+    if not 0.9 <= step_days(own) / step_days(freq) <= 1.1:
+      raise UserError(f"{name} is sampled every {_every(own)} but the model was trained on "
+                      f"data sampled every {_every(freq)}; resample it to that step")
+  else:
+    freq = own
   return Panel(name, series, time_column, list(targets), known, past, id_column, freq,
-               season_length or season_from_freq(freq))
+               season_length or season_from_freq(freq), tz)
 
 
 # -- calendar features ----------------------------------------------------------------------------
@@ -258,12 +380,9 @@ def panel_from_frame(df, *, time_column: str, targets: list[str], id_column: str
 def calendar_cycles(freq: str | float) -> list[str]:
   """Which calendar cycles the sampling step resolves: year (below ~1 year), week (daily or
   finer), day (hourly or finer). Numeric time has none."""
-  import pandas as pd
   if not isinstance(freq, str):
     return []
-  offset = pd.tseries.frequencies.to_offset(freq)
-  anchor = pd.Timestamp("2001-01-01") + offset  # anchored offsets (W-SAT, MS) first snap to one
-  days = ((anchor + offset) - anchor) / pd.Timedelta(days=1)
+  days = step_days(freq)
   return [c for c, limit in (("year", 300), ("week", 6), ("day", 0.9)) if days < limit]
 
 
@@ -326,13 +445,17 @@ def check_transform(panel: Panel, name: str) -> None:
                       f"transform='none' or shift the series")
 
 
-def fit_scale(x_TxC: np.ndarray, method: str) -> list[dict]:
+def fit_scale(x_TxC: np.ndarray, method: str, what: str = "values") -> list[dict]:
   """Per-column {loc, scale} from the observed values of x (the training part only)."""
   out = []
   for c in range(x_TxC.shape[1]):
     v = x_TxC[:, c][~np.isnan(x_TxC[:, c])]
     if method == "standard":
-      loc, scale = (float(v.mean()), float(v.std())) if len(v) else (0.0, 1.0)
+      with np.errstate(over="ignore"):
+        loc, scale = (float(v.mean()), float(v.std())) if len(v) else (0.0, 1.0)
+      if not np.isfinite(scale):
+        raise UserError(f"{what} (column {c}): values up to {np.abs(v).max():g} are too large "
+                        f"to scale (their variance overflows); rescale the column")
     elif method == "mean_abs":
       loc, scale = 0.0, float(np.abs(v).mean()) if len(v) else 1.0
     elif method == "none":

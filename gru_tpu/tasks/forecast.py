@@ -114,6 +114,11 @@ def check_config(config) -> None:
   q = list(m.quantiles)
   if not q or q != sorted(set(q)) or not 0 < q[0] <= q[-1] < 1:
     raise UserError(f"config.model.quantiles={tuple(q)}: give increasing levels in (0, 1)")
+  if m.head == "quantile" and not q[0] <= 0.1 < 0.9 <= q[-1]:
+    # The head predicts only these levels; the 80 % interval (coverage_80, its calibration)
+    # would otherwise be read off narrower ones.
+    raise UserError(f"config.model.quantiles={tuple(q)}: the quantile head needs levels at or "
+                    f"beyond 0.1 and 0.9 for its 80 % interval; add them, e.g. (0.1, 0.5, 0.9)")
   parse_lags(d.lags)
   for b in config.eval.baselines:
     if b not in forecast_eval.BASELINES:
@@ -136,15 +141,16 @@ def parse_lags(value: str) -> list[int]:
   return lags
 
 
-def load_panel(d, source: str | None = None) -> ts.Panel:
-  """config.data -> a validated Panel (source overrides config.data.source)."""
+def load_panel(d, source: str | None = None, freq: str | float | None = None) -> ts.Panel:
+  """config.data -> a validated Panel (source overrides config.data.source; freq: the trained
+  frequency the data must have)."""
   source = source or d.source
   df, time_column, targets, season, where = ts.load_frame(source, d.time_column, d.target,
                                                           d.season_length)
   return ts.panel_from_frame(df, time_column=time_column, targets=targets,
                              id_column=d.id_column or None,
                              known=ts.names(d.known_covariates), past=ts.names(d.past_covariates),
-                             season_length=season, name=source, where=where)
+                             season_length=season, name=source, where=where, freq=freq)
 
 
 def build_forecaster(config, meta: dict, rngs: nnx.Rngs) -> Forecaster:
@@ -162,9 +168,10 @@ def build_forecaster(config, meta: dict, rngs: nnx.Rngs) -> Forecaster:
 
 
 def fit_scales(s: ts.Series, n_train: int, method: str, transform: str = "none") -> dict:
-  return {"y": ts.fit_scale(ts.transform(s.y[:n_train], transform), method),
-          "known": ts.fit_scale(s.known[:n_train], "standard"),
-          "past": ts.fit_scale(s.past[:n_train], "standard")}
+  what = f"series {s.id!r}: the training part of the"
+  return {"y": ts.fit_scale(ts.transform(s.y[:n_train], transform), method, f"{what} targets"),
+          "known": ts.fit_scale(s.known[:n_train], "standard", f"{what} known covariates"),
+          "past": ts.fit_scale(s.past[:n_train], "standard", f"{what} past covariates")}
 
 
 def series_arrays(s: ts.Series, scales: dict, meta: dict) -> dict:
@@ -173,8 +180,18 @@ def series_arrays(s: ts.Series, scales: dict, meta: dict) -> dict:
   known = np.concatenate([
       ts.calendar_features(s.time, meta["cycles"], meta["calendar_terms"]),
       ts.fill_forward(ts.apply_scale(s.known, scales["known"]))], -1)
-  return {"y": ts.fill_forward(y), "observed": ~np.isnan(y), "known": known,
-          "past": ts.fill_forward(ts.apply_scale(s.past, scales["past"]))}
+  out = {"y": ts.fill_forward(y), "observed": ~np.isnan(y), "known": known,
+         "past": ts.fill_forward(ts.apply_scale(s.past, scales["past"]))}
+  for key, what in (("y", "target"), ("known", "known covariate"), ("past", "past covariate")):
+    with np.errstate(over="ignore"):
+      bad = np.argwhere(~np.isfinite(out[key].astype(np.float32)))
+    if len(bad):  # the model reads float32: a value that overflows it would make NaN forecasts
+      t = bad[0][0]
+      when = (np.datetime_as_string(s.time[t], unit="auto")
+              if np.issubdtype(s.time.dtype, np.datetime64) else f"{s.time[t]:g}")
+      raise UserError(f"series {s.id!r}: a {what} value at {when} is too large for the model "
+                      f"(scaled, it overflows float32); fix the value or rescale the column")
+  return out
 
 
 def make_store(arrays: list[dict], pad: int) -> ts.WindowStore:
@@ -426,7 +443,7 @@ def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horiz
                       f"last target value; add {horizon - given} more row(s) with them filled and "
                       f"the target empty")
     extra = max(0, origin + steps - len(s.time))
-    future = ts.future_times(s.time[-1], meta["freq"], extra)
+    future = ts.future_times(s.time, extra, meta["freq"], panel.tz)
     ext = ts.Series(s.id, np.concatenate([s.time, future]),
                     np.concatenate([s.y, np.full((extra, s.y.shape[1]), np.nan)]),
                     np.concatenate([s.known, np.zeros((extra, s.known.shape[1]))]),
@@ -444,6 +461,11 @@ def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horiz
     pred = forecast_eval.scale_spread(pred, meta["interval_scale"])
   pred = to_original(pred, np.stack([a["loc"] for a in arrays]),
                      np.stack([a["unit"] for a in arrays]), transform)
+  bad = ~np.isfinite(pred["median"][:, :horizon]).all((1, 2))
+  if bad.any():
+    raise UserError(f"{panel.name}: the forecast of series {panel.series[int(np.argmax(bad))].id!r}"
+                    f" is not finite: its history lies far outside the values the model was "
+                    f"trained on; check it for outliers or a unit change")
   levels = tuple(config.model.quantiles)
   if "quantiles" in pred:
     qs = np.stack([forecast_eval.interp_levels(pred["quantiles"], model.quantiles, u)
@@ -455,7 +477,10 @@ def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horiz
   frames = []
   for i, s in enumerate(panel.series):
     for c, target in enumerate(meta["targets"]):
-      cols = {panel.time_column: times[i], "target": target,
+      when = times[i]
+      if panel.tz is not None:  # back to the timezone of the given timestamps
+        when = pd.DatetimeIndex(when).tz_localize("UTC").tz_convert(panel.tz)
+      cols = {panel.time_column: when, "target": target,
               "point": pred["median"][i, :horizon, c]}
       if qs is not None:
         cols.update({f"q{lvl:g}": qs[i, :horizon, c, k] for k, lvl in enumerate(levels)})
