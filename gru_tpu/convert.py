@@ -46,13 +46,16 @@ def _from_torch(cls, module, kwargs):
   if not module.bias or getattr(module, "proj_size", 0):
     raise ValueError(f"{type(module).__name__}: bias=False and proj_size are not supported")
   model = cls(module.input_size, module.hidden_size, num_layers=module.num_layers,
-              bidirectional=module.bidirectional, dropout=module.dropout,
+              bidirectional=module.bidirectional, dropout=kwargs.pop("dropout", module.dropout),
               rngs=kwargs.pop("rngs", None) or nnx.Rngs(0), **kwargs)
+  if not module.training:  # the same function as the module: an eval() module drops nothing
+    model.eval()
   return _assign(model, _torch_layers(module, module.num_layers, model.num_directions))
 
 
 def gru_from_torch(module: Any, **kwargs) -> GRU:
-  """A GRU equal to `module` (torch.nn.GRU). kwargs go to GRU (e.g. unroll, remat, dtype)."""
+  """A GRU equal to `module` (torch.nn.GRU), in eval mode if the module is. kwargs go to GRU
+  (e.g. unroll, remat, dtype, dropout: by default the module's)."""
   return _from_torch(GRU, module, kwargs)
 
 
@@ -94,7 +97,11 @@ def gru_from_keras(weights: Sequence[Any], *, reset_after: bool = True, **kwargs
   """
   stack = weights if isinstance(weights[0], (list, tuple)) else [weights]
   layers = []
-  for kernel, rkernel, bias in stack:
+  for w in stack:
+    if len(w) != 3:
+      raise ValueError(f"gru_from_keras: expected [kernel, recurrent_kernel, bias] per layer, got "
+                       f"{len(w)} arrays; a Keras GRU with use_bias=False is not supported")
+    kernel, rkernel, bias = w
     kernel, rkernel, bias = (np.asarray(a) for a in (kernel, rkernel, bias))
     H = rkernel.shape[0]
     zrh_to_rzn = lambda a: np.concatenate([a[..., H:2 * H], a[..., :H], a[..., 2 * H:]], axis=-1)

@@ -35,6 +35,16 @@ def test_from_torch(cls, fn, L, bi, rng):
     np.testing.assert_allclose(a, b.detach().numpy(), **TOL)
 
 
+def test_torch_module_in_eval_mode_converts_to_the_same_function(rng):
+  ref = randomize_biases(torch.nn.GRU(I, H, num_layers=2, dropout=0.5, batch_first=True)).eval()
+  x = rng.standard_normal((B, T, I)).astype(np.float32)
+  y_ref = ref(torch.tensor(x))[0].detach().numpy()
+  np.testing.assert_allclose(convert.gru_from_torch(ref)(x)[0], y_ref, **TOL)  # no dropout
+  train = convert.gru_from_torch(ref.train())
+  assert not train.deterministic and train.dropout == 0.5
+  assert convert.gru_from_torch(ref, dropout=0.0).dropout == 0.0   # kwargs override the module's
+
+
 def test_torch_without_bias_is_rejected():
   with pytest.raises(ValueError, match="bias=False"):
     convert.gru_from_torch(torch.nn.GRU(I, H, bias=False))
@@ -74,3 +84,5 @@ def test_keras_bias_shape_mismatch_names_the_fix():
   w = [np.zeros((I, 3 * H)), np.zeros((H, 3 * H)), np.zeros(3 * H)]
   with pytest.raises(ValueError, match="pass reset_after=False"):
     convert.gru_from_keras(w, reset_after=True)
+  with pytest.raises(ValueError, match="use_bias=False is not supported"):
+    convert.gru_from_keras(w[:2])

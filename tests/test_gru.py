@@ -12,7 +12,7 @@ from flax import nnx
 
 from conftest import randomize_biases
 from gru_tpu.convert import gru_from_torch, lstm_from_torch
-from gru_tpu.models import GRU
+from gru_tpu.models import GRU, LSTM, MinGRU
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 I, H, B, T = 5, 6, 8, 7
@@ -197,6 +197,37 @@ def test_dropout_train_vs_eval(rng):
   model.train()
   g = nnx.grad(lambda m: (m(x)[0] ** 2).sum())(model)
   assert all(bool(jnp.isfinite(v).all()) for v in jax.tree.leaves(g))
+
+
+def test_dropout_rngs_can_come_at_call_time_only(rng):
+  model = GRU(I, H, num_layers=2, dropout=0.3, rngs=nnx.Rngs(params=0))  # no dropout stream
+  x = jnp.asarray(rng.standard_normal((B, T, I)), jnp.float32)
+  with pytest.raises(ValueError, match="dropout is on but no rngs were given"):
+    model(x)
+  y_a, y_b = model(x, rngs=nnx.Rngs(dropout=1))[0], model(x, rngs=nnx.Rngs(dropout=2))[0]
+  assert float(jnp.abs(y_a - y_b).max()) > 1e-3
+
+
+@pytest.mark.parametrize("cls,kw", [(c, kw) for c in (GRU, LSTM, MinGRU)
+                                    for kw in ({}, {"bidirectional": True})]
+                         + [(GRU, {"reset_after": False})])
+def test_nan_in_the_padding_reaches_no_gradient(cls, kw, rng):
+  """Padding may hold anything: gradients equal those with zero padding, NaN included."""
+  model = cls(I, H, num_layers=2, rngs=nnx.Rngs(0), **kw)
+  lengths = jnp.asarray([T, 3, 1, 0, 5, 7, 2, 6])
+  x = np.asarray(rng.standard_normal((B, T, I)), np.float32)
+  pad = np.arange(T)[None, :] >= np.asarray(lengths)[:, None]
+  x[pad] = 0.0
+  dirty = x.copy()
+  dirty[pad] = np.nan
+
+  def grads(x):
+    return nnx.grad(lambda m, x: (m(x, lengths)[0] ** 2).sum(), argnums=(0, 1))(model, x)
+
+  (g_m, g_x), (d_m, d_x) = grads(jnp.asarray(x)), grads(jnp.asarray(dirty))
+  for a, b in zip(jax.tree.leaves(g_m), jax.tree.leaves(d_m), strict=True):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(np.asarray(d_x)[~pad], np.asarray(g_x)[~pad])
 
 
 def test_recurrent_dropout_mask_is_fixed_over_time(monkeypatch, rng):

@@ -78,7 +78,12 @@ class RecurrentStack(nnx.Module):
                        hidden_features, self.num_gates, self.num_directions,
                        self.recurrent_weights, param_dtype, rngs)
         for l in range(num_layers)])
-    self.rngs = rngs["dropout"].fork() if (dropout or recurrent_dropout) else nnx.data(None)
+    self.rngs = nnx.data(None)
+    if dropout or recurrent_dropout:
+      try:
+        self.rngs = rngs["dropout"].fork()
+      except KeyError:  # no dropout (or default) stream: rngs= at call time, checked there
+        pass
 
   # -- cell hooks -----------------------------------------------------------------------------
 
@@ -128,6 +133,11 @@ class RecurrentStack(nnx.Module):
 
     mask_TxB = None if seq_lengths is None else jnp.arange(T)[:, None] < seq_lengths[None, :]
     x_TxBxI = jnp.swapaxes(x_BxTxI, 0, 1)
+    if mask_TxB is not None:
+      # Padding may hold anything (NaN from a collate): x enters dW_i = xᵀ·dgi and the padded
+      # steps' gates, where 0 · NaN = NaN would poison every gradient. The masked steps' values
+      # never reach y or h_n, so zeros change nothing else.
+      x_TxBxI = jnp.where(mask_TxB[..., None], x_TxBxI, jnp.zeros((), x_TxBxI.dtype))
     finals = []
     for l, layer in enumerate(self.layers):
       if l > 0 and self.dropout and not deterministic:
@@ -220,7 +230,7 @@ class RecurrentStack(nnx.Module):
     if seq_lengths.shape != (B,) or not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
       raise ValueError(f"{name}: seq_lengths must be an int array of shape ({B},) (one length per "
                        f"sequence), got {seq_lengths.dtype} {seq_lengths.shape}")
-    if not isinstance(seq_lengths, jax.core.Tracer):
+    if not isinstance(seq_lengths, jax.core.Tracer) and B:
       lo, hi = int(seq_lengths.min()), int(seq_lengths.max())
       if lo < 0 or hi > T:
         raise ValueError(f"{name}: seq_lengths must lie in [0, {T}] (T = x_BxTxI.shape[1]), got "
