@@ -19,7 +19,7 @@ SIZES = {
 
 
 def get_config(arg: str | None = None):
-  size = parse_arg(arg).get("size", "small")
+  size = parse_arg(arg, size=SIZES).get("size", "small")
   c = engine_defaults(task="text", **SIZES[size])
   c.data = data_config(source="pystdlib", tokenizer="char")  # or files:GLOB, tfds:NAME; byte
   c.data.sample_prompt = "def "  # a sample of sample_length tokens is logged at each eval

@@ -7,11 +7,11 @@ arg: size=tiny (tests) | small (CPU, minutes; the default) | base (one TPU host)
 """
 
 from gru_tpu.config import parse_arg
-from gru_tpu.tasks.forecast import default_config
+from gru_tpu.tasks.forecast import SIZES, default_config
 
 
 def get_config(arg: str | None = None):
-  size = parse_arg(arg).get("size", "small")
+  size = parse_arg(arg, size=SIZES).get("size", "small")
   c = default_config(size)
   c.data.source = "statsmodels:co2"
   c.data.context_length = 104   # two years

@@ -15,11 +15,11 @@ arg: size=tiny (tests) | small (CPU, minutes; the default) | base (one TPU host)
 """
 
 from gru_tpu.config import parse_arg
-from gru_tpu.tasks.forecast import default_config
+from gru_tpu.tasks.forecast import SIZES, default_config
 
 
 def get_config(arg: str | None = None):
-  c = default_config(parse_arg(arg).get("size", "small"))
+  c = default_config(parse_arg(arg, size=SIZES).get("size", "small"))
   c.data.source = "csv:data.csv"
   c.data.time_column = "date"
   c.data.target = "value"          # one or more columns: "sales,returns"

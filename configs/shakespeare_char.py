@@ -26,7 +26,7 @@ SIZES = {
 
 
 def get_config(arg: str | None = None):
-  size = parse_arg(arg).get("size", "small")
+  size = parse_arg(arg, size=SIZES).get("size", "small")
   c = engine_defaults(task="text", **SIZES[size])
   c.data = data_config(source="tfds:tiny_shakespeare", tokenizer="char")
   c.data.sample_prompt = "ROMEO:"

@@ -14,7 +14,7 @@ SIZES = {
 
 
 def get_config(arg: str | None = None):
-  size = dict(SIZES[parse_arg(arg).get("size", "tiny")])
+  size = dict(SIZES[parse_arg(arg, size=SIZES).get("size", "tiny")])
   lag = size.pop("lag")
   c = engine_defaults(task="synthetic", num_steps=200, **size)
   c.log_every, c.eval_every, c.eval_steps, c.checkpoint_every = 10, 100, 2, 100

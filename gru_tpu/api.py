@@ -111,6 +111,10 @@ class TextModel(Loaded):
     """Yields the next piece of text of every sample, `chunk` tokens at a time."""
     if length < 0:
       raise UserError(f"--length must be >= 0, got {length}")
+    if not temperature >= 0:  # NaN too; a negative one would sample the least likely tokens
+      raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if num_samples < 1:
+      raise UserError(f"num_samples must be >= 1, got {num_samples}")
     if top_k is not None and not 1 <= top_k <= self.tokenizer.vocab_size:
       raise UserError(f"top_k must be in [1, {self.tokenizer.vocab_size}], got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -193,9 +197,9 @@ TASKS = {"text": TextModel, "forecast": ForecastModel, "synthetic": SyntheticMod
 def load(workdir: str | os.PathLike, step: int | None = None) -> Loaded:
   """The checkpoint at `step` (default: the latest complete one) as the task's Loaded class,
   on this process's first device. `workdir`: a local path or a gs:// URI."""
-  workdir = epath.Path(workdir)
+  workdir = epath.Path(os.path.expanduser(os.fspath(workdir)))
   if not (workdir / "checkpoints").is_dir():
-    raise UserError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
+    raise CheckpointError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
                     f"{workdir} ...)")
   ckpt = Checkpointer(workdir, async_save=False, create=False)
   steps = ckpt.steps()
@@ -221,6 +225,9 @@ def load(workdir: str | os.PathLike, step: int | None = None) -> Loaded:
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           jax.eval_shape(init))
     state, _ = ckpt.restore(step, target)
+  except FileNotFoundError:  # a run still writing there removed it (keep_checkpoints)
+    raise CheckpointError(f"checkpoint step {step} in {workdir} was removed while it was being "
+                          f"loaded, by a run still training there; load again", step=step) from None
   except CheckpointError as e:
     others = [s for s in steps if s != step]
     hint = f"; other checkpoints: steps {others} (load(..., step=N), --step N)" if others else ""
@@ -327,12 +334,15 @@ def forecast_main(argv: list[str]) -> int:
   try:
     m = load(a.workdir, a.step)
     if not isinstance(m, ForecastModel):
-      raise UserError(f"{a.workdir} holds a {m.meta['task']} model; use gru-tpu sample")
-    history = m.history(a.data)  # read once: for the forecast and the plot
-    frame = m.forecast(history, a.horizon, num_samples=a.num_samples, seed=a.seed)
-    for path in (a.output, a.plot):
+      raise UserError(f"{a.workdir} holds a {m.meta['task']!r} model; gru-tpu forecast needs a "
+                      f"forecast one")
+    for path in (a.output, a.plot):  # before the forecast's work
+      if path and Path(path).is_dir():
+        raise UserError(f"{path} is a directory; give a file name")
       if path and not Path(path).absolute().parent.is_dir():
         raise UserError(f"{path}: the directory does not exist")
+    history = m.history(a.data)  # read once: for the forecast and the plot
+    frame = m.forecast(history, a.horizon, num_samples=a.num_samples, seed=a.seed)
     frame.to_csv(a.output, index=False)
     if a.plot:
       m.plot(history, frame, a.plot)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -195,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
   parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run, for tests)")
   args = parser.parse_args(argv)
+  if os.path.isdir(args.json):  # checked before minutes of timing, not after
+    parser.error(f"--json {args.json} is a directory; give a file name")
+  if not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+    parser.error(f"--json {args.json}: its directory does not exist")
   result = run(quick=args.quick, repeats=args.repeats)
   print(format_table(result))
   with open(args.json, "w") as f:

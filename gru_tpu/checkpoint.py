@@ -28,6 +28,10 @@ from etils import epath
 from gru_tpu.errors import CheckpointError, UserError
 
 log = logging.getLogger("gru_tpu")
+# orbax warns on every read-only manager (load, sample, forecast): the one line a CLI error
+# should be would always come with it.
+logging.getLogger("absl").addFilter(
+    lambda record: not record.getMessage().startswith("Given directory is read only"))
 
 # A step's directory: STEP, or STEP.orbax-checkpoint-tmp... while a local save is in flight.
 _STEP_DIR = re.compile(r"^(\d+)(\.orbax-checkpoint-tmp.*)?$")

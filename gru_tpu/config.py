@@ -7,12 +7,34 @@ Every key is documented in the README's Training section. Tasks add `data.*` (an
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import ml_collections
 
+from gru_tpu.errors import UserError
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-  """'size=tiny,foo=bar' -> {'size': 'tiny', 'foo': 'bar'} (the `:arg` of --config)."""
-  return dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
+
+def parse_arg(arg: str | None, **choices: Iterable[str]) -> dict[str, str]:
+  """'size=tiny,foo=bar' -> {'size': 'tiny', 'foo': 'bar'} (the `:arg` of --config).
+
+  choices (e.g. size=("tiny", "small")) are the presets a config knows: any other key or value
+  is a UserError, so a typo is not silently the default.
+  """
+  out = {}
+  for kv in (arg or "").split(","):
+    if not kv.strip():
+      continue
+    if "=" not in kv:
+      raise UserError(f"--config presets are KEY=VALUE (e.g. :size=tiny); got {kv!r}")
+    key, value = (p.strip() for p in kv.split("=", 1))
+    if choices and key not in choices:
+      raise UserError(f"--config preset {key!r} is unknown; this config knows "
+                      f"{', '.join(choices)}")
+    if key in choices and value not in choices[key]:
+      raise UserError(f"--config preset {key}={value!r}: expected one of "
+                      f"{', '.join(choices[key])}")
+    out[key] = value
+  return out
 
 
 def engine_defaults(*, task: str, batch_size: int, num_steps: int, hidden: int, num_layers: int,

@@ -9,6 +9,7 @@ every write replaces the object with all rows so far (one upload per logged step
 from __future__ import annotations
 
 import json
+import logging
 import math
 from os import PathLike
 from pathlib import Path
@@ -57,9 +58,13 @@ class MetricsWriter:
 
   def close(self) -> None:
     if self.enabled:
-      if self.file is not None:
-        self.file.close()
-      self.tb.close()
+      # Closing also runs while an error propagates (a save that found the disk full); a
+      # failed flush here must not replace that error with its own traceback.
+      for close in ([self.file.close] if self.file is not None else []) + [self.tb.close]:
+        try:
+          close()
+        except OSError as e:
+          logging.getLogger("gru_tpu").warning("could not flush metrics: %s", e)
 
 
 def _drop_partial_line(path: Path) -> None:

@@ -22,9 +22,23 @@ from gru_tpu.errors import UserError
 STRATEGIES = ("dp", "fsdp")
 
 
+def _check_axes(axes) -> None:
+  """config.mesh must be ((name, size), ...) over 'data' (required) and 'model', each once."""
+  pairs = isinstance(axes, (list, tuple)) and all(
+      isinstance(a, (list, tuple)) and len(a) == 2 and isinstance(a[0], str)
+      and isinstance(a[1], int) and not isinstance(a[1], bool) for a in axes)
+  names = [a[0] for a in axes] if pairs else []
+  if (not pairs or "data" not in names or len(set(names)) != len(names)
+      or not set(names) <= {"data", "model"} or any(a[1] == 0 or a[1] < -1 for a in axes)):
+    raise UserError(f"config.mesh={axes!r}: expected axes ('data', N) and optionally "
+                    f"('model', M), each once, sizes positive or -1 (the rest of the devices), "
+                    f"e.g. --config.mesh=\"(('data', -1), ('model', 1))\"")
+
+
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
   """A mesh over all (or the given) devices, laid out so ICI and DCN axes are right."""
   devices = list(devices) if devices is not None else jax.devices()
+  _check_axes(axes)
   names = tuple(str(name) for name, _ in axes)
   sizes = [int(size) for _, size in axes]
   if sizes.count(-1) > 1:

@@ -41,6 +41,7 @@ from gru_tpu.checkpoint import Checkpointer
 from gru_tpu.errors import CheckpointError, UserError
 from gru_tpu.metrics import MetricsWriter
 from gru_tpu.models import compiler_options
+from gru_tpu.models.gru import IMPLS
 
 log = logging.getLogger("gru_tpu")
 
@@ -122,6 +123,29 @@ def _state_shardings(abstract_state: dict, mesh, strategy: str) -> dict:
   return shardings
 
 
+def check_engine_config(config) -> None:
+  """The engine's own keys: one UserError naming the first bad one, before anything runs."""
+  positive = ["batch_size", "num_steps", "grad_accum", "log_every", "eval_every",
+              "checkpoint_every", "keep_checkpoints", "model.hidden", "model.num_layers"]
+  nonneg = ["seed", "eval_steps", "profile_start", "profile_steps"]
+  for keys, low in ((positive + ["seq_len", "model.unroll"], 1), (nonneg, 0)):
+    for key in keys:
+      value = config
+      for part in key.split("."):
+        value = value.get(part) if value is not None else None
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                or value < low):
+        raise UserError(f"config.{key}={value!r}: expected an integer >= {low}")
+  m = config.model
+  for key in ("dropout", "recurrent_dropout"):
+    if not 0 <= m.get(key, 0.0) < 1:
+      raise UserError(f"config.model.{key}={m.get(key)!r}: expected a value in [0, 1)")
+  for key, allowed in (("cell", ("gru", "lstm", "mingru")), ("impl", IMPLS),
+                       ("dtype", ("float32", "bfloat16"))):
+    if key in m and m[key] not in allowed:
+      raise UserError(f"config.model.{key}={m[key]!r}: expected one of {', '.join(allowed)}")
+
+
 def _check_batch(config, mesh) -> None:
   data = mesh.shape.get("data", 1)
   B = config.batch_size
@@ -135,7 +159,8 @@ def _check_batch(config, mesh) -> None:
                     f"divisible by the data-parallel size {data}")
 
 
-def _check_compatible(saved: dict, config, step: int, directory: epath.Path) -> None:
+def _check_compatible(saved_meta: dict, config, task, step: int, directory: epath.Path) -> None:
+  saved = saved_meta["config"]
   now = json.loads(config.to_json_best_effort())
   saved, now = ({**c, "model": {k: v for k, v in c.get("model", {}).items()
                                 if k not in RUNTIME_MODEL_KEYS}} for c in (saved, now))
@@ -145,6 +170,11 @@ def _check_compatible(saved: dict, config, step: int, directory: epath.Path) -> 
           f"{directory} holds a checkpoint (step {step}) from a run with a different "
           f"config.{key} ({saved.get(key)!r} vs now {now.get(key)!r}); use a fresh --workdir or "
           f"the original config. Nothing was changed.")
+  # The same config can build other shapes from other data (a corpus with new characters).
+  changed = getattr(task, "resume_mismatch", lambda saved: None)(saved_meta.get("task", {}))
+  if changed:
+    raise UserError(f"{directory} holds a checkpoint (step {step}) whose {changed}; use a fresh "
+                    f"--workdir or the original data. Nothing was changed.")
 
 
 def _to_global(batch: dict, mesh) -> dict:
@@ -180,6 +210,7 @@ def _in_mesh(fn, mesh):
 
 
 def setup(config, mesh) -> Setup:
+  check_engine_config(config)
   task = load_task(config)
   _check_batch(config, mesh)
   tx = make_optimizer(config)
@@ -206,17 +237,24 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   Stops early, with a checkpoint at the current step, when `preemption` says so (the CLI's
   listens for SIGTERM; several processes always agree through JAX's preemption service).
   """
-  workdir = epath.Path(workdir)  # a local path or a gs:// URI
+  workdir = epath.Path(os.path.expanduser(os.fspath(workdir)))  # local (--workdir=~/x too) or gs://
   preemption = preemption or Preemption()
+  check_engine_config(config)
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"--workdir {workdir} is a file; give a directory (new or a run's)")
   _check_shared(workdir)
   mesh = sharding.make_mesh(config.mesh)
   s = setup(config, mesh)
   task, step_fn = s.task, s.train_step
-  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
-  restored = _restore(ckpt, config, s)
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  try:
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+    restored = _restore(ckpt, config, s)
+    if jax.process_index() == 0:
+      workdir.mkdir(parents=True, exist_ok=True)
+      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  except OSError as e:  # read-only or full filesystem, no permission
+    raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e}); use a "
+                    f"writable directory. Nothing was changed.") from None
   if restored is None:
     # Created inside jit with out_shardings: full parameters never exist on one host.
     state = jax.jit(s.init, out_shardings=s.state_shardings)()
@@ -228,35 +266,37 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   batches = task.batches("train", start, jax.process_index(), jax.process_count())
   evals = []
   pending = None  # metrics are read one step late so the host never stalls the device
-  t_last, compile_logged = time.perf_counter(), False
+  t_last, step_last, compile_logged = time.perf_counter(), start, False
   tokens_per_step = config.batch_size * config.get("seq_len", 1)
 
   def finish(step_done: int, metrics) -> None:
-    nonlocal t_last
+    nonlocal t_last, step_last
     m = jax.device_get(metrics)
     if not all(math.isfinite(float(v)) for v in m.values()):
       ckpt.wait()
       bad = ", ".join(f"{k} = {float(v)}" for k, v in m.items() if not math.isfinite(float(v)))
+      last = ckpt.latest_step()
+      kept = (f"The last good checkpoint (step {last}) is intact." if last is not None
+              else "No checkpoint had been saved yet.")
       raise TrainingDiverged(
-          f"{bad} at step {step_done}; training stopped. The last good "
-          f"checkpoint (step {ckpt.latest_step()}) is intact. Lower "
+          f"{bad} at step {step_done}; training stopped. {kept} Lower "
           f"config.optimizer.learning_rate or raise config.optimizer.grad_clip.")
     if step_done % config.log_every == 0 or step_done == config.num_steps:
       now = time.perf_counter()
       writer.write(step_done, "train", m)
-      rate = config.log_every / max(now - t_last, 1e-9)
+      rate = (step_done - step_last) / max(now - t_last, 1e-9)  # the first includes compiling
       log.info("step %d/%d loss %.4f | %.2f steps/s, %.0f tokens/s | ETA %.0fs", step_done,
                config.num_steps, m["loss"], rate, rate * tokens_per_step,
                (config.num_steps - step_done) / rate)
-      t_last = now
+      t_last, step_last = now, step_done
 
-  profile = range(config.get("profile_start", 0),
-                  config.get("profile_start", 0) + config.get("profile_steps", 0))
+  first = config.get("profile_start", 0)
+  profile = _Profile(range(first, min(first + config.get("profile_steps", 0), config.num_steps)),
+                     workdir / "profile")
   # closing() on errors too (a Ctrl-C in a notebook): in-flight saves finish before a rerun.
-  with contextlib.closing(ckpt), contextlib.closing(writer):
+  with contextlib.closing(ckpt), contextlib.closing(writer), contextlib.closing(profile):
     for step in range(start, config.num_steps):
-      if profile and step == profile.start:
-        jax.profiler.start_trace(str(workdir / "profile"))
+      profile.before(step)
       batch = _to_global(next(batches), mesh)
       t0 = time.perf_counter()
       state, metrics = step_fn(state, batch)
@@ -268,9 +308,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       pending = (step + 1, metrics)
       done = step + 1
       preempted = preemption.reached(done) and done < config.num_steps
-      if profile and done == profile.stop:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
+      profile.after(done, state, stop=preempted)
       if done % config.eval_every == 0 or done == config.num_steps:
         finish(*pending)
         pending = None
@@ -291,6 +329,29 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       finish(*pending)
     ckpt.wait()
   return evals
+
+
+class _Profile:
+  """A jax.profiler trace of the steps in `window`: started also when a resumed run begins
+  inside it, stopped at its end, at a preemption stop, and on errors (close)."""
+
+  def __init__(self, window: range, directory: epath.Path):
+    self.window, self.directory, self.on = window, directory, False
+
+  def before(self, step: int) -> None:
+    if step in self.window and not self.on:
+      jax.profiler.start_trace(str(self.directory))
+      self.on = True
+
+  def after(self, done: int, state, stop: bool = False) -> None:
+    if self.on and (done == self.window.stop or stop):
+      jax.block_until_ready(state)
+      self.close()
+
+  def close(self) -> None:
+    if self.on:
+      self.on = False
+      jax.profiler.stop_trace()
 
 
 class Preemption:
@@ -372,7 +433,7 @@ def _restore(ckpt: Checkpointer, config, s: Setup) -> tuple[Any, int] | None:
   for step in reversed(ckpt.steps()):
     error = None
     try:
-      _check_compatible(ckpt.restore_meta(step)["config"], config, step, ckpt.directory)
+      _check_compatible(ckpt.restore_meta(step), config, s.task, step, ckpt.directory)
       state, meta = ckpt.restore(step, target)
     except CheckpointError as e:
       error = str(e)
@@ -461,7 +522,7 @@ def _check_required(argv: list[str]) -> None:
     return None
 
   config, workdir = value("--config"), value("--workdir")
-  if config is None or workdir is None:
+  if not config or not workdir:
     raise UserError("both --config configs/NAME.py[:arg] and --workdir DIR are required")
   path = config.split(":", 1)[0]
   if not Path(path).is_file():
@@ -469,8 +530,20 @@ def _check_required(argv: list[str]) -> None:
                     f"configs/synthetic.py:size=tiny)")
 
 
+USAGE = """usage: gru-tpu train --config configs/NAME.py[:arg] --workdir DIR [--config.KEY=VALUE ...]
+                     [--distributed | --coordinator_address HOST:PORT --num_processes N
+                      --process_id I]
+
+Trains config.task from the config (its docstring has the run command; `arg` holds presets such
+as size=tiny) into DIR, resuming from DIR's latest checkpoint. Any config key can be overridden
+with --config.KEY=VALUE. See the README's Training section."""
+
+
 def _one_line(e: Exception) -> str:
   msg = " ".join(str(e).split())
+  m = re.search(r"UserError: (.*?)(?: (?:Traceback|File \"|During handling)|$)", msg)
+  if m:  # a config file's get_config raised it; absl wraps it with the traceback
+    return m.group(1)
   m = re.search(r"'(\w+)'.*Did you mean \"(\w+)\"", msg.replace("\\", ""))
   if m:  # ml_collections' KeyError for a locked config, quoted twice over
     return f"unknown config key {m.group(1)!r} (did you mean {m.group(2)!r}?)"
@@ -505,9 +578,14 @@ def main(argv: list[str]) -> int:
                       "runs off TPU (implies --distributed)", flag_values=fv)
   flags.DEFINE_integer("num_processes", None, "with --coordinator_address", flag_values=fv)
   flags.DEFINE_integer("process_id", None, "with --coordinator_address", flag_values=fv)
+  if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv):
+    print(USAGE + "\n\n" + fv.get_help(include_special_flags=False))
+    return 0
   try:
     _check_required(argv)
-    fv(["gru-tpu train", *argv])
+    rest = fv(["gru-tpu train", *argv])[1:]
+    if rest:  # e.g. "config.num_steps=5" without its dashes would silently train the default
+      raise UserError(f"unexpected argument {rest[0]!r}; overrides are --config.KEY=VALUE")
     fv.config.to_dict()  # config files load lazily: surface a bad file or key now
   except (flags.Error, UserError, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
     print("gru-tpu train: " + _one_line(e), file=sys.stderr)
@@ -526,5 +604,9 @@ def main(argv: list[str]) -> int:
       train_and_evaluate(fv.config, fv.workdir, preemption)
   except UserError as e:
     print(f"gru-tpu train: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # a full disk or lost permissions while writing logs or metrics
+    print(f"gru-tpu train: {e}; free space or fix permissions, then run the same command to "
+          f"resume from the last checkpoint", file=sys.stderr)
     return 2
   return 0

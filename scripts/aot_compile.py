@@ -30,6 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gru_tpu import sharding, train
+from gru_tpu.errors import UserError
 from gru_tpu.kernels import gru as kernel
 
 config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
@@ -344,9 +345,20 @@ def compare_impls(config, mesh) -> None:
 
 
 def main(argv) -> int:
-  del argv
+  try:
+    return _main(argv)
+  except UserError as e:
+    print(f"aot_compile: {e}", file=sys.stderr)
+    return 2
+
+
+def _main(argv) -> int:
+  if len(argv) > 1:
+    raise UserError(f"unexpected argument {argv[1]!r}; overrides are --config.KEY=VALUE")
   from jax.experimental import topologies
   config = FLAGS.config
+  if config is None:
+    raise UserError("--config configs/NAME.py[:arg] is required")
   # v4/v5p pair two TensorCores per chip; meshes want one device per chip ("megacore").
   megacore = FLAGS.topology.split(":")[0] in ("v4", "v5p")
   topo = topologies.get_topology_desc(FLAGS.topology, "tpu", num_slices=FLAGS.num_slices,
@@ -381,5 +393,18 @@ def main(argv) -> int:
   return 1 if problems else 0
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, but a bad config file, preset or override is one line (as for gru-tpu
+  train), not a traceback."""
+  try:
+    rest = FLAGS(argv)
+    if FLAGS.config is not None:
+      FLAGS.config.to_dict()  # config files load lazily
+  except (flags.Error, UserError, KeyError, AttributeError, TypeError, ValueError) as e:
+    print("aot_compile: " + train._one_line(e), file=sys.stderr)
+    sys.exit(2)
+  return rest
+
+
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=_parse_flags))

@@ -56,8 +56,10 @@ def test_forecast_train_then_forecast_writes_csv_and_png(tmp_path):
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
   r = run_cli("forecast", "--workdir", str(run), "--horizon", "0", "--output", str(out))
-  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
-      "gru-tpu forecast: horizon must be >= 1, got 0")
+  assert r.returncode == 2 and r.stderr.strip() == "gru-tpu forecast: horizon must be >= 1, got 0"
+  r = run_cli("forecast", "--workdir", str(run), "--output", str(tmp_path))
+  assert r.returncode == 2 and r.stderr.strip() == (
+      f"gru-tpu forecast: {tmp_path} is a directory; give a file name")
   r = run_cli("forecast", "--workdir", str(tmp_path / "none"), "--output", str(out))
   assert r.returncode == 2 and "holds no checkpoint" in r.stderr
   r = run_cli("train", "--config", config, "--workdir", str(run),

@@ -142,9 +142,15 @@ def test_sequence_lm_checks_config_impl():
                   "impl": "pallas"})
   with pytest.raises(UserError, match="impl='pallas' needs config.model.cell='gru'"):
     sequence_lm(10, m, nnx.Rngs(0))
-  m.impl = "fast"
-  with pytest.raises(UserError, match="config.model.impl='fast' is not one of"):
-    sequence_lm(10, m, nnx.Rngs(0))
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+  import synthetic
+  from gru_tpu.train import check_engine_config
+  c = synthetic.get_config("size=tiny")
+  c.model.impl = "fast"
+  with pytest.raises(UserError, match="config.model.impl='fast': expected one of auto, scan"):
+    check_engine_config(c)
 
 
 def test_plan_blocks_and_vmem_budget():

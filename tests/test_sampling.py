@@ -66,6 +66,11 @@ def test_bad_sampling_arguments(workdir, tmp_path):
   m = gru_tpu.load(workdir)
   with pytest.raises(UserError, match="top_k must be in"):
     m.generate("x", 5, top_k=0)
+  for bad in (-1.0, float("nan")):  # negative: the least likely tokens first
+    with pytest.raises(UserError, match="temperature must be >= 0"):
+      m.generate("x", 5, temperature=bad)
+  with pytest.raises(UserError, match="num_samples must be >= 1"):
+    next(m.stream("x", 5, num_samples=0))
   with pytest.raises(UserError, match="holds no checkpoint"):
     gru_tpu.load(tmp_path)
   assert not (tmp_path / "checkpoints").exists()

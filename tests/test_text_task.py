@@ -44,6 +44,25 @@ def test_pystdlib_default_source_runs(tmp_path):
   assert [x["step"] for x in read_metrics(tmp_path) if x["split"] == "eval"] == [3]
 
 
+def test_byte_tokenizer_trains_and_a_changed_corpus_is_refused_untouched(tmp_path):
+  (tmp_path / "a.txt").write_text("abc abd " * 300)
+  src = f"--config.data.source=files:{tmp_path}/*.txt"
+  steps = ("--config.num_steps=4", "--config.eval_every=4", "--config.checkpoint_every=4",
+           "--config.eval_steps=1")
+  r = train(tmp_path / "bytes", src, "--config.data.tokenizer=byte", *steps)
+  assert r.returncode == 0, r.stderr[-3000:]  # a TypeError in the tokenizer, before
+  meta = json.loads((tmp_path / "bytes/checkpoints/4/meta/metadata").read_text())
+  assert meta["task"]["tokenizer"] == {"kind": "byte"}
+  r = train(tmp_path / "chars", src, *steps)
+  assert r.returncode == 0, r.stderr[-3000:]
+  before = {p: p.read_bytes() for p in (tmp_path / "chars").rglob("*") if p.is_file()}
+  (tmp_path / "b.txt").write_text("xyz " * 300)  # new characters: another vocabulary
+  r = train(tmp_path / "chars", src, "--config.num_steps=8")
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert "whose vocabulary differs from the one" in r.stderr and "(6 vs 9 symbols" in r.stderr
+  assert {p: p.read_bytes() for p in (tmp_path / "chars").rglob("*") if p.is_file()} == before
+
+
 def test_bad_text_inputs_exit_2(tmp_path):
   r = train(tmp_path / "a", "--config.data.source=files:/nonexistent/*.txt")
   assert r.returncode == 2 and "the glob matches no files" in r.stderr

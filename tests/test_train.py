@@ -3,6 +3,7 @@ and loading what a sharded or multi-process run wrote onto this process's one de
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,13 +186,95 @@ def test_a_workdir_each_process_cannot_see_is_refused(tmp_path):
      "unknown config key 'learning_rat' (did you mean 'learning_rate'?)"),
     ("--config.optimizer.zzz=1", "unknown config key 'zzz'"),
     ("--config.batch_size=abc", "--config.batch_size=abc: invalid literal for int()"),
-    ("--config.model.unroll=0", "config.model.unroll=0 must be >= 1"),
+    ("--config.model.unroll=0", "config.model.unroll=0: expected an integer >= 1"),
+    # Segfaulted in XLA with 4 devices; a traceback with one.
+    ("--config.mesh=(('data', -1), ('data', 1))", "each once"),
 ])
 def test_bad_config_override_is_one_clear_line(tmp_path, flag, message):
   r = run_cli(tmp_path, flag)
   assert r.returncode == 2
   assert message in r.stderr and "Traceback" not in r.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"eval_every": 0}, r"config.eval_every=0: expected an integer >= 1"),
+    # orbax's max_to_keep=0 deleted every checkpoint, old ones included
+    ({"keep_checkpoints": 0}, r"config.keep_checkpoints=0: expected an integer >= 1"),
+    ({"batch_size": 0}, r"config.batch_size=0"),
+    ({"seq_len": 0}, r"config.seq_len=0"),
+    ({"seed": -1}, r"config.seed=-1: expected an integer >= 0"),
+    ({"model.num_layers": 0}, r"config.model.num_layers=0"),
+    ({"model.cell": "rnn"}, r"config.model.cell='rnn': expected one of gru, lstm, mingru"),
+    ({"model.dtype": "bf16"}, r"config.model.dtype='bf16': expected one of float32, bfloat16"),
+    ({"model.dropout": 1.5}, r"config.model.dropout=1.5: expected a value in \[0, 1\)"),
+    ({"mesh": (("dat", -1), ("model", 1))}, r"expected axes \('data', N\)"),
+    ({"mesh": (("data", -1, 1),)}, r"expected axes \('data', N\)"),
+    ({"mesh": (("data", 0),)}, r"sizes positive or -1"),
+])
+def test_bad_engine_values_are_one_clear_error_before_anything_is_written(tmp_path, overrides,
+                                                                         message):
+  with pytest.raises(UserError, match=message):
+    train.train_and_evaluate(tiny(**overrides), tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_config_presets_are_checked():
+  assert synthetic.get_config("size=small,").batch_size == 64
+  for arg, message in (("size=huge", r"preset size='huge': expected one of tiny, small"),
+                       ("tiny", r"presets are KEY=VALUE \(e.g. :size=tiny\); got 'tiny'"),
+                       ("sise=tiny", r"preset 'sise' is unknown; this config knows size")):
+    with pytest.raises(UserError, match=message):
+      synthetic.get_config(arg)
+
+
+def test_help_presets_and_stray_arguments_on_the_command_line(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "gru_tpu.cli", "train", "--help"],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0 and r.stdout.startswith("usage: gru-tpu train --config")
+  assert "--workdir" in r.stdout
+  r = subprocess.run([sys.executable, "-m", "gru_tpu.cli", "train", "--config",
+                      f"{CONFIG}:size=huge", "--workdir", str(tmp_path)],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and r.stderr.strip() == (
+      "gru-tpu train: --config preset size='huge': expected one of tiny, small")
+  r = run_cli(tmp_path, "config.num_steps=5")  # without its dashes: not an override
+  assert r.returncode == 2 and "unexpected argument 'config.num_steps=5'" in r.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+  (tmp_path / "f").write_text("mine")
+  with pytest.raises(UserError, match="is a file; give a directory"):
+    train.train_and_evaluate(tiny(), tmp_path / "f")
+  assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_a_failing_metrics_flush_does_not_replace_the_error(tmp_path, monkeypatch):
+  from gru_tpu.metrics import MetricsWriter
+  w = MetricsWriter(tmp_path)
+
+  def full():
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(w.tb, "close", full)
+  w.close()  # logged, not raised: it runs while a CheckpointError propagates
+
+
+def test_a_profile_window_resumes_and_ends_with_the_run(tmp_path, killed_at):
+  """A run resumed inside its profile window traces again (it used to stop a trace it never
+  started: RuntimeError), and a window reaching past num_steps is cut at the end."""
+  c = tiny(num_steps=30, profile_start=5, profile_steps=100)
+  with killed_at(13):
+    train.train_and_evaluate(c, tmp_path)
+  try:  # a fresh process: no trace left over from the killed run
+    jax.profiler.stop_trace()
+  except RuntimeError:
+    pass
+  shutil.rmtree(tmp_path / "profile")
+  train.train_and_evaluate(c, tmp_path)  # from step 10, inside the window
+  assert sorted(losses(tmp_path)) == list(range(1, 31))
+  assert list((tmp_path / "profile").rglob("*.xplane.pb"))
 
 
 def test_missing_config_file_is_one_clear_line(tmp_path):

@@ -18,7 +18,6 @@ merged into metadata() for each checkpoint from the parameters saved in it.
 import jax.numpy as jnp
 
 from gru_tpu.errors import UserError
-from gru_tpu.models.gru import IMPLS
 from gru_tpu.models.lm import SequenceLM
 
 
@@ -28,11 +27,7 @@ def sequence_lm(vocab_size: int, m, rngs) -> SequenceLM:
   if k > 1 and (m.hidden % k or m.embed_dim % k):
     raise UserError(f"config.model.hidden={m.hidden} and embed_dim={m.embed_dim} must be "
                     f"multiples of model.hidden_multiple={k} (the TPU MXU tile); round them up")
-  if m.get("unroll", 1) < 1:
-    raise UserError(f"config.model.unroll={m.unroll} must be >= 1 (time steps per loop iteration)")
-  impl = m.get("impl", "auto")
-  if impl not in IMPLS:
-    raise UserError(f"config.model.impl={impl!r} is not one of {IMPLS}")
+  impl = m.get("impl", "auto")  # its values and unroll's: train.check_engine_config
   if impl == "pallas" and m.cell != "gru":
     raise UserError(f"config.model.impl='pallas' needs config.model.cell='gru' (got "
                     f"{m.cell!r}); use 'auto' or 'scan'")

@@ -94,8 +94,7 @@ def default_config(size: str = "small"):
 
 def check_config(config) -> None:
   d, m = config.data, config.model
-  for key, value in (("data.horizon", d.horizon), ("data.context_length", d.context_length),
-                     ("model.unroll", m.get("unroll", 1))):
+  for key, value in (("data.horizon", d.horizon), ("data.context_length", d.context_length)):
     if value < 1:
       raise UserError(f"config.{key} must be >= 1, got {value}")
   for key, value in (("data.val_length", d.val_length), ("data.test_length", d.test_length)):
@@ -321,6 +320,13 @@ class ForecastTask:
 
   def metadata(self) -> dict:
     return self.meta
+
+  def resume_mismatch(self, saved: dict) -> str | None:
+    """Why a checkpoint with this saved metadata cannot resume this run (None: it can)."""
+    for key in ("targets", "known", "past", "id_column", "lags", "cycles", "calendar_terms"):
+      if key in saved and saved[key] != self.meta[key]:
+        return f"data gave {key} = {saved[key]!r}, the data now gives {self.meta[key]!r}"
+    return None
 
   def interval_scale(self, model) -> np.ndarray | None:
     """Per target, the conformal spread factor of the model's forecasts on the calibration

@@ -77,6 +77,15 @@ class TextTask:
   def metadata(self) -> dict:
     return {"task": "text", "source": self.corpus.name, "tokenizer": self.tokenizer.to_json()}
 
+  def resume_mismatch(self, saved: dict) -> str | None:
+    """Why a checkpoint with this saved metadata cannot resume this run (None: it can)."""
+    old = saved.get("tokenizer")
+    if old is not None and old != self.tokenizer.to_json():
+      n = text.tokenizer_from_json(old).vocab_size
+      return (f"vocabulary differs from the one {self.corpus.name} gives now ({n} vs "
+              f"{self.tokenizer.vocab_size} symbols: the text changed)")
+    return None
+
 
 def make_task(config) -> TextTask:
   return TextTask(config)
