@@ -126,8 +126,9 @@ def _state_shardings(abstract_state: dict, mesh, strategy: str) -> dict:
 def check_engine_config(config) -> None:
   """The engine's own keys: one UserError naming the first bad one, before anything runs."""
   positive = ["batch_size", "num_steps", "grad_accum", "log_every", "eval_every",
-              "checkpoint_every", "keep_checkpoints", "model.hidden", "model.num_layers"]
-  nonneg = ["seed", "eval_steps", "profile_start", "profile_steps"]
+              "checkpoint_every", "keep_checkpoints", "eval_steps", "model.hidden",
+              "model.num_layers"]
+  nonneg = ["seed", "profile_start", "profile_steps"]
   for keys, low in ((positive + ["seq_len", "model.unroll"], 1), (nonneg, 0)):
     for key in keys:
       value = config
@@ -141,7 +142,7 @@ def check_engine_config(config) -> None:
     if not 0 <= m.get(key, 0.0) < 1:
       raise UserError(f"config.model.{key}={m.get(key)!r}: expected a value in [0, 1)")
   for key, allowed in (("cell", ("gru", "lstm", "mingru")), ("impl", IMPLS),
-                       ("dtype", ("float32", "bfloat16"))):
+                       ("dtype", ("float32", "bfloat16", "float16"))):
     if key in m and m[key] not in allowed:
       raise UserError(f"config.model.{key}={m[key]!r}: expected one of {', '.join(allowed)}")
 

@@ -97,6 +97,7 @@ def test_numeric_time_and_future_times():
   future = ts.future_times(p.series[0].time, 3, p.freq)
   assert future.tolist() == [18, 20, 22] and future.dtype == np.int64  # integer years stay so
   assert ts.future_times(np.array([0.5, 1.0]), 2, 1.0).tolist() == [1.5, 2.0]
+  assert ts.future_times(np.array([2001, 2002, 2004]), 2, 1.0).tolist() == [2005, 2006]  # a gap
   weekly = ts.future_times(pd.date_range("2001-12-01", "2001-12-29", freq="W-SAT").to_numpy(),
                            2, "W-SAT")
   assert [str(t)[:10] for t in weekly] == ["2002-01-05", "2002-01-12"]
@@ -114,6 +115,8 @@ def _dates(*days):
     (_dates("2009-08-31", "2009-09-30", "2009-11-30", "2009-12-31"), ["2010-01-31", "2010-02-28"]),
     # weekly on Sundays, the last one not on the panel's anchor
     (_dates("2022-01-09", "2022-01-16", "2022-01-23"), ["2022-01-30", "2022-02-06"]),
+    # monthly on the 30th, February on its last day: back to the 30th after it
+    (_dates("2020-12-30", "2021-01-30", "2021-02-28", "2021-03-30"), ["2021-04-30", "2021-05-30"]),
     # daily with a gap: the most common step
     (_dates("2024-01-01", "2024-01-02", "2024-01-04", "2024-01-05"), ["2024-01-06", "2024-01-07"]),
 ])
@@ -125,9 +128,14 @@ def test_future_times_continue_each_series_own_step(times, want):
 @pytest.mark.parametrize("freq, m", [
     ("D", 7), ("B", 5), ("h", 24), ("6h", 4), ("min", 60), ("15min", 4), ("W-SUN", 52),
     ("2W", 26), ("MS", 12), ("2MS", 6), ("ME", 12), ("BME", 12), ("BMS", 12), ("QS-JAN", 4),
-    ("YS-JAN", 1), ("YE-DEC", 1), ("2D", 1), ("744h", 12), ("168h", 52), ("24h", 7)])
+    ("YS-JAN", 1), ("YE-DEC", 1), ("2D", 1), ("744h", 12), ("168h", 52), ("24h", 7), ("ms", 1)])
 def test_season_from_freq(freq, m):
   assert ts.season_from_freq(freq) == m
+
+
+def test_a_month_is_a_nominal_month_long():
+  assert ts.step_days("MS") == ts.step_days("ME") == pytest.approx(365 / 12)
+  assert ts.step_days("2MS") == pytest.approx(365 / 6) and ts.step_days("W-SUN") == 7
 
 
 def test_timezones_are_kept_and_changing_offsets_read_as_utc(tmp_path):
@@ -145,6 +153,20 @@ def test_timezones_are_kept_and_changing_offsets_read_as_utc(tmp_path):
   p = load(src, time_column="date", target="y")
   assert str(p.tz) == "UTC" and p.season_length == 7
   assert str(p.series[0].time[-1])[:16] == "2021-04-07T22:00"
+  # Hourly in a named zone, into the end of summer time: every hour once, in UTC steps.
+  hours = pd.date_range("2024-10-26 12:00", periods=14, freq="h", tz="Europe/Berlin")
+  p = ts.panel_from_frame(pd.DataFrame({"date": hours, "y": 1.0}), time_column="date",
+                          targets=["y"])
+  future = ts.future_times(p.series[0].time, 4, p.freq, p.tz)
+  assert p.freq == "h" and (np.diff(future) == np.timedelta64(1, "h")).all()
+  assert future[0] - p.series[0].time[-1] == np.timedelta64(1, "h")
+  # Daily in a named zone across the switch: local midnight every day.
+  days = pd.date_range("2024-10-20", periods=7, freq="D", tz="Europe/Berlin")
+  p = ts.panel_from_frame(pd.DataFrame({"date": days, "y": 1.0}), time_column="date",
+                          targets=["y"])
+  future = pd.DatetimeIndex(ts.future_times(p.series[0].time, 2, p.freq, p.tz))
+  assert [t.isoformat() for t in future.tz_localize("UTC").tz_convert(p.tz)] == [
+      "2024-10-27T00:00:00+02:00", "2024-10-28T00:00:00+01:00"]
 
 
 def test_a_panel_needs_one_sampling_step_and_forecast_data_the_trained_one(tmp_path):
@@ -163,6 +185,9 @@ def test_a_panel_needs_one_sampling_step_and_forecast_data_the_trained_one(tmp_p
     load(daily, time_column="date", target="y", freq="W-SUN")
   with pytest.raises(UserError, match="is dates but the model was trained on numbers"):
     load(daily, time_column="date", target="y", freq=1.0)
+  one = ts.panel_from_frame(pd.DataFrame({"date": ["2024-01-01"], "y": [1.0]}),
+                            time_column="date", targets=["y"], freq="MS")
+  assert one.freq == "MS"  # a single timestamp has no step to disagree with
 
 
 def test_calendar_features_are_fourier_terms_of_the_year_phase():
@@ -186,6 +211,9 @@ def test_scaling_round_trips_and_fits_observed_values_only(rng, method):
     assert abs(np.nanmean(np.abs(z[:, 1])) - 1) < 1e-12
   const = ts.fit_scale(np.ones((4, 1)), method)
   assert const[0]["scale"] == 1.0
+  if method != "none":
+    with pytest.raises(UserError, match="too large to scale"):
+      ts.fit_scale(np.array([[1e308], [1e308], [-1e308]]), method)
 
 
 @pytest.mark.parametrize("name", ["sqrt", "log1p"])

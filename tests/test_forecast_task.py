@@ -2,6 +2,8 @@
 lines with baselines, exact resume), panels with covariates, multivariate sources,
 gru_tpu.load(...).forecast and bad input."""
 
+import json
+
 import jax
 import numpy as np
 import pandas as pd
@@ -97,7 +99,7 @@ def test_engine_end_to_end_beats_naive_and_reports_baselines(tmp_path):
   assert mid["date"].tolist() == [pd.Timestamp("2008-05-15"), pd.Timestamp("2008-06-15")]
   weekly = first.assign(date=pd.date_range("2000-01-02", periods=100, freq="W-SUN"))
   with pytest.raises(UserError, match=r"sampled every 7 day\(s\) \(W-SUN\) but the model was "
-                                      r"trained on data sampled every 28 day\(s\) \(MS\)"):
+                                      r"trained on data sampled every 30.4 day\(s\) \(MS\)"):
     m.forecast(weekly, 2)
   with pytest.raises(UserError, match="at most 6 steps"):
     m.forecast(hist, 7)
@@ -265,3 +267,13 @@ def test_lags_from_config():
     task_for(seasonal_frame(), **{"data.lags": "1,x"})
   with pytest.raises(UserError, match="integers >= 1"):
     task_for(seasonal_frame(), **{"data.lags": "0"})
+
+
+def test_resume_names_what_changed_in_the_data():
+  task = task_for(seasonal_frame())
+  assert task.resume_mismatch(json.loads(json.dumps(task.meta))) is None  # as saved: JSON
+  saved = {**task.meta, "lags": [1, 24], "season_length": 24}  # an older version's reading
+  assert task.resume_mismatch(saved) == (
+      "data gave lags = [1, 24], the data now gives [1, 12] (same frequency 'MS': this "
+      "version reads it as season 12, the checkpoint's as 24)")
+  assert "data gave known = ['price']" in task.resume_mismatch({**task.meta, "known": ["price"]})

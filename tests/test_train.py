@@ -204,9 +204,10 @@ def test_bad_config_override_is_one_clear_line(tmp_path, flag, message):
     ({"batch_size": 0}, r"config.batch_size=0"),
     ({"seq_len": 0}, r"config.seq_len=0"),
     ({"seed": -1}, r"config.seed=-1: expected an integer >= 0"),
+    ({"eval_steps": 0}, r"config.eval_steps=0: expected an integer >= 1"),  # KeyError at eval
     ({"model.num_layers": 0}, r"config.model.num_layers=0"),
     ({"model.cell": "rnn"}, r"config.model.cell='rnn': expected one of gru, lstm, mingru"),
-    ({"model.dtype": "bf16"}, r"config.model.dtype='bf16': expected one of float32, bfloat16"),
+    ({"model.dtype": "bf16"}, r"config.model.dtype='bf16': expected one of float32, bfloat16, float16"),
     ({"model.dropout": 1.5}, r"config.model.dropout=1.5: expected a value in \[0, 1\)"),
     ({"mesh": (("dat", -1), ("model", 1))}, r"expected axes \('data', N\)"),
     ({"mesh": (("data", -1, 1),)}, r"expected axes \('data', N\)"),

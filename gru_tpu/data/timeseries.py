@@ -183,34 +183,53 @@ def _mode(x: np.ndarray):
   return values[counts.argmax()]
 
 
+@dataclasses.dataclass(frozen=True)
+class Months:
+  """A step of whole calendar months on one day of the month, clipped to short months (day 31:
+  month ends), so monthly data on the 15th or the 30th keeps its day; pandas has no alias."""
+  months: int
+  day: int
+
+  def after(self, last, i: int):
+    import pandas as pd
+    first = last.normalize().replace(day=1) + pd.DateOffset(months=i * self.months)
+    return first.replace(day=min(self.day, first.days_in_month)) + (last - last.normalize())
+
+
 def series_step(time: np.ndarray, tz=None):
   """(alias, step) of one series: a pandas offset alias naming its sampling frequency (for the
-  season and the calendar features) and what steps its own timestamps (a pandas offset or
-  Timedelta; a number for numeric time). pandas' inferred frequency if it has one; else whole
-  months when every timestamp falls on the same day of the month (or on month ends), so a series
-  on the 15th or one with a gap keeps its calendar; else the most common step. Datetimes are
-  read on `tz`'s wall clock (UTC if None)."""
+  season and the calendar features) and what steps its own timestamps (a pandas offset, a
+  Timedelta or Months; a number for numeric time). pandas' inferred frequency if it has one;
+  else whole months when every timestamp falls on one day of the month (so a series on the
+  15th, or with a missing month, keeps its calendar); else the most common step. (None, None)
+  for a single timestamp. Datetimes are read on tz's wall clock (UTC if None)."""
   import pandas as pd
   if np.issubdtype(time.dtype, np.number):
-    return (float(np.median(np.diff(time))),) * 2 if len(time) > 1 else (None, None)
+    if len(time) < 2:
+      return None, None
+    diffs = np.diff(time)
+    step = _mode(diffs)  # years with a gap still step by 1; jittery floats: the median
+    step = float(step if np.mean(diffs == step) >= 0.5 else np.median(diffs))
+    return step, step
   idx = _local(time, tz)
   if len(idx) >= 3:
     with warnings.catch_warnings():  # pandas 3 warns that infer_freq will return an offset
       warnings.simplefilter("ignore", DeprecationWarning)
-      freq = pd.infer_freq(idx)
+      try:
+        freq = pd.infer_freq(idx)
+      except ValueError:  # a repeated wall-clock hour (daylight saving ends)
+        freq = None
     freq = getattr(freq, "freqstr", freq)
     if freq:
       return freq, pd.tseries.frequencies.to_offset(freq)
   if len(idx) < 2:
     return None, None
   months = np.diff(idx.year * 12 + idx.month)
-  if (idx - idx.normalize()).nunique() == 1 and months.min() > 0:
+  day = int(idx.day.max())
+  if ((idx - idx.normalize()).nunique() == 1 and months.min() > 0
+      and (idx.day == np.minimum(day, idx.days_in_month)).all()):
     m = int(_mode(months))
-    alias = f"{m if m > 1 else ''}MS"
-    if (idx.day == idx.day[0]).all() and idx.day[0] <= 28:
-      return alias, pd.DateOffset(months=m)
-    if idx.is_month_end.all():
-      return alias.replace("MS", "ME"), pd.offsets.MonthEnd(m)
+    return f"{m if m > 1 else ''}{'ME' if day == 31 else 'MS'}", Months(m, day)
   step = pd.Timedelta(_mode(np.diff(idx.to_numpy("datetime64[ns]"))))
   return pd.tseries.frequencies.to_offset(step).freqstr, step
 
@@ -223,13 +242,14 @@ def _local(time: np.ndarray, tz):
 
 
 def step_days(freq: str | float) -> float:
-  """The nominal length of one step of `freq` in days (its numeric step for numeric time)."""
+  """The nominal length of one step of `freq` in days, averaged over 12 steps (a month is
+  ~30.4; MS and ME agree), or the numeric step for numeric time."""
   import pandas as pd
   if not isinstance(freq, str):
     return float(freq)
   offset = pd.tseries.frequencies.to_offset(freq)
   anchor = pd.Timestamp("2001-01-01") + offset  # anchored offsets (W-SAT, MS) first snap to one
-  return ((anchor + offset) - anchor) / pd.Timedelta(days=1)
+  return ((anchor + 12 * offset) - anchor) / pd.Timedelta(days=12)
 
 
 def season_from_freq(freq: str | float) -> int:
@@ -256,6 +276,8 @@ def season_from_freq(freq: str | float) -> int:
       return 52 // round(weeks)
     m = round(months)
     return 12 // m if m and abs(months - m) < 0.1 * m and 12 % m == 0 and m < 12 else 1
+  if seconds < 1:  # sub-second sampling: no calendar season
+    return 1
   for period in (60, 3600, 86400, 7 * 86400):
     if seconds < period:
       k = period / seconds
@@ -265,8 +287,10 @@ def season_from_freq(freq: str | float) -> int:
 
 def future_times(time: np.ndarray, n: int, freq: str | float, tz=None) -> np.ndarray:
   """The n timestamps after a series' last one, at that series' own step (see series_step;
-  `freq`, the panel's, when it has a single timestamp). Datetimes step on tz's wall clock and
-  come back as UTC instants; integer time stays integer when the step is whole."""
+  `freq`, the panel's, when it has a single timestamp), as UTC instants. Steps of a day or more
+  follow tz's wall clock (daily data stays at local midnight across daylight saving); shorter
+  ones step in UTC, where every hour exists once. Integer time stays integer when the step is
+  whole."""
   import pandas as pd
   _, step = series_step(time, tz)
   if step is None:
@@ -276,20 +300,26 @@ def future_times(time: np.ndarray, n: int, freq: str | float, tz=None) -> np.nda
     out = time[-1] + step * k
     return out.astype(np.int64) if np.issubdtype(time.dtype, np.integer) and step == int(step) \
         else out.astype(np.float64)
+  if (tz is not None and isinstance(step, (pd.Timedelta, pd.offsets.Tick))
+      and pd.Timedelta(step) < pd.Timedelta(days=1)):
+    tz, step = None, series_step(time)[1] or step  # hours: in UTC
   last = _local(time[-1:], tz)[0]
-  local = pd.DatetimeIndex([last + i * step for i in k])  # i·step from `last`: no drift, no snap
+  # i·step from `last`: no drift, no snapping to an offset's anchor
+  local = pd.DatetimeIndex([step.after(last, i) if isinstance(step, Months) else last + i * step
+                            for i in k])
   if tz is not None:
     local = local.tz_localize(tz, ambiguous=np.zeros(n, bool), nonexistent="shift_forward")
     local = local.tz_convert(None)
   return local.to_numpy("datetime64[ns]")
 
 
-def _infer_freq(series: list[Series], tz, label) -> str | float:
-  """The panel's frequency: its longest series'; every other series must step about as often."""
+def _infer_freq(series: list[Series], tz, label) -> str | float | None:
+  """The panel's frequency: its longest series' (None when it has one timestamp); every other
+  series must step about as often."""
   longest = max(series, key=lambda s: len(s.time))
   freq = series_step(longest.time, tz)[0]
   if freq is None:
-    return 1.0 if np.issubdtype(longest.time.dtype, np.number) else "D"
+    return None
   for s in series:
     own = series_step(s.time, tz)[0]
     if own is not None and not 0.9 <= step_days(own) / step_days(freq) <= 1.1:
@@ -300,7 +330,7 @@ def _infer_freq(series: list[Series], tz, label) -> str | float:
 
 
 def _every(freq: str | float) -> str:
-  return f"{freq:g}" if not isinstance(freq, str) else f"{step_days(freq):g} day(s) ({freq})"
+  return f"{freq:g}" if not isinstance(freq, str) else f"{step_days(freq):.3g} day(s) ({freq})"
 
 
 def panel_from_frame(df, *, time_column: str, targets: list[str], id_column: str | None = None,
@@ -360,17 +390,17 @@ def panel_from_frame(df, *, time_column: str, targets: list[str], id_column: str
     series.append(Series(sid, t, y, kn_all[rows], pa_all[rows]))
   label = lambda s: f"{name}: series {s.id!r}" if id_column else name
   own = _infer_freq(series, tz, label)
+  dates = np.issubdtype(series[0].time.dtype, np.datetime64)
   if freq is not None:
-    dates = np.issubdtype(series[0].time.dtype, np.datetime64)
     if dates != isinstance(freq, str):
       raise UserError(f"{name}: time column {time_column!r} is "
                       f"{'dates' if dates else 'numbers'} but the model was trained on "
                       f"{'dates' if isinstance(freq, str) else 'numbers'}")
-    if not 0.9 <= step_days(own) / step_days(freq) <= 1.1:
+    if own is not None and not 0.9 <= step_days(own) / step_days(freq) <= 1.1:
       raise UserError(f"{name} is sampled every {_every(own)} but the model was trained on "
                       f"data sampled every {_every(freq)}; resample it to that step")
   else:
-    freq = own
+    freq = own if own is not None else ("D" if dates else 1.0)  # one timestamp: no step
   return Panel(name, series, time_column, list(targets), known, past, id_column, freq,
                season_length or season_from_freq(freq), tz)
 
@@ -450,19 +480,18 @@ def fit_scale(x_TxC: np.ndarray, method: str, what: str = "values") -> list[dict
   out = []
   for c in range(x_TxC.shape[1]):
     v = x_TxC[:, c][~np.isnan(x_TxC[:, c])]
-    if method == "standard":
-      with np.errstate(over="ignore"):
-        loc, scale = (float(v.mean()), float(v.std())) if len(v) else (0.0, 1.0)
-      if not np.isfinite(scale):
-        raise UserError(f"{what} (column {c}): values up to {np.abs(v).max():g} are too large "
-                        f"to scale (their variance overflows); rescale the column")
-    elif method == "mean_abs":
-      loc, scale = 0.0, float(np.abs(v).mean()) if len(v) else 1.0
-    elif method == "none":
-      loc, scale = 0.0, 1.0
-    else:
+    if method not in ("standard", "mean_abs", "none"):
       raise UserError(f"config.data.scaling={method!r}: expected 'standard', 'mean_abs' or "
                       f"'none'")
+    loc, scale = 0.0, 1.0
+    with np.errstate(over="ignore"):
+      if method == "standard" and len(v):
+        loc, scale = float(v.mean()), float(v.std())
+      elif method == "mean_abs" and len(v):
+        scale = float(np.abs(v).mean())
+    if not (np.isfinite(loc) and np.isfinite(scale)):
+      raise UserError(f"{what} (column {c}): values up to {np.abs(v).max():g} are too large "
+                      f"to scale (their {method} statistics overflow); rescale the column")
     out.append({"loc": loc, "scale": scale if scale > 1e-8 else 1.0})
   return out
 
