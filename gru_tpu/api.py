@@ -124,11 +124,13 @@ class TextModel(Loaded):
     graphdef, state = nnx.split(self.model)
     carry, logits = lm.prime_jit(graphdef, state, jnp.asarray(ids))
     key = jax.random.key(seed)
+    decoders = [self.tokenizer.stream_decoder() for _ in range(num_samples)]
     for start in range(0, length, chunk):
       n = min(chunk, length - start)
       carry, logits, toks = lm.advance_jit(graphdef, state, carry, logits, key, start, n,
                                            float(temperature), top_k, top_p)
-      yield [self.tokenizer.decode(t) for t in np.asarray(toks)]
+      # Stateful per sample: a byte model's character may span two chunks.
+      yield [d(t, final=start + n == length) for d, t in zip(decoders, np.asarray(toks))]
 
   def generate(self, prompt: str, length: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
@@ -286,6 +288,8 @@ def main(argv: list[str]) -> int:
   p.add_argument("--num_samples", type=int, default=1)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   a = p.parse_args(argv)
+  # A prompt from a non-UTF-8 terminal holds surrogate escapes, which no encoder accepts.
+  a.prompt = os.fsencode(a.prompt).decode("utf-8", errors="replace")
   try:
     m = load(a.workdir, a.step)
     if not isinstance(m, TextModel):

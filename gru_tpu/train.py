@@ -158,6 +158,13 @@ def _check_batch(config, mesh) -> None:
   if (B // config.grad_accum) % data:
     raise UserError(f"config.batch_size / config.grad_accum = {B // config.grad_accum} is not "
                     f"divisible by the data-parallel size {data}")
+  if data % jax.process_count():
+    # Each process loads its own rows of the batch; a data axis that does not span the
+    # processes would silently give each its own, different batch.
+    model = max(1, mesh.devices.size // jax.process_count())
+    raise UserError(f"the mesh's 'data' axis ({data}) is not a multiple of the number of "
+                    f"processes ({jax.process_count()}); put more devices on 'data', e.g. "
+                    f"config.mesh=(('data', -1), ('model', {model}))")
 
 
 def _check_compatible(saved_meta: dict, config, task, step: int, directory: epath.Path) -> None:

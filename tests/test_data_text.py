@@ -18,6 +18,23 @@ def test_tiny_shakespeare_split_matches_tfds():
   assert c.train + c.validation + c.test == SHAKESPEARE.read_bytes()
 
 
+def test_split_never_cuts_a_utf8_character():
+  data = "привет мир\n".encode() * 101  # 2-byte characters: byte cut points land inside one
+  c = text.split_90_5_5("x", data)
+  assert c.train + c.validation + c.test == data
+  for part in (c.train, c.validation, c.test):
+    part.decode("utf-8")  # raised UnicodeDecodeError before
+  assert len(c.train) in (int(0.9 * len(data)), int(0.9 * len(data)) + 1)
+
+
+def test_byte_stream_decoding_joins_characters_split_across_pieces():
+  ids = text.ByteTokenizer().encode("aé€b")  # é: 2 bytes, €: 3
+  decode = text.ByteTokenizer().stream_decoder()
+  pieces = [decode(ids[i:i + 2], final=i + 2 >= len(ids)) for i in range(0, len(ids), 2)]
+  assert "".join(pieces) == "aé€b" and "\ufffd" not in "".join(pieces)
+  assert text.ByteTokenizer().stream_decoder()(ids[:2], final=True) == "a\ufffd"  # cut, flushed
+
+
 def test_pystdlib_is_split_by_file_and_deterministic():
   a, b = text.load_corpus("pystdlib"), text.load_corpus("pystdlib")
   assert a == b

@@ -76,6 +76,13 @@ def test_bad_sampling_arguments(workdir, tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_sample_cli_takes_a_prompt_from_a_non_utf8_terminal(workdir, capsys):
+  from gru_tpu import api
+  assert api.main(["--workdir", str(workdir), "--prompt", "caf\udce9", "--length", "3"]) == 0
+  out = capsys.readouterr()
+  assert out.out.startswith("caf\ufffd") and "\ufffd'" in out.err.splitlines()[-1]
+
+
 def test_sample_cli(workdir, tmp_path):
   run = lambda *a: subprocess.run([sys.executable, "-m", "gru_tpu.cli", "sample", *a],
                                   capture_output=True, text=True, timeout=300)

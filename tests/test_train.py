@@ -244,6 +244,16 @@ def test_help_presets_and_stray_arguments_on_the_command_line(tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_data_axis_that_does_not_span_the_processes_is_refused(monkeypatch):
+  """Each process loads its own rows: with 'data' smaller than the process count, every
+  process trained on its own batch and logged its own loss (data 1 × model 8 on 2 × 4)."""
+  mesh = jax.make_mesh((1,), ("data",))
+  monkeypatch.setattr(train.jax, "process_count", lambda: 2)
+  with pytest.raises(UserError, match=r"'data' axis \(1\) is not a multiple of the number of "
+                                      r"processes \(2\)"):
+    train._check_batch(tiny(), mesh)
+
+
 def test_workdir_that_is_a_file_is_refused(tmp_path):
   (tmp_path / "f").write_text("mine")
   with pytest.raises(UserError, match="is a file; give a directory"):

@@ -18,9 +18,11 @@ tokenizer takes them as they are.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +46,19 @@ class Corpus:
 
 
 def split_90_5_5(name: str, data: bytes) -> Corpus:
-  """TFDS tiny_shakespeare's split: the first 90 % train, the rest halved into validation, test."""
-  n_train = int(0.9 * len(data))
-  n_val = (len(data) - n_train) // 2
+  """TFDS tiny_shakespeare's split: the first 90 % train, the rest halved into validation, test.
+
+  A cut that lands inside a UTF-8 character moves to its end (ASCII text splits as TFDS's)."""
+  n_train = _char_end(data, int(0.9 * len(data)))
+  n_val = _char_end(data, n_train + (len(data) - n_train) // 2) - n_train
   return Corpus(name, data[:n_train], data[n_train:n_train + n_val], data[n_train + n_val:])
+
+
+def _char_end(data: bytes, i: int) -> int:
+  """i moved past UTF-8 continuation bytes (0b10xxxxxx), so no character is split in two."""
+  while i < len(data) and data[i] & 0xC0 == 0x80:
+    i += 1
+  return i
 
 
 def _pystdlib() -> Corpus:
@@ -166,6 +177,13 @@ class ByteTokenizer:
   def decode(self, ids) -> str:
     return bytes(np.asarray(ids, np.uint8).tolist()).decode("utf-8", errors="replace")
 
+  def stream_decoder(self) -> Callable[..., str]:
+    """decode for consecutive pieces of one text: a character whose bytes span two pieces
+    comes out whole, not as two replacement characters (final=True flushes)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return lambda ids, final=False: decoder.decode(bytes(np.asarray(ids, np.uint8).tolist()),
+                                                   final)
+
   def to_json(self) -> dict:
     return {"kind": "byte"}
 
@@ -196,6 +214,9 @@ class CharTokenizer:
 
   def decode(self, ids) -> str:
     return "".join(self.chars[i] if i else "\ufffd" for i in np.asarray(ids).tolist())
+
+  def stream_decoder(self) -> Callable[..., str]:
+    return lambda ids, final=False: self.decode(ids)  # one token, one character
 
   def to_json(self) -> dict:
     return {"kind": "char", "chars": self.chars[1:]}
