@@ -202,7 +202,7 @@ def load(workdir: str | os.PathLike, step: int | None = None) -> Loaded:
   workdir = epath.Path(os.path.expanduser(os.fspath(workdir)))
   if not (workdir / "checkpoints").is_dir():
     raise CheckpointError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
-                    f"{workdir} ...)")
+                          f"{workdir} ...)")
   ckpt = Checkpointer(workdir, async_save=False, create=False)
   steps = ckpt.steps()
   if not steps:

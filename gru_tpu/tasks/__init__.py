@@ -12,7 +12,9 @@ sample_text(model, step) -> str (logged at each eval), and evaluate(model, split
 task-level evaluation (e.g. forecasts against baselines), merged into every eval line with
 split "eval" and written once more on split "test" after the last step; model_metadata(model)
 -> dict: JSON that depends on the parameters (e.g. the forecast task's interval calibration),
-merged into metadata() for each checkpoint from the parameters saved in it.
+merged into metadata() for each checkpoint from the parameters saved in it;
+resume_mismatch(saved metadata) -> str | None: why a checkpoint cannot resume this run although
+its config matches (the data now gives another vocabulary or other features).
 """
 
 import jax.numpy as jnp

@@ -326,9 +326,9 @@ class ForecastTask:
     for key in ("targets", "known", "past", "id_column", "lags", "cycles", "calendar_terms"):
       if key in saved and saved[key] != self.meta[key]:
         why = ""
-        if key in ("lags", "cycles") and saved.get("freq") == self.meta["freq"]:
-          # Same data, read by another gru_tpu version: the season (the default lags) and the
-          # calendar cycles come from the sampling frequency, whose reading was fixed.
+        if key == "lags" and saved.get("freq") == self.meta["freq"]:
+          # Same data, read by another gru_tpu version: the default lags come from the season
+          # that the sampling frequency gives, whose reading was fixed.
           why = (f" (same frequency {self.meta['freq']!r}: this version reads it as season "
                  f"{self.season}, the checkpoint's as {saved.get('season_length')})")
         return f"data gave {key} = {saved[key]!r}, the data now gives {self.meta[key]!r}{why}"
