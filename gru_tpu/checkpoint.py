@@ -85,11 +85,17 @@ def _quiet_failed_reads() -> None:
     return
 
   def quiet(u):
-    if getattr(u.object, "__name__", "") != "_read_array_index_and_device_put":
-      hook(u)
+    if getattr(u.object, "__name__", "") == "_read_array_index_and_device_put":
+      return
+    if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+      return  # one of those reads finishing after orbax closed its event loop
+    hook(u)
 
   quiet.drops_failed_reads = True
   sys.unraisablehook = quiet
+  # The same reads, collected by asyncio instead: "Task exception was never retrieved".
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not record.getMessage().startswith("Task exception was never retrieved"))
 
 
 def is_uri(path: str | PathLike) -> bool:
