@@ -25,7 +25,7 @@ from etils import epath
 from flax import nnx
 
 from gru_tpu import train
-from gru_tpu.checkpoint import Checkpointer
+from gru_tpu.checkpoint import Checkpointer, workdir_path
 from gru_tpu.data import text
 from gru_tpu.data import timeseries as ts
 from gru_tpu.errors import CheckpointError, UserError
@@ -199,7 +199,7 @@ TASKS = {"text": TextModel, "forecast": ForecastModel, "synthetic": SyntheticMod
 def load(workdir: str | os.PathLike, step: int | None = None) -> Loaded:
   """The checkpoint at `step` (default: the latest complete one) as the task's Loaded class,
   on this process's first device. `workdir`: a local path or a gs:// URI."""
-  workdir = epath.Path(os.path.expanduser(os.fspath(workdir)))
+  workdir = workdir_path(workdir)
   if not (workdir / "checkpoints").is_dir():
     raise CheckpointError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
                           f"{workdir} ...)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 import re
 import sys
 from os import PathLike
@@ -101,6 +102,12 @@ def _quiet_failed_reads() -> None:
 def is_uri(path: str | PathLike) -> bool:
   """gs://bucket/... and the like, as opposed to a local path."""
   return "://" in str(path)
+
+
+def workdir_path(workdir: str | PathLike) -> epath.Path:
+  """A run directory as given: a gs:// URI, or a local path with `~` expanded (the shell does
+  not expand it after --workdir=)."""
+  return epath.Path(os.path.expanduser(os.fspath(workdir)))
 
 
 def _installed(module: str) -> bool:

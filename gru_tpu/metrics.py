@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 from etils import epath
 
-from gru_tpu.checkpoint import is_uri
+from gru_tpu.checkpoint import is_uri, workdir_path
 
 
 class MetricsWriter:
@@ -81,7 +81,7 @@ def _drop_partial_line(path: Path) -> None:
 
 def read_metrics(workdir: str | PathLike) -> list[dict]:
   """The rows of metrics.jsonl ([] if there is none); a half-written last row is left out."""
-  path = epath.Path(workdir) / "metrics.jsonl"
+  path = workdir_path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
   data = path.read_text()

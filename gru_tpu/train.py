@@ -37,11 +37,12 @@ from etils import epath
 from flax import nnx
 
 from gru_tpu import sharding
-from gru_tpu.checkpoint import Checkpointer
+from gru_tpu.checkpoint import Checkpointer, workdir_path
 from gru_tpu.errors import CheckpointError, UserError
 from gru_tpu.metrics import MetricsWriter
 from gru_tpu.models import compiler_options
 from gru_tpu.models.gru import IMPLS
+from gru_tpu.models.lm import CELLS
 
 log = logging.getLogger("gru_tpu")
 
@@ -125,11 +126,11 @@ def _state_shardings(abstract_state: dict, mesh, strategy: str) -> dict:
 
 def check_engine_config(config) -> None:
   """The engine's own keys: one UserError naming the first bad one, before anything runs."""
-  positive = ["batch_size", "num_steps", "grad_accum", "log_every", "eval_every",
+  positive = ["batch_size", "seq_len", "num_steps", "grad_accum", "log_every", "eval_every",
               "checkpoint_every", "keep_checkpoints", "eval_steps", "model.hidden",
-              "model.num_layers"]
+              "model.num_layers", "model.unroll"]
   nonneg = ["seed", "profile_start", "profile_steps"]
-  for keys, low in ((positive + ["seq_len", "model.unroll"], 1), (nonneg, 0)):
+  for keys, low in ((positive, 1), (nonneg, 0)):
     for key in keys:
       value = config
       for part in key.split("."):
@@ -141,7 +142,7 @@ def check_engine_config(config) -> None:
   for key in ("dropout", "recurrent_dropout"):
     if not 0 <= m.get(key, 0.0) < 1:
       raise UserError(f"config.model.{key}={m.get(key)!r}: expected a value in [0, 1)")
-  for key, allowed in (("cell", ("gru", "lstm", "mingru")), ("impl", IMPLS),
+  for key, allowed in (("cell", tuple(CELLS)), ("impl", IMPLS),
                        ("dtype", ("float32", "bfloat16", "float16"))):
     if key in m and m[key] not in allowed:
       raise UserError(f"config.model.{key}={m[key]!r}: expected one of {', '.join(allowed)}")
@@ -245,9 +246,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   Stops early, with a checkpoint at the current step, when `preemption` says so (the CLI's
   listens for SIGTERM; several processes always agree through JAX's preemption service).
   """
-  workdir = epath.Path(os.path.expanduser(os.fspath(workdir)))  # local (--workdir=~/x too) or gs://
+  workdir = workdir_path(workdir)  # local or gs://
   preemption = preemption or Preemption()
-  check_engine_config(config)
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir {workdir} is a file; give a directory (new or a run's)")
   _check_shared(workdir)
