@@ -35,7 +35,8 @@ from gru_tpu.kernels import gru as kernel
 
 config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
 flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5e:4x4, v6e:2x4, v4:2x2x2")
-flags.DEFINE_integer("num_slices", 1, "slices of that topology joined over DCN (multi-slice)")
+flags.DEFINE_integer("num_slices", 1, "slices of that topology joined over DCN (multi-slice)",
+                     lower_bound=1)
 flags.DEFINE_bool("compare_impls", False, "compile with config.model.impl=scan and =pallas and "
                   "print HBM traffic and roofline step times per TPU generation for both")
 FLAGS = flags.FLAGS
@@ -361,8 +362,13 @@ def _main(argv) -> int:
     raise UserError("--config configs/NAME.py[:arg] is required")
   # v4/v5p pair two TensorCores per chip; meshes want one device per chip ("megacore").
   megacore = FLAGS.topology.split(":")[0] in ("v4", "v5p")
-  topo = topologies.get_topology_desc(FLAGS.topology, "tpu", num_slices=FLAGS.num_slices,
-                                      **({"chip_config_name": "megacore"} if megacore else {}))
+  try:
+    topo = topologies.get_topology_desc(FLAGS.topology, "tpu", num_slices=FLAGS.num_slices,
+                                        **({"chip_config_name": "megacore"} if megacore else {}))
+  except jax.errors.JaxRuntimeError as e:  # libtpu's message names the bad part
+    raise UserError(f"--topology {FLAGS.topology} (x{FLAGS.num_slices} slices): "
+                    f"{str(e).splitlines()[0]}; give one such as v5e:2x2, v6e:2x4 or v4:2x2x1"
+                    ) from None
   devices = np.asarray(topo.devices)
   mesh = sharding.make_mesh(config.mesh, devices=list(devices.flat))
   if FLAGS.compare_impls:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from gru_tpu import bench
 
 
@@ -16,3 +18,13 @@ def test_quick_bench_runs_the_same_function_in_all_three(tmp_path):
     assert shape[impl]["train_tok_s"] > 0 and shape[impl]["fwd_tok_s"] > 0
   # Remat keeps only chunk-boundary carries: even at this tiny size it must save memory.
   assert r["remat"]["memory_cut"] > 1.5
+
+
+@pytest.mark.parametrize("where,message", [
+    ("{tmp}", "is a directory; give a file name"),
+    ("{tmp}/missing/bench.json", "its directory does not exist"),
+])
+def test_a_bad_json_path_is_refused_before_timing(tmp_path, capsys, where, message):
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--quick", "--json", where.format(tmp=tmp_path)])
+  assert e.value.code == 2 and message in capsys.readouterr().err

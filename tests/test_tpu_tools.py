@@ -58,6 +58,16 @@ def test_aot_compile_with_fsdp_sharding():
   assert "sharding fsdp" in r.stdout and "HLO checks: ok" in r.stdout
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--topology", "v9z:2x2"], "--topology v9z:2x2 (x1 slices): INVALID_ARGUMENT: Invalid TPU"),
+    (["--config.model.hiden=8"], "unknown config key 'hiden' (did you mean 'hidden'?)"),
+])
+def test_aot_compile_bad_input_is_one_line(args, message):
+  r = aot(*args)
+  assert r.returncode == 2 and message in r.stderr, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr
+
+
 def test_hlo_checks_can_fail():
   sys.path.insert(0, str(ROOT / "scripts"))
   import aot_compile

@@ -1,6 +1,7 @@
 """The training engine on the synthetic task: files, learning, exact resume, meshes, bad input,
 and loading what a sharded or multi-process run wrote onto this process's one device."""
 
+import errno
 import json
 import os
 import shutil
@@ -259,6 +260,40 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
   with pytest.raises(UserError, match="is a file; give a directory"):
     train.train_and_evaluate(tiny(), tmp_path / "f")
   assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_an_unwritable_workdir_is_one_clear_error(tmp_path, monkeypatch):
+  """A read-only filesystem (simulated: the tests may run as root, whom chmod does not stop)."""
+  def read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system")
+
+  monkeypatch.setattr(train, "Checkpointer", read_only)
+  with pytest.raises(UserError, match=r"cannot write there \(Read-only file system\); use a "
+                                      r"writable directory. Nothing was changed."):
+    train.train_and_evaluate(tiny(), tmp_path / "run")
+
+
+def test_a_full_disk_mid_run_is_one_line_that_says_how_to_resume(tmp_path, monkeypatch, capsys):
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(train, "train_and_evaluate", full)
+  assert train.main(["--config", f"{CONFIG}:size=tiny", "--workdir", str(tmp_path)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "No space left on device" in err
+  assert "run the same command to resume from the last checkpoint" in err
+
+
+def test_a_workdir_under_home_is_expanded(tmp_path, monkeypatch):
+  """`--workdir=~/run` (quoted, or after `=`, the shell leaves the ~): a run, its metrics and
+  gru_tpu.load all go to $HOME/run, not to a directory named "~"."""
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.chdir(tmp_path)
+  train.train_and_evaluate(tiny(num_steps=2, eval_every=2, checkpoint_every=2), "~/run")
+  assert not (tmp_path / "~").exists()
+  assert (tmp_path / "run" / "metrics.jsonl").exists()
+  assert sorted(losses("~/run")) == [1, 2]
+  assert gru_tpu.load("~/run").step == 2
 
 
 def test_a_failing_metrics_flush_does_not_replace_the_error(tmp_path, monkeypatch):
