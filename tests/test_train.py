@@ -111,6 +111,35 @@ def test_same_losses_on_1_device_8_data_and_4x2_data_model(tmp_path):
                              rtol=2e-5)
 
 
+def test_lstm_and_mingru_train_the_same_on_one_device_and_sharded(tmp_path):
+  """The other cells through the engine: tensor parallelism splits their 4H (LSTM) and 2H
+  (MinGRU) gate dimensions, and fsdp their weights, without changing a loss."""
+  cells = ("lstm", "mingru")
+  overrides = dict(num_steps=3, log_every=1, checkpoint_every=3, eval_every=3)
+  driver = (
+      "import sys; sys.path.insert(0, sys.argv[1]); import synthetic; from gru_tpu import train\n"
+      "for cell in sys.argv[3:]:\n"
+      "  c = synthetic.get_config('size=tiny')\n"
+      f"  c.update_from_flattened_dict({overrides!r})\n"
+      "  c.model.cell, c.sharding, c.mesh = cell, 'fsdp', (('data', 4), ('model', 2))\n"
+      "  train.train_and_evaluate(c, sys.argv[2] + '/' + cell)\n")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", driver, str(Path(CONFIG).parent),
+                      str(tmp_path / "sharded"), *cells],
+                     capture_output=True, text=True, env=env, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  first = {}
+  for cell in cells:
+    train.train_and_evaluate(tiny(**overrides, **{"model.cell": cell}), tmp_path / cell)
+    one, sharded = losses(tmp_path / cell), losses(tmp_path / "sharded" / cell)
+    assert sorted(one) == sorted(sharded) == [1, 2, 3]
+    np.testing.assert_allclose([sharded[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)],
+                               rtol=2e-5, err_msg=cell)
+    first[cell] = one[1]
+  assert first["lstm"] != first["mingru"]  # the cell key took effect
+
+
 def loaded_loss(m, split: str, batch_indices) -> float:
   """Mean loss of a loaded synthetic model (eval mode) on the task's global batches."""
   task = SyntheticTask(m.config)
