@@ -10,10 +10,12 @@ split on their gate dimension (3H for a GRU), embeddings and the logits head on 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -111,6 +113,32 @@ def tree_shardings(tree: Any, mesh: Mesh, strategy: str) -> Any:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches are split on their leading (batch) axis over "data", replicated over "model"."""
   return NamedSharding(mesh, P("data"))
+
+
+@functools.lru_cache(maxsize=16)  # read for every batch; a pod's mesh has thousands of devices
+def data_shard(mesh: Mesh, process_index: int | None = None) -> tuple[int, int]:
+  """(index, count): the process loads rows [index·B/count, (index+1)·B/count) of each global
+  batch of B rows.
+
+  A process needs the rows of the 'data' positions its devices hold, whatever the mesh's axis
+  order or the topology's device order: processes holding the same positions (a model axis
+  across hosts, or 'model' written first) are one shard and load the same rows, and a shard's
+  rows go to its positions in sorted order (jax.make_array_from_process_local_data's rule), so
+  the positions need not be contiguous.
+  """
+  axis = mesh.axis_names.index("data")
+  held: dict[int, set] = {}
+  for idx, d in np.ndenumerate(mesh.devices):
+    held.setdefault(d.process_index, set()).add(idx[axis])
+  shards = sorted({frozenset(h) for h in held.values()}, key=min)
+  if len({len(g) for g in shards}) > 1 or sum(map(len, shards)) != mesh.shape["data"]:
+    raise UserError(
+        f"mesh {dict(mesh.shape)}: the processes' devices hold overlapping, unequal parts of "
+        f"the 'data' axis ({sorted(sorted(h) for h in held.values())}), so no split of the "
+        f"batch between processes fits; use config.mesh=(('data', -1), ('model', M)) with M "
+        f"dividing the devices per process")
+  p = jax.process_index() if process_index is None else process_index
+  return shards.index(frozenset(held[p])), len(shards)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -152,20 +152,13 @@ def _check_batch(config, mesh) -> None:
   data = mesh.shape.get("data", 1)
   B = config.batch_size
   for what, n in (("the data-parallel size (mesh axis 'data')", data),
-                  ("the number of processes", jax.process_count()),
                   ("config.grad_accum", config.grad_accum)):
     if n < 1 or B % n:
       raise UserError(f"config.batch_size={B} is not divisible by {what} = {n}; pick a multiple")
   if (B // config.grad_accum) % data:
     raise UserError(f"config.batch_size / config.grad_accum = {B // config.grad_accum} is not "
                     f"divisible by the data-parallel size {data}")
-  if data % jax.process_count():
-    # Each process loads its own rows of the batch; a data axis that does not span the
-    # processes would silently give each its own, different batch.
-    model = max(1, mesh.devices.size // jax.process_count())
-    raise UserError(f"the mesh's 'data' axis ({data}) is not a multiple of the number of "
-                    f"processes ({jax.process_count()}); put more devices on 'data', e.g. "
-                    f"config.mesh=(('data', -1), ('model', {model}))")
+  sharding.data_shard(mesh)  # the processes' devices split 'data' in a way batches can follow
 
 
 def _check_compatible(saved_meta: dict, config, task, step: int, directory: epath.Path) -> None:
@@ -186,10 +179,17 @@ def _check_compatible(saved_meta: dict, config, task, step: int, directory: epat
                     f"--workdir or the original data. Nothing was changed.")
 
 
+def _batches(task, split: str, start: int, mesh):
+  """This process's rows of each global batch (see sharding.data_shard)."""
+  return task.batches(split, start, *sharding.data_shard(mesh))
+
+
 def _to_global(batch: dict, mesh) -> dict:
-  """Each process passes its own rows; the result is one global array sharded on 'data'."""
-  spec = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(spec, np.asarray(v)) for k, v in batch.items()}
+  """Each process passes its shard's rows; the result is one global array sharded on 'data'."""
+  spec, count = sharding.batch_sharding(mesh), sharding.data_shard(mesh)[1]
+  # The global shape is given, not inferred: processes sharing a shard hold the same rows.
+  return {k: jax.make_array_from_process_local_data(
+              spec, np.asarray(v), (len(v) * count, *np.shape(v)[1:])) for k, v in batch.items()}
 
 
 @dataclasses.dataclass
@@ -271,7 +271,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
     state, start = restored
 
   writer = MetricsWriter(workdir)
-  batches = task.batches("train", start, jax.process_index(), jax.process_count())
+  batches = _batches(task, "train", start, mesh)
   evals = []
   pending = None  # metrics are read one step late so the host never stalls the device
   t_last, step_last, compile_logged = time.perf_counter(), start, False
@@ -481,7 +481,7 @@ def _evaluate(config, s: Setup, state, mesh, writer, step: int,
               final: bool = False) -> dict:
   task = s.task
   totals: dict[str, float] = {}
-  batches = task.batches("eval", 0, jax.process_index(), jax.process_count())
+  batches = _batches(task, "eval", 0, mesh)
   for _ in range(config.eval_steps):
     m = jax.device_get(s.eval_step(state, _to_global(next(batches), mesh)))
     for k, v in m.items():

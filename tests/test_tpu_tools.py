@@ -68,6 +68,49 @@ def test_aot_compile_bad_input_is_one_line(args, message):
   assert "Traceback" not in r.stderr
 
 
+def test_each_process_loads_the_rows_its_devices_hold():
+  """sharding.data_shard on real pod layouts, where a host's 'data' positions are scattered
+  (v4) or shared with another host (v5e 8x8 with a model axis of 4)."""
+  import jax
+  import numpy as np
+  from jax.experimental import topologies
+  from jax.sharding import Mesh
+
+  from gru_tpu import sharding
+  from gru_tpu.errors import UserError
+
+  def shards(topology, axes, **kw):
+    devices = list(np.asarray(topologies.get_topology_desc(topology, "tpu", **kw).devices).flat)
+    mesh = sharding.make_mesh(axes, devices=devices)
+    held = {}
+    for idx, d in np.ndenumerate(mesh.devices):
+      held.setdefault(d.process_index, set()).add(idx[mesh.axis_names.index("data")])
+    return mesh, held, {p: sharding.data_shard(mesh, p) for p in held}
+
+  for topology, axes, kw in [("v4:2x2x4", (("data", -1), ("model", 1)), {"chip_config_name":
+                                                                          "megacore"}),
+                             ("v5e:8x8", (("data", -1), ("model", 4)), {}),
+                             ("v5e:4x4", (("model", 2), ("data", -1)), {})]:
+    mesh, held, got = shards(topology, axes, **kw)
+    count = {c for _, c in got.values()}.pop()
+    # The rows of shard i go to its positions in sorted order: every position gets exactly one
+    # block of rows, the same from every process that holds it, and all blocks are used.
+    blocks = {}
+    for p, (i, n) in got.items():
+      per = mesh.shape["data"] // n
+      for j, pos in enumerate(sorted(held[p])):
+        assert blocks.setdefault(pos, i * per + j) == i * per + j, (topology, pos)
+    assert sorted(blocks.values()) == list(range(mesh.shape["data"])), topology
+    assert len({frozenset(h) for h in held.values()}) == count
+  # Hosts whose parts of 'data' overlap without being equal: no split of the batch fits.
+  mesh, _, _ = shards("v5e:4x4", (("data", -1), ("model", 1)))
+  devices = sorted(mesh.devices.flat, key=lambda d: (d.process_index, d.id))
+  odd = Mesh(np.array(devices[1:] + devices[:1]).reshape(8, 2), ("data", "model"))
+  with pytest.raises(UserError, match="overlapping, unequal parts of the 'data' axis"):
+    sharding.data_shard(odd)
+  assert jax.process_count() == 1
+
+
 def test_hlo_checks_can_fail():
   sys.path.insert(0, str(ROOT / "scripts"))
   import aot_compile

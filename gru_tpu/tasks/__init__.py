@@ -3,8 +3,9 @@
 A task module defines `make_task(config)` returning an object with
   build_model(rngs) -> nnx.Module
   loss_fn(model, batch, rng) -> (loss, {metric: scalar})            pure, jit-able
-  batches(split, start_step, process_index, process_count) -> iterator of this process's rows
-                                                                  of each global batch (numpy)
+  batches(split, start_step, shard, num_shards) -> iterator of rows [shard·B/num_shards,
+                          (shard+1)·B/num_shards) of each global batch of B rows (numpy); the
+                          engine passes this process's shard (sharding.data_shard)
   metadata() -> dict                                              JSON, saved with checkpoints
 Batches are a pure function of (seed, split, step) or restartable from a step, so resuming at a
 step continues the exact data order. Optional: finalize_eval(mean metrics) -> metrics,
