@@ -12,7 +12,7 @@ from flax import nnx
 from forecast_data import config, seasonal_frame, task_for
 
 import gru_tpu
-from gru_tpu import train
+from gru_tpu import sharding, train
 from gru_tpu.data import timeseries as ts
 from gru_tpu.errors import UserError
 from gru_tpu.metrics import read_metrics
@@ -277,3 +277,16 @@ def test_resume_names_what_changed_in_the_data():
       "data gave lags = [1, 24], the data now gives [1, 12] (same frequency 'MS': this "
       "version reads it as season 12, the checkpoint's as 24)")
   assert "data gave known = ['price']" in task.resume_mismatch({**task.meta, "known": ["price"]})
+
+
+def test_grad_accumulation_with_no_past_covariates(tmp_path):
+  """The batch's `past` array is (B, T, 0): splitting it into micro-batches divided by zero
+  (every forecast config without past covariates, co2's default included). The micro-batches'
+  mean loss is the full batch's (no missing values here)."""
+  src, mesh, loss = write_csv(tmp_path), sharding.make_mesh((("data", 1),)), {}
+  for accum in (1, 2):
+    s = train.setup(config(src, grad_accum=accum), mesh)
+    batch = train._to_global(next(s.task.batches("train", 0, 0, 1)), mesh)
+    assert batch["past"].shape[-1] == 0
+    loss[accum] = float(s.train_step(s.init(), batch)[1]["loss"])
+  np.testing.assert_allclose(loss[2], loss[1], rtol=1e-5)
