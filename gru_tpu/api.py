@@ -198,42 +198,73 @@ TASKS = {"text": TextModel, "forecast": ForecastModel, "synthetic": SyntheticMod
 
 def load(workdir: str | os.PathLike, step: int | None = None) -> Loaded:
   """The checkpoint at `step` (default: the latest complete one) as the task's Loaded class,
-  on this process's first device. `workdir`: a local path or a gs:// URI."""
+  on this process's first device. `workdir`: a local path or a gs:// URI.
+
+  A run may still be training there and delete old checkpoints (keep_checkpoints) while one is
+  read: the latest is then read again, and an explicit `step` that went away is an error."""
   workdir = workdir_path(workdir)
+  attempts = 3
+  for attempt in range(attempts):
+    try:
+      return _load(workdir, step)
+    except _Removed as e:  # e.step None: the listing raced, so any step is worth a retry
+      if attempt + 1 == attempts or (step is not None and e.step is not None):
+        what = "the checkpoints" if e.step is None else f"checkpoint step {e.step}"
+        raise CheckpointError(f"{what} in {workdir} changed while being loaded, by a run still "
+                              f"training there; load again", step=e.step) from None
+
+
+class _Removed(Exception):
+  """The step being read (None: the step listing) vanished under a running job's cleanup."""
+
+  def __init__(self, step: int | None):
+    self.step = step
+
+
+def _load(workdir: epath.Path, requested: int | None) -> Loaded:
   if not (workdir / "checkpoints").is_dir():
     raise CheckpointError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
                           f"{workdir} ...)")
-  ckpt = Checkpointer(workdir, async_save=False, create=False)
-  steps = ckpt.steps()
-  if not steps:
-    raise CheckpointError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
-                          f"{workdir} ...)")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise CheckpointError(f"{workdir} has no checkpoint at step {step}; it has steps {steps}",
-                          step=step)
   try:
-    meta = ckpt.restore_meta(step)
-    config = ml_collections.ConfigDict(meta["config"])
-    kind = meta["task"].get("task")
-    if kind not in TASKS:
-      raise UserError(f"{workdir} was trained on task {kind!r}; load() supports "
-                      f"{', '.join(TASKS)} checkpoints")
-    cls = TASKS[kind]
-    builder = _ModelOnly(lambda rngs: cls.build(config, meta["task"], rngs))
-    init = functools.partial(train.init_state, builder, train.make_optimizer(config),
-                             config.seed)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          jax.eval_shape(init))
-    state, _ = ckpt.restore(step, target)
-  except FileNotFoundError:  # a run still writing there removed it (keep_checkpoints)
-    raise CheckpointError(f"checkpoint step {step} in {workdir} was removed while it was being "
-                          f"loaded, by a run still training there; load again", step=step) from None
-  except CheckpointError as e:
-    others = [s for s in steps if s != step]
-    hint = f"; other checkpoints: steps {others} (load(..., step=N), --step N)" if others else ""
-    raise CheckpointError(f"{e}{hint}", step=step) from None
+    ckpt = Checkpointer(workdir, async_save=False, create=False)
+  except FileNotFoundError:  # a step was deleted while orbax listed the steps
+    raise _Removed(None) from None
+  step = requested
+  try:
+    steps = ckpt.steps()
+    if not steps:
+      raise CheckpointError(f"{workdir} holds no checkpoint; train first (gru-tpu train "
+                            f"--workdir {workdir} ...)")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise CheckpointError(f"{workdir} has no checkpoint at step {step}; it has steps {steps}",
+                            step=step)
+    try:
+      meta = ckpt.restore_meta(step)
+      config = ml_collections.ConfigDict(meta["config"])
+      kind = meta["task"].get("task")
+      if kind not in TASKS:
+        raise UserError(f"{workdir} was trained on task {kind!r}; load() supports "
+                        f"{', '.join(TASKS)} checkpoints")
+      cls = TASKS[kind]
+      builder = _ModelOnly(lambda rngs: cls.build(config, meta["task"], rngs))
+      init = functools.partial(train.init_state, builder, train.make_optimizer(config),
+                               config.seed)
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            jax.eval_shape(init))
+      state, _ = ckpt.restore(step, target)
+    except (CheckpointError, FileNotFoundError) as e:
+      # Files vanishing mid-read look like corruption: ask the directory, not the error. A
+      # newer step on disk means a run is saving there (and deleting old steps) right now.
+      if not (ckpt.directory / str(step)).exists() or (
+          requested is None and max(ckpt.steps_on_disk(), default=step) > step):
+        raise _Removed(step) from None
+      if isinstance(e, FileNotFoundError):
+        raise
+      others = [s for s in steps if s != step]
+      hint = f"; other checkpoints: steps {others} (load(..., step=N), --step N)" if others else ""
+      raise CheckpointError(f"{e}{hint}", step=step) from None
   finally:
     ckpt.close()
   model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: builder.build_model(nnx.Rngs(0)))),

@@ -289,3 +289,39 @@ def test_metrics_survive_a_row_cut_off_by_a_kill(tmp_path):
   writer.close()
   assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
 
+
+
+def test_loading_while_a_run_deletes_the_step_being_read(base, tmp_path, monkeypatch):
+  """A run still training (keep_checkpoints) deletes the step load() is reading: its files
+  vanish mid-read, which orbax reports like corruption. load() reads the new latest instead;
+  an explicit step that went away is one clear error, not "unreadable (truncated or corrupt)"."""
+  from gru_tpu import checkpoint
+
+  w = tmp_path / "run"
+  shutil.copytree(base, w)
+  real = checkpoint.Checkpointer.restore
+
+  def deleted_while_read(self, step, target):
+    if step == 4 and (w / "checkpoints" / "4").exists():
+      shutil.rmtree(w / "checkpoints" / "4")  # the run's cleanup lands mid-read
+      raise self._unreadable(step, "FileNotFoundError: Checkpoint at .../4 not found.")
+    return real(self, step, target)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore", deleted_while_read)
+  assert gru_tpu.load(w).step == 2  # the latest, read again
+  shutil.rmtree(w)
+  shutil.copytree(base, w)
+  with pytest.raises(CheckpointError, match=r"checkpoint step 4 in .* changed while being "
+                                            r"loaded, by a run still training there; load again"):
+    gru_tpu.load(w, step=4)
+  # Files vanishing while orbax lists the steps.
+  real_init, calls = checkpoint.Checkpointer.__init__, []
+
+  def listing_races(self, *a, **k):
+    calls.append(1)
+    if len(calls) == 1:
+      raise FileNotFoundError("checkpoints/6/_CHECKPOINT_METADATA")
+    real_init(self, *a, **k)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "__init__", listing_races)
+  assert gru_tpu.load(w, step=2).step == 2 and len(calls) == 2
