@@ -199,6 +199,16 @@ def test_dropout_train_vs_eval(rng):
   assert all(bool(jnp.isfinite(v).all()) for v in jax.tree.leaves(g))
 
 
+def test_dropout_with_one_layer_warns_that_it_does_nothing(rng):
+  """As torch.nn.GRU: dropout acts between layers, so one layer ignores it (silently, before)."""
+  with pytest.warns(UserWarning, match=r"GRU: dropout=0.5 has no effect with num_layers=1"):
+    model = GRU(I, H, dropout=0.5, rngs=nnx.Rngs(0))
+  x = jnp.asarray(rng.standard_normal((B, T, I)), jnp.float32)
+  y_train = model(x)[0]
+  model.eval()
+  np.testing.assert_array_equal(y_train, model(x)[0])
+
+
 def test_dropout_rngs_can_come_at_call_time_only(rng):
   model = GRU(I, H, num_layers=2, dropout=0.3, rngs=nnx.Rngs(params=0))  # no dropout stream
   x = jnp.asarray(rng.standard_normal((B, T, I)), jnp.float32)

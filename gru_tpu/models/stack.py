@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -61,6 +62,10 @@ class RecurrentStack(nnx.Module):
     for arg, value in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout)):
       if not 0.0 <= value < 1.0:
         raise ValueError(f"{name}: {arg} must be in [0, 1), got {value!r}")
+    if dropout and num_layers == 1:
+      warnings.warn(f"{name}: dropout={dropout} has no effect with num_layers=1: it acts between "
+                    f"layers, as in torch.nn.GRU; use recurrent_dropout or more layers",
+                    stacklevel=2)
     self.in_features = in_features
     self.hidden_features = hidden_features
     self.num_layers = num_layers
