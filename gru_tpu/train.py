@@ -176,6 +176,13 @@ def _check_compatible(saved_meta: dict, config, task, step: int, directory: epat
           f"{directory} holds a checkpoint (step {step}) from a run with a different "
           f"config.{key} ({saved.get(key)!r} vs now {now.get(key)!r}); use a fresh --workdir or "
           f"the original config. Nothing was changed.")
+  # Allowed, but then the run is not the one a straight run would have been: say so.
+  for key in ("num_steps", "optimizer"):
+    if key in saved and saved[key] != now.get(key):
+      log.warning("config.%s differs from the checkpoint's (%s vs now %s): the learning-rate "
+                  "schedule and optimizer follow the new values from step %d on, so this run "
+                  "will not equal one trained with them from the start", key, saved[key],
+                  now.get(key), step)
   # The same config can build other shapes from other data (a corpus with new characters).
   changed = getattr(task, "resume_mismatch", lambda saved: None)(saved_meta.get("task", {}))
   if changed:
@@ -260,10 +267,16 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   task, step_fn = s.task, s.train_step
   try:
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
-    restored = _restore(ckpt, config, s)
-    if jax.process_index() == 0:
-      workdir.mkdir(parents=True, exist_ok=True)
-      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    try:
+      restored = _restore(ckpt, config, s)
+      if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    except BaseException:
+      # Closed before the error leaves: orbax's signalling thread, left running, sometimes
+      # logged "cannot schedule new futures after interpreter shutdown" under the one line.
+      ckpt.close()
+      raise
   except OSError as e:  # read-only or full filesystem, no permission
     raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e}); use a "
                     f"writable directory. Nothing was changed.") from None

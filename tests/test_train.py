@@ -387,6 +387,22 @@ def snapshot(directory: Path) -> dict:
   return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def test_resuming_with_another_length_or_optimizer_says_it_is_not_exact(tmp_path, monkeypatch):
+  """Raising num_steps to extend a run also stretches the cosine schedule: allowed, not silent."""
+  saved = {"config": json.loads(tiny().to_json_best_effort()), "task": {}}
+  seen = []
+  monkeypatch.setattr(train.log, "warning", lambda msg, *args: seen.append(msg % args))
+  train._check_compatible(saved, tiny(), None, 20, tmp_path)
+  assert seen == []
+  later = tiny(num_steps=60, **{"optimizer.learning_rate": 0.5})
+  train._check_compatible(saved, later, None, 20, tmp_path)
+  assert len(seen) == 2
+  assert seen[0].startswith("config.num_steps differs from the checkpoint's (30 vs now 60): the "
+                            "learning-rate schedule and optimizer follow the new values from "
+                            "step 20 on")
+  assert seen[1].startswith("config.optimizer differs") and "'learning_rate': 0.5" in seen[1]
+
+
 def test_incompatible_workdir_is_refused_untouched(tmp_path):
   train.train_and_evaluate(tiny(num_steps=10), tmp_path)
   before = snapshot(tmp_path / "checkpoints")
