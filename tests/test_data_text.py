@@ -93,7 +93,7 @@ def test_windows_are_seeded_resumable_and_split_across_processes():
   assert sorted(first_epoch.tolist()) == list(range(0, 990, 10))  # each window once per epoch
   resumed = text.window_batches(tokens, start_step=17, **kw)
   np.testing.assert_array_equal(next(resumed), batches[17])
-  halves = [next(text.window_batches(tokens, start_step=5, process_index=p, process_count=2,
+  halves = [next(text.window_batches(tokens, start_step=5, shard=p, num_shards=2,
                                      **kw)) for p in range(2)]
   np.testing.assert_array_equal(np.concatenate(halves), batches[5])
   other_seed = next(text.window_batches(tokens, seq_len=10, batch_size=8, seed=2))

@@ -257,8 +257,8 @@ def test_windows_cover_pad_plus_horizon_and_batches_resume_and_shard():
   first = [next(it)["y"] for _ in range(6)]
   resumed = next(ts.window_batches(store, windows, start_step=5, **kw))["y"]
   np.testing.assert_array_equal(first[5], resumed)
-  halves = [next(ts.window_batches(store, windows, start_step=2, process_index=i,
-                                   process_count=2, **kw))["y"] for i in range(2)]
+  halves = [next(ts.window_batches(store, windows, start_step=2, shard=i,
+                                   num_shards=2, **kw))["y"] for i in range(2)]
   np.testing.assert_array_equal(np.concatenate(halves), first[2])
   other = next(ts.window_batches(store, windows, **dict(kw, seed=4)))["y"]
   assert not np.array_equal(other, first[0])

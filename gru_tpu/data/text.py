@@ -243,9 +243,10 @@ def tokenizer_from_json(meta: dict) -> ByteTokenizer | CharTokenizer:
 
 
 def window_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
-                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                   start_step: int = 0, shard: int = 0, num_shards: int = 1,
                    shuffle: bool = True, split: str = "train"):
-  """This process's rows of global batch start_step, start_step + 1, ... (endless).
+  """Rows [shard·B/num_shards, (shard+1)·B/num_shards) of global batch start_step,
+  start_step + 1, ... (endless); the engine passes this process's shard.
 
   Windows of seq_len + 1 tokens start every seq_len tokens; their order is shuffled with the
   seed, anew each epoch (grain). Batch k is a pure function of (seed, k), so resuming at a step
@@ -257,8 +258,8 @@ def window_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: i
   if n_windows < 1:
     raise UserError(f"config.seq_len={seq_len} is longer than the {split} split "
                     f"({len(tokens)} tokens); lower config.seq_len")
-  rows = batch_size // process_count
-  lo = process_index * rows
+  rows = batch_size // num_shards
+  lo = shard * rows
   offsets = np.arange(seq_len + 1)
   ds = grain.MapDataset.range(n_windows)
   if shuffle:

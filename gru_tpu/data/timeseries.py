@@ -550,9 +550,10 @@ class WindowStore:
 
 
 def window_batches(store: WindowStore, windows: np.ndarray, *, horizon: int, batch_size: int,
-                   seed: int, start_step: int = 0, process_index: int = 0,
-                   process_count: int = 1, shuffle: bool = True):
-  """This process's rows of global batch start_step, start_step + 1, ... (endless).
+                   seed: int, start_step: int = 0, shard: int = 0,
+                   num_shards: int = 1, shuffle: bool = True):
+  """Rows [shard·B/num_shards, (shard+1)·B/num_shards) of global batch start_step,
+  start_step + 1, ... (endless); the engine passes this process's shard.
 
   `windows` is (num_windows, 2) of (series, origin). Their order is shuffled with the seed, anew
   each epoch (grain); batch k is a pure function of (seed, k), so a resumed run continues the
@@ -560,8 +561,8 @@ def window_batches(store: WindowStore, windows: np.ndarray, *, horizon: int, bat
   """
   import grain
 
-  rows = batch_size // process_count
-  lo = process_index * rows
+  rows = batch_size // num_shards
+  lo = shard * rows
   ds = grain.MapDataset.range(len(windows))
   if shuffle:
     ds = ds.shuffle(seed=seed)

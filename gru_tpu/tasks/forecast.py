@@ -308,12 +308,12 @@ class ForecastTask:
   def build_model(self, rngs: nnx.Rngs) -> Forecaster:
     return build_forecaster(self.config, self.meta, rngs)
 
-  def batches(self, split, start_step, process_index, process_count):
+  def batches(self, split, start_step, shard, num_shards):
     c = self.config
     return ts.window_batches(self.store, self.windows["train" if split == "train" else "eval"],
                              horizon=self.horizon, batch_size=c.batch_size, seed=c.seed,
-                             start_step=start_step, process_index=process_index,
-                             process_count=process_count, shuffle=split == "train")
+                             start_step=start_step, shard=shard,
+                             num_shards=num_shards, shuffle=split == "train")
 
   def loss_fn(self, model, batch, rng):
     return model.loss(batch, rngs=nnx.Rngs(dropout=rng))

@@ -40,12 +40,12 @@ class SyntheticTask:
       x[:, t] = np.where(noise[:, t], random_tokens[:, t], (x[:, t - 1] + x[:, t - lag]) % V)
     return x[:, lag:]
 
-  def batches(self, split: str, start_step: int, process_index: int,
-              process_count: int) -> Iterator[dict[str, np.ndarray]]:
-    rows = self.config.batch_size // process_count
+  def batches(self, split: str, start_step: int, shard: int,
+              num_shards: int) -> Iterator[dict[str, np.ndarray]]:
+    rows = self.config.batch_size // num_shards
     step = start_step
     while True:
-      tokens = self.global_batch(split, step)[process_index * rows:(process_index + 1) * rows]
+      tokens = self.global_batch(split, step)[shard * rows:(shard + 1) * rows]
       yield {"tokens": tokens}
       step += 1
 

@@ -46,12 +46,12 @@ class TextTask:
   def build_model(self, rngs: nnx.Rngs) -> SequenceLM:
     return sequence_lm(self.tokenizer.vocab_size, self.config.model, rngs)
 
-  def batches(self, split, start_step, process_index, process_count):
+  def batches(self, split, start_step, shard, num_shards):
     c = self.config
     name = "train" if split == "train" else "validation"
     windows = text.window_batches(
         self.tokens(name), seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed,
-        start_step=start_step, process_index=process_index, process_count=process_count,
+        start_step=start_step, shard=shard, num_shards=num_shards,
         shuffle=split == "train", split=name)
     return ({"tokens": w} for w in windows)
 
