@@ -210,15 +210,16 @@ def load(workdir: str | os.PathLike, step: int | None = None) -> Loaded:
     except _Removed as e:  # e.step None: the listing raced, so any step is worth a retry
       if attempt + 1 == attempts or (step is not None and e.step is not None):
         what = "the checkpoints" if e.step is None else f"checkpoint step {e.step}"
+        now = f"; it now has steps {e.steps}" if e.steps else ""
         raise CheckpointError(f"{what} in {workdir} changed while being loaded, by a run still "
-                              f"training there; load again", step=e.step) from None
+                              f"training there{now}; load again", step=e.step) from None
 
 
 class _Removed(Exception):
   """The step being read (None: the step listing) vanished under a running job's cleanup."""
 
-  def __init__(self, step: int | None):
-    self.step = step
+  def __init__(self, step: int | None, steps: list[int] | None = None):
+    self.step, self.steps = step, steps
 
 
 def _load(workdir: epath.Path, requested: int | None) -> Loaded:
@@ -256,10 +257,12 @@ def _load(workdir: epath.Path, requested: int | None) -> Loaded:
       state, _ = ckpt.restore(step, target)
     except (CheckpointError, FileNotFoundError) as e:
       # Files vanishing mid-read look like corruption: ask the directory, not the error. A
-      # newer step on disk means a run is saving there (and deleting old steps) right now.
+      # newer complete step means a run saved there (and deletes old steps) since the listing;
+      # a cut-off save's leftover directory does not count.
+      ckpt.manager.reload()
       if not (ckpt.directory / str(step)).exists() or (
-          requested is None and max(ckpt.steps_on_disk(), default=step) > step):
-        raise _Removed(step) from None
+          requested is None and max(ckpt.steps(), default=step) > step):
+        raise _Removed(step, ckpt.steps()) from None
       if isinstance(e, FileNotFoundError):
         raise
       others = [s for s in steps if s != step]

@@ -159,7 +159,9 @@ class Checkpointer:
     self.directory = (workdir if self.remote else workdir.absolute()) / "checkpoints"
     # Listed before the manager exists: a writable one removes the leftovers of cut-off saves
     # (locally STEP.orbax-checkpoint-tmp; on GCS a STEP without its commit_success.txt).
-    found = self.steps_on_disk()
+    found = {int(m.group(1)) for p in
+             (self.directory.iterdir() if self.directory.is_dir() else ())
+             if (m := _STEP_DIR.match(p.name))}
     self._saving: int | None = None
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -176,12 +178,6 @@ class Checkpointer:
                   "was cut off mid-write" if create else
                   "is incomplete (cut off mid-write, or still being written)",
                   "none" if latest is None else f"step {latest}")
-
-  def steps_on_disk(self) -> set[int]:
-    """Every step directory, complete or not (being written, cut off, being deleted)."""
-    return {int(m.group(1)) for p in
-            (self.directory.iterdir() if self.directory.is_dir() else ())
-            if (m := _STEP_DIR.match(p.name))}
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

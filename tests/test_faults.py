@@ -312,8 +312,23 @@ def test_loading_while_a_run_deletes_the_step_being_read(base, tmp_path, monkeyp
   shutil.rmtree(w)
   shutil.copytree(base, w)
   with pytest.raises(CheckpointError, match=r"checkpoint step 4 in .* changed while being "
-                                            r"loaded, by a run still training there; load again"):
+                                            r"loaded, by a run still training there; it now has "
+                                            r"steps \[2\]; load again"):
     gru_tpu.load(w, step=4)
+  # Really damaged, beside a cut-off save's leftover (not a newer checkpoint): no retry, and
+  # the error says what it is.
+  shutil.rmtree(w)
+  shutil.copytree(base, w)
+  (w / "checkpoints" / "6.orbax-checkpoint-tmp-1").mkdir()
+
+  def damaged(self, step, target):
+    raise self._unreadable(step, "ValueError: Truncated Zstd-compressed stream")
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore", damaged)
+  with pytest.raises(CheckpointError, match=r"step 4 .* is unreadable \(truncated or corrupt "
+                                            r"files: .*\); other checkpoints: steps \[2\]"):
+    gru_tpu.load(w)
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore", real)
   # Files vanishing while orbax lists the steps.
   real_init, calls = checkpoint.Checkpointer.__init__, []
 
