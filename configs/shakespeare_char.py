@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
   c.data.sample_length = 32 if size == "tiny" else 200
   # tiny_shakespeare is ~1M characters: a 2x512 GRU overfits it within a few epochs, so the
   # presets regularise (measured by scripts/bench_text.py; see the README).
-  c.model.dropout = 0.2
+  c.model.dropout = 0.2 if c.model.num_layers > 1 else 0.0  # it acts between layers
   c.model.recurrent_dropout = 0.0
   c.optimizer.learning_rate = 3e-3
   c.optimizer.warmup_steps = 20

@@ -201,8 +201,9 @@ def test_dropout_train_vs_eval(rng):
 
 def test_dropout_with_one_layer_warns_that_it_does_nothing(rng):
   """As torch.nn.GRU: dropout acts between layers, so one layer ignores it (silently, before)."""
-  with pytest.warns(UserWarning, match=r"GRU: dropout=0.5 has no effect with num_layers=1"):
+  with pytest.warns(UserWarning, match=r"GRU: dropout=0.5 has no effect with num_layers=1") as w:
     model = GRU(I, H, dropout=0.5, rngs=nnx.Rngs(0))
+  assert w[0].filename == __file__  # the user's line, not the library's
   x = jnp.asarray(rng.standard_normal((B, T, I)), jnp.float32)
   y_train = model(x)[0]
   model.eval()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import warnings
 from typing import Any
 
@@ -20,6 +21,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 Carry = Any  # an array (GRU, MinGRU) or a tuple (h, c) (LSTM); leaves shaped (L·D, B, H)
+
+
+def _callers_level() -> int:
+  """The warnings stacklevel of the first frame outside gru_tpu.models and flax (NNX builds a
+  module through its metaclass, and subclasses add __init__ frames): the user's call."""
+  frame, level = sys._getframe(2), 2
+  while frame is not None and frame.f_globals.get("__name__", "").startswith(
+      ("gru_tpu.models", "flax.")):
+    frame, level = frame.f_back, level + 1
+  return level
 
 
 class RecurrentLayer(nnx.Module):
@@ -65,7 +76,7 @@ class RecurrentStack(nnx.Module):
     if dropout and num_layers == 1:
       warnings.warn(f"{name}: dropout={dropout} has no effect with num_layers=1: it acts between "
                     f"layers, as in torch.nn.GRU; use recurrent_dropout or more layers",
-                    stacklevel=2)
+                    stacklevel=_callers_level())
     self.in_features = in_features
     self.hidden_features = hidden_features
     self.num_layers = num_layers
