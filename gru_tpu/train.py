@@ -265,61 +265,60 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   mesh = sharding.make_mesh(config.mesh)
   s = setup(config, mesh)
   task, step_fn = s.task, s.train_step
-  try:
-    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+  # Everything opened here is closed on errors too: in-flight saves finish before a rerun (a
+  # Ctrl-C in a notebook), and orbax's threads do not outlive an early error (they logged
+  # "cannot schedule new futures after interpreter shutdown" under its one line).
+  with contextlib.ExitStack() as cleanup:
     try:
+      ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+      cleanup.callback(ckpt.close)
       restored = _restore(ckpt, config, s)
       if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    except BaseException:
-      # Closed before the error leaves: orbax's signalling thread, left running, sometimes
-      # logged "cannot schedule new futures after interpreter shutdown" under the one line.
-      ckpt.close()
-      raise
-  except OSError as e:  # read-only or full filesystem, no permission
-    raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e}); use a "
-                    f"writable directory. Nothing was changed.") from None
-  if restored is None:
-    # Created inside jit with out_shardings: full parameters never exist on one host.
-    state = jax.jit(s.init, out_shardings=s.state_shardings)()
-    start = 0
-  else:
-    state, start = restored
+    except OSError as e:  # read-only or full filesystem, no permission
+      raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e}); use a "
+                      f"writable directory. Nothing was changed.") from None
+    if restored is None:
+      # Created inside jit with out_shardings: full parameters never exist on one host.
+      state = jax.jit(s.init, out_shardings=s.state_shardings)()
+      start = 0
+    else:
+      state, start = restored
 
-  writer = MetricsWriter(workdir)
-  batches = _batches(task, "train", start, mesh)
-  evals = []
-  pending = None  # metrics are read one step late so the host never stalls the device
-  t_last, step_last, compile_logged = time.perf_counter(), start, False
-  tokens_per_step = config.batch_size * config.get("seq_len", 1)
+    writer = MetricsWriter(workdir)
+    cleanup.callback(writer.close)
+    batches = _batches(task, "train", start, mesh)
+    evals = []
+    pending = None  # metrics are read one step late so the host never stalls the device
+    t_last, step_last, compile_logged = time.perf_counter(), start, False
+    tokens_per_step = config.batch_size * config.get("seq_len", 1)
 
-  def finish(step_done: int, metrics) -> None:
-    nonlocal t_last, step_last
-    m = jax.device_get(metrics)
-    if not all(math.isfinite(float(v)) for v in m.values()):
-      ckpt.wait()
-      bad = ", ".join(f"{k} = {float(v)}" for k, v in m.items() if not math.isfinite(float(v)))
-      last = ckpt.latest_step()
-      kept = (f"The last good checkpoint (step {last}) is intact." if last is not None
-              else "No checkpoint had been saved yet.")
-      raise TrainingDiverged(
-          f"{bad} at step {step_done}; training stopped. {kept} Lower "
-          f"config.optimizer.learning_rate or raise config.optimizer.grad_clip.")
-    if step_done % config.log_every == 0 or step_done == config.num_steps:
-      now = time.perf_counter()
-      writer.write(step_done, "train", m)
-      rate = (step_done - step_last) / max(now - t_last, 1e-9)  # the first includes compiling
-      log.info("step %d/%d loss %.4f | %.2f steps/s, %.0f tokens/s | ETA %.0fs", step_done,
-               config.num_steps, m["loss"], rate, rate * tokens_per_step,
-               (config.num_steps - step_done) / rate)
-      t_last, step_last = now, step_done
+    def finish(step_done: int, metrics) -> None:
+      nonlocal t_last, step_last
+      m = jax.device_get(metrics)
+      if not all(math.isfinite(float(v)) for v in m.values()):
+        ckpt.wait()
+        bad = ", ".join(f"{k} = {float(v)}" for k, v in m.items() if not math.isfinite(float(v)))
+        last = ckpt.latest_step()
+        kept = (f"The last good checkpoint (step {last}) is intact." if last is not None
+                else "No checkpoint had been saved yet.")
+        raise TrainingDiverged(
+            f"{bad} at step {step_done}; training stopped. {kept} Lower "
+            f"config.optimizer.learning_rate or raise config.optimizer.grad_clip.")
+      if step_done % config.log_every == 0 or step_done == config.num_steps:
+        now = time.perf_counter()
+        writer.write(step_done, "train", m)
+        rate = (step_done - step_last) / max(now - t_last, 1e-9)  # the first includes compiling
+        log.info("step %d/%d loss %.4f | %.2f steps/s, %.0f tokens/s | ETA %.0fs", step_done,
+                 config.num_steps, m["loss"], rate, rate * tokens_per_step,
+                 (config.num_steps - step_done) / rate)
+        t_last, step_last = now, step_done
 
-  first = config.get("profile_start", 0)
-  profile = _Profile(range(first, min(first + config.get("profile_steps", 0), config.num_steps)),
-                     workdir / "profile")
-  # closing() on errors too (a Ctrl-C in a notebook): in-flight saves finish before a rerun.
-  with contextlib.closing(ckpt), contextlib.closing(writer), contextlib.closing(profile):
+    first = config.get("profile_start", 0)
+    profile = _Profile(range(first, min(first + config.get("profile_steps", 0), config.num_steps)),
+                       workdir / "profile")
+    cleanup.callback(profile.close)
     for step in range(start, config.num_steps):
       profile.before(step)
       batch = _to_global(next(batches), mesh)
