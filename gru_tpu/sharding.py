@@ -67,7 +67,9 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = N
                     f"be a multiple of the number of TPU slices ({slices})")
   ici, dcn = list(sizes), [1] * len(sizes)
   ici[data], dcn[data] = sizes[data] // slices, slices
-  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  # Splitting a physical axis is what jax.make_mesh also allows for one slice; without it a
+  # model axis that does not tile the slice's torus raised NotImplementedError.
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
   return Mesh(grid, names, axis_types=auto)
 
 
