@@ -43,6 +43,7 @@ FLAGS = flags.FLAGS
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 MATMUL = re.compile(r"= [^=]*\b(dot|convolution)\(")
+WHILE = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = .*\bwhile\(", re.M)  # tuple types hold "="
 
 
 def computations(hlo: str) -> dict[str, str]:
@@ -77,7 +78,10 @@ def check_loops(hlo: str, data_parallel: bool,
   either a while loop with one matmul (the scan) or a Mosaic kernel (the Pallas GRU)."""
   comps = computations(hlo)
   entry = re.search(r"^ENTRY %?([\w.\-]+)", hlo, re.M).group(1)
-  loop_bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
+  # Time loops are the innermost whiles; one holding others is config.grad_accum's loop over
+  # micro-batches, whose projections count as outside the time loops.
+  loop_bodies = [b for b in re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
+                 if not count(comps, b, WHILE)]
   per_loop = [count(comps, b, MATMUL) for b in loop_bodies]
   problems = []
   recurrent = [n for n in per_loop if n]

@@ -28,6 +28,9 @@ def aot(*args):
     # (NotImplementedError before), and the gate offsets it tiles are a constant, not a copy.
     ("v5e:4x4", ["--num_slices=2", "--config.batch_size=64",
                  "--config.mesh=(('data', -1), ('model', 2))"], 8),
+    # Micro-batches split without gathering the data-sharded batch; the accumulation loop is
+    # not a time loop (its projections are outside the recurrences).
+    ("v5e:2x2", ["--config.grad_accum=2", "--config.batch_size=16"], 1),
 ])
 def test_aot_compile_for_tpu_topologies(topology, extra, hosts):
   r = aot("--topology", topology, *extra)
