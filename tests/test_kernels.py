@@ -114,6 +114,16 @@ def test_gru_pallas_equals_scan_with_dropout_and_remat(small_blocks, rng):
     np.testing.assert_allclose(a, b, **TOL)
 
 
+def test_gru_pallas_gradient_of_gradient_is_one_clear_error():
+  """JAX has no forward-mode rule for pallas_call: a bare AssertionError from inside JAX before."""
+  graphdef, params = nnx.split(GRU(3, 4, impl="pallas", rngs=nnx.Rngs(0)))
+  x = jnp.ones((2, 5, 3))
+  f = lambda p, x: (nnx.merge(graphdef, p)(x)[0] ** 2).sum()
+  assert jnp.isfinite(jax.grad(f, argnums=1)(params, x)).all()  # first order works
+  with pytest.raises(ValueError, match=r"GRU\(impl='pallas'\) has first-order gradients only"):
+    jax.grad(lambda x: jnp.vdot(jax.grad(f, argnums=1)(params, x), x))(x)
+
+
 def test_gru_pallas_bf16_within_stated_tolerance(small_blocks, rng):
   """bf16 compute: gi, W_h, y, the saved gates and dgi are bf16 in the kernel (f32 in the scan
   except y), so outputs agree within 2e-2 and each gradient within 2e-2 of its largest entry."""

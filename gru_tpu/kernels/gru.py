@@ -444,6 +444,23 @@ def _backward(p: Plan, interpret: bool, gi, w_h, b_i, b_h, h0, lengths, rmask, y
   return dgi, dw.sum(1), dbi.sum((1, 2)), dbh.sum((1, 2)), dh0
 
 
+def _first_order_only(kernel_call):
+  """pallas_call has no usable forward-mode rule (JAX fails with a bare AssertionError), so a
+  jvp, a hessian or a gradient of a gradient through the kernels gets this error instead."""
+  call = jax.custom_jvp(kernel_call, nondiff_argnums=(0, 1))
+
+  @call.defjvp
+  def _no_jvp(p, interpret, primals, tangents):
+    raise ValueError("GRU(impl='pallas') has first-order gradients only (its TPU kernels have "
+                     "no forward-mode rule); use impl='scan' for jax.jvp, hessians or "
+                     "gradients of gradients")
+
+  return call
+
+
+_forward, _backward = _first_order_only(_forward), _first_order_only(_backward)
+
+
 # -- differentiable entry point -----------------------------------------------------------------
 
 
