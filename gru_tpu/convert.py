@@ -41,10 +41,20 @@ def _torch_layers(module, num_layers: int, directions: int):
            for sfx in ("", "_reverse")[:directions]] for l in range(num_layers)]
 
 
+def _reset_after_only(source: str, kwargs: dict) -> None:
+  """torch and linen GRUs apply r after the recurrent matmul: reset_after=False would build
+  another function from the same weights."""
+  if kwargs.get("reset_after", True) is not True:
+    raise ValueError(f"{source} GRUs are reset_after=True; reset_after="
+                     f"{kwargs['reset_after']!r} would compute another function from its weights")
+
+
 def _from_torch(cls, module, kwargs):
   # batch_first only changes the call layout, not the weights; gru_tpu is always batch-major.
   if not module.bias or getattr(module, "proj_size", 0):
     raise ValueError(f"{type(module).__name__}: bias=False and proj_size are not supported")
+  if cls is GRU:
+    _reset_after_only("torch", kwargs)
   model = cls(module.input_size, module.hidden_size, num_layers=module.num_layers,
               bidirectional=module.bidirectional, dropout=kwargs.pop("dropout", module.dropout),
               rngs=kwargs.pop("rngs", None) or nnx.Rngs(0), **kwargs)
@@ -71,6 +81,7 @@ def gru_from_linen(params: Any, **kwargs) -> GRU:
   list of those for a multi-layer stack. linen has no b_hr/b_hz (they are folded into b_ir/b_iz),
   so those become zeros.
   """
+  _reset_after_only("linen", kwargs)
   cells = params if isinstance(params, (list, tuple)) else [params]
   layers = []
   for p in cells:

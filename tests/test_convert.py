@@ -50,6 +50,18 @@ def test_torch_without_bias_is_rejected():
     convert.gru_from_torch(torch.nn.GRU(I, H, bias=False))
 
 
+def test_reset_after_false_is_refused_for_torch_and_linen():
+  """It was passed on to GRU: a model 0.25 away from the module it was converted from."""
+  with pytest.raises(ValueError, match=r"torch GRUs are reset_after=True; reset_after=False"):
+    convert.gru_from_torch(torch.nn.GRU(I, H), reset_after=False)
+  params = {"params": {k: {"kernel": np.ones((I if k[0] == "i" else H, H))} | (
+      {"bias": np.ones(H)} if k in ("ir", "iz", "in", "hn") else {})
+      for k in ("ir", "iz", "in", "hr", "hz", "hn")}}
+  with pytest.raises(ValueError, match=r"linen GRUs are reset_after=True"):
+    convert.gru_from_linen(params, reset_after=False)
+  assert convert.gru_from_linen(params, reset_after=True).reset_after
+
+
 def nonzero(tree, key):
   """linen initialises biases to zero; replace every leaf with random values."""
   leaves, treedef = jax.tree.flatten(tree)
