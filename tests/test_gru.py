@@ -263,6 +263,9 @@ BAD_CALLS = [
     (dict(seq_lengths=np.array([1, 2, 3, 4, 5, 6, 7, T + 1])), r"seq_lengths must lie in \[0, 7\]"),
     (dict(seq_lengths=np.array([1, 2, 3, 4, 5, 6, 7, -1])), r"seq_lengths must lie in \[0, 7\]"),
     (dict(seq_lengths=np.ones(B, np.float32)), "seq_lengths must be an int array"),
+    # int64 beyond int32 wrapped to 1 in jnp.asarray (x64 off) and passed the range check
+    (dict(seq_lengths=np.array([2**32 + 1, 1, 2, 3, 4, 5, 6, 7], np.int64)),
+     r"seq_lengths must lie in \[0, 7\] .* got values in \[1, 4294967297\]"),
     (dict(initial_carry=np.zeros((1, B, H))), r"initial_carry must be \(2, 8, 6\)"),
 ]
 
@@ -284,6 +287,15 @@ def test_bad_constructor_and_step_arguments():
     GRU(I, H, bidirectional=True, rngs=nnx.Rngs(0)).step(jnp.zeros((2, B, H)), jnp.zeros((B, I)))
   with pytest.raises(ValueError, match=r"carry must be \(1, 8, 6\)"):
     GRU(I, H, rngs=nnx.Rngs(0)).step(jnp.zeros((2, B, H)), jnp.zeros((B, I)))
+  with pytest.raises(ValueError, match=r"initial_carry: batch_size must be an int >= 0, got -1"):
+    GRU(I, H, rngs=nnx.Rngs(0)).initial_carry(-1)
+  # numpy ints (from configs or shapes) are sizes too, stored as Python ints
+  model = GRU(np.int64(I), np.int32(H), num_layers=np.int64(1), rngs=nnx.Rngs(0))
+  assert type(model.hidden_features) is int and model.initial_carry(np.int64(2)).shape == (1, 2, H)
+  # An empty batch is empty on every impl (the Pallas blocks cannot tile it).
+  for impl in ("scan", "pallas"):
+    y, h_n = GRU(I, H, impl=impl, rngs=nnx.Rngs(0))(np.zeros((0, T, I), np.float32))
+    assert y.shape == (0, T, H) and h_n.shape == (1, 0, H)
 
 
 def test_jit_of_whole_model_traces_lengths(rng):

@@ -353,6 +353,8 @@ class GRU(RecurrentStack):
 
   def _use_pallas(self, x_TxDxBxI, cdt) -> bool:
     T, D, B, _ = x_TxDxBxI.shape
+    if B == 0:  # nothing to compute; the kernel's blocks cannot tile an empty batch
+      return False
     if self.impl == "pallas" and not self.reset_after:
       log.warning("GRU(impl='pallas', reset_after=False): no Pallas kernel for this form; "
                   "running the scan")

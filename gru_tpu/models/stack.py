@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import sys
 import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Carry = Any  # an array (GRU, MinGRU) or a tuple (h, c) (LSTM); leaves shaped (L·D, B, H)
@@ -68,7 +70,7 @@ class RecurrentStack(nnx.Module):
     name = type(self).__name__
     for arg, value in (("in_features", in_features), ("hidden_features", hidden_features),
                        ("num_layers", num_layers), ("unroll", unroll)):
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
     for arg, value in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout)):
       if not 0.0 <= value < 1.0:
@@ -77,6 +79,8 @@ class RecurrentStack(nnx.Module):
       warnings.warn(f"{name}: dropout={dropout} has no effect with num_layers=1: it acts between "
                     f"layers, as in torch.nn.GRU; use recurrent_dropout or more layers",
                     stacklevel=_callers_level())
+    in_features, hidden_features, num_layers, unroll = map(
+        int, (in_features, hidden_features, num_layers, unroll))  # numpy ints from configs
     self.in_features = in_features
     self.hidden_features = hidden_features
     self.num_layers = num_layers
@@ -203,7 +207,10 @@ class RecurrentStack(nnx.Module):
 
   def initial_carry(self, batch_size: int) -> Carry:
     """Zeros in the layout `step` takes: leaves (num_layers, B, H)."""
-    return self._zero_carry(self.num_layers, batch_size)
+    if not isinstance(batch_size, numbers.Integral) or batch_size < 0:
+      raise ValueError(f"{type(self).__name__}.initial_carry: batch_size must be an int >= 0, "
+                       f"got {batch_size!r}")
+    return self._zero_carry(self.num_layers, int(batch_size))
 
   def step(self, carry: Carry, x_BxI: jax.Array) -> tuple[Carry, jax.Array]:
     """One timestep through all layers (unidirectional, deterministic): for decoding."""
@@ -242,12 +249,15 @@ class RecurrentStack(nnx.Module):
     if seq_lengths is None:
       return None
     name = type(self).__name__
+    # Host values are range-checked as given: jnp.asarray wraps int64 beyond int32 (x64 off).
+    values = (None if isinstance(seq_lengths, jax.core.Tracer) else
+              seq_lengths if isinstance(seq_lengths, jax.Array) else np.asarray(seq_lengths))
     seq_lengths = jnp.asarray(seq_lengths)
     if seq_lengths.shape != (B,) or not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
       raise ValueError(f"{name}: seq_lengths must be an int array of shape ({B},) (one length per "
                        f"sequence), got {seq_lengths.dtype} {seq_lengths.shape}")
-    if not isinstance(seq_lengths, jax.core.Tracer) and B:
-      lo, hi = int(seq_lengths.min()), int(seq_lengths.max())
+    if values is not None and B:
+      lo, hi = int(values.min()), int(values.max())
       if lo < 0 or hi > T:
         raise ValueError(f"{name}: seq_lengths must lie in [0, {T}] (T = x_BxTxI.shape[1]), got "
                          f"values in [{lo}, {hi}]")
