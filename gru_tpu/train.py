@@ -90,6 +90,7 @@ def train_step(state: dict, batch: dict, *, graphdef, task, tx, grad_accum: int)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum == 1:
     (loss, aux), grads = grad_fn(state["params"], batch, rng)
+    aux = {k: v for k, v in aux.items() if k != "weight"}
   else:
     # Micro-batch i is rows i, i + grad_accum, ...: each device holds its share of every
     # micro-batch, so slicing one needs no all-gather of the data-sharded batch. (Not -1 in
@@ -97,16 +98,23 @@ def train_step(state: dict, batch: dict, *, graphdef, task, tx, grad_accum: int)
     micro = jax.tree.map(lambda a: jnp.swapaxes(
         a.reshape(a.shape[0] // grad_accum, grad_accum, *a.shape[1:]), 0, 1), batch)
 
+    def weighted(mb, key):
+      # A task whose loss is a mean over a varying number of terms (observed targets) gives
+      # that number as aux["weight"]: micro-batch means then combine into the full batch's.
+      (l, a), g = grad_fn(state["params"], mb, key)
+      a = dict(a)
+      w = jnp.asarray(a.pop("weight", 1.0), jnp.float32)
+      return jax.tree.map(lambda x: x * w, (l, a, g)) + (w,)
+
     def accumulate(carry, inp):
       i, mb = inp
-      (l, a), g = grad_fn(state["params"], mb, jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, carry, (l, a, g)), None
+      return jax.tree.map(jnp.add, carry, weighted(mb, jax.random.fold_in(rng, i))), None
 
-    (loss0, aux0), grads0 = jax.eval_shape(grad_fn, state["params"],
-                                           jax.tree.map(lambda a: a[0], micro), rng)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, aux0, grads0))
-    (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
-    loss, aux, grads = jax.tree.map(lambda a: a / grad_accum, (loss, aux, grads))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+        weighted, jax.tree.map(lambda a: a[0], micro), rng))
+    (loss, aux, grads, total), _ = jax.lax.scan(accumulate, zeros,
+                                                (jnp.arange(grad_accum), micro))
+    loss, aux, grads = jax.tree.map(lambda a: a / jnp.maximum(total, 1e-9), (loss, aux, grads))
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   # param_norm makes a non-finite update visible in the step that made it, before any save.
@@ -119,7 +127,7 @@ def eval_step(state: dict, batch: dict, *, graphdef, task):
   model = nnx.merge(graphdef, state["params"], state["rest"])
   model.eval()
   loss, aux = task.loss_fn(model, batch, jax.random.key(0))
-  return dict(aux, loss=loss)
+  return dict({k: v for k, v in aux.items() if k != "weight"}, loss=loss)
 
 
 def _state_shardings(abstract_state: dict, mesh, strategy: str) -> dict:

@@ -279,14 +279,24 @@ def test_resume_names_what_changed_in_the_data():
   assert "data gave known = ['price']" in task.resume_mismatch({**task.meta, "known": ["price"]})
 
 
-def test_grad_accumulation_with_no_past_covariates(tmp_path):
+def test_grad_accumulation_with_no_past_covariates_and_missing_values(tmp_path):
   """The batch's `past` array is (B, T, 0): splitting it into micro-batches divided by zero
-  (every forecast config without past covariates, co2's default included). The micro-batches'
-  mean loss is the full batch's (no missing values here)."""
-  src, mesh, loss = write_csv(tmp_path), sharding.make_mesh((("data", 1),)), {}
+  (every forecast config without past covariates, co2's default included). With missing values
+  the micro-batches' means are over different numbers of targets: weighted by them, the step
+  is the full batch's (equal weights were 1e-4 off on co2)."""
+  df = seasonal_frame()
+  df.loc[np.random.default_rng(0).choice(len(df) - 30, 25, replace=False), "y"] = np.nan
+  src, mesh, out = write_csv(tmp_path, df), sharding.make_mesh((("data", 1),)), {}
   for accum in (1, 2):
     s = train.setup(config(src, grad_accum=accum), mesh)
     batch = train._to_global(next(s.task.batches("train", 0, 0, 1)), mesh)
     assert batch["past"].shape[-1] == 0
-    loss[accum] = float(s.train_step(s.init(), batch)[1]["loss"])
-  np.testing.assert_allclose(loss[2], loss[1], rtol=1e-5)
+    state, metrics = s.train_step(s.init(), batch)
+    out[accum] = (metrics, state["params"])
+  observed = batch["observed"][:, -6:].reshape(-1, 2, 6).sum((0, 2))  # per strided micro-batch
+  assert observed[0] != observed[1]
+  assert "weight" not in out[1][0] and "weight" not in out[2][0]
+  for k in ("loss", "mae", "grad_norm"):
+    np.testing.assert_allclose(out[2][0][k], out[1][0][k], rtol=2e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(out[2][1]), jax.tree.leaves(out[1][1]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

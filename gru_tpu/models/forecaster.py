@@ -174,7 +174,8 @@ class Forecaster(nnx.Module):
 
   def loss(self, b: dict, rngs: nnx.Rngs | None = None):
     """Mean loss over the observed targets of the horizon (direct) or of context + horizon
-    (autoregressive, teacher-forced), in scaled units; aux: `mae` of the median forecast."""
+    (autoregressive, teacher-forced), in scaled units; aux: `mae` of the median forecast and
+    `weight`, the number of observed targets the means are over."""
     mu, s = self._norm(b["y"], b["observed"])
     if self.decoder == "direct":
       raw = self._direct_raw(b, mu, s, rngs)
@@ -188,7 +189,8 @@ class Forecaster(nnx.Module):
     y, w = b["y"][:, first:], b["observed"][:, first:]
     n = jnp.maximum(w.sum(), 1.0)
     loss = (self._elementwise_loss(p, y) * w).sum() / n
-    return loss, {"mae": (jnp.abs(y - self._median(p)) * w).sum() / n}
+    # weight: what the engine's grad_accum weighs this batch's means by (dropped from metrics)
+    return loss, {"mae": (jnp.abs(y - self._median(p)) * w).sum() / n, "weight": w.sum()}
 
   def predict(self, b: dict, key, num_samples: int) -> dict:
     """Forecasts for the horizon of each window, reading only the context (targets at steps
