@@ -240,14 +240,16 @@ class Checkpointer:
 
   def set_aside(self, step: int) -> epath.Path:
     """Moves checkpoints/STEP to checkpoints_unreadable/STEP: kept for inspection, not deleted."""
+    from jax.experimental import multihost_utils
     dest = self.directory.parent / "checkpoints_unreadable" / str(step)
+    while dest.exists():  # the workdir is shared: every process picks (and logs) the same name
+      dest = dest.with_name(dest.name + "_")
+    if jax.process_count() > 1:  # ... before process 0 creates it
+      multihost_utils.sync_global_devices(f"gru_tpu set aside {step}: named")
     if jax.process_index() == 0:
       dest.parent.mkdir(exist_ok=True)
-      while dest.exists():
-        dest = dest.with_name(dest.name + "_")
       _move_tree(self.directory / str(step), dest, self.remote)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"gru_tpu set aside {step}")
     self.manager.reload()
     return dest

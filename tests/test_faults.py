@@ -340,3 +340,20 @@ def test_loading_while_a_run_deletes_the_step_being_read(base, tmp_path, monkeyp
 
   monkeypatch.setattr(checkpoint.Checkpointer, "__init__", listing_races)
   assert gru_tpu.load(w, step=2).step == 2 and len(calls) == 2
+
+
+def test_setting_aside_the_same_step_twice_keeps_both(base, tmp_path):
+  """A step damaged again after a rerun: the second copy goes beside the first, under a name
+  every process computes alike (they all log it)."""
+  from gru_tpu.checkpoint import Checkpointer
+
+  w = tmp_path / "run"
+  shutil.copytree(base, w)
+  first = Checkpointer(w).set_aside(4)
+  shutil.copytree(base / "checkpoints" / "4", w / "checkpoints" / "4")
+  ckpt = Checkpointer(w)
+  second = ckpt.set_aside(4)
+  ckpt.close()
+  assert (first.name, second.name) == ("4", "4_")
+  assert sorted(p.name for p in (w / "checkpoints_unreadable").iterdir()) == ["4", "4_"]
+  assert not (w / "checkpoints" / "4").exists()
