@@ -199,31 +199,45 @@ class Checkpointer:
     except Exception as e:
       raise self._save_error(e) from e
 
+  # Reads go through the item handlers, not manager.restore: that ends in a barrier across
+  # processes, which a process whose read failed skips, so on a pod one host's bad read
+  # (a transient storage error, a chunk only it reads) paired its next collective with the
+  # others' barrier and crashed or hung them all. Callers agree on success, then verify().
+
   def restore_meta(self, step: int) -> dict:
     try:
-      return self.manager.restore(
-          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      with contextlib.closing(ocp.JsonCheckpointHandler()) as h:
+        return h.restore(self.directory / str(step) / "meta")
     except Exception as e:
       raise self._unreadable(step, _reason(e)) from e
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """(state on abstract_state's shardings, meta); CheckpointError if unreadable or corrupt."""
-    meta = self.restore_meta(step)
-    error = None
+  def read(self, step: int, abstract_state: Any) -> Any:
+    """The state on abstract_state's shardings, as stored (not yet verified); this process's
+    part only, with no collective: CheckpointError if its files cannot be read."""
     try:
-      state = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))["state"]
+      with contextlib.closing(ocp.StandardCheckpointHandler()) as h:
+        return h.restore(self.directory / str(step) / "state",
+                         args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:
-      error = self._unreadable(step, _reason(e))
-    if error is not None:
       _quiet_failed_reads()
-      raise error
+      raise self._unreadable(step, _reason(e)) from e
+
+  def verify(self, step: int, state: Any, meta: dict) -> None:
+    """CheckpointError unless the state's checksums are the saved ones. A collective (every
+    process must call it), with the same outcome on every process."""
     if "checksums" in meta:
       got = checksums(state)
       bad = sorted(k for k, v in meta["checksums"].items() if got.get(k) != v)
       if bad or got.keys() != meta["checksums"].keys():
         raise self._unreadable(step, "checksum mismatch in " + (", ".join(bad[:3]) or
                                                                "the array names"))
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """(state on abstract_state's shardings, meta); CheckpointError if unreadable or corrupt.
+    One process (several: read, agree, then verify, as the engine does)."""
+    meta = self.restore_meta(step)
+    state = self.read(step, abstract_state)
+    self.verify(step, state, meta)
     return state, meta
 
   def _unreadable(self, step: int, reason: str) -> CheckpointError:

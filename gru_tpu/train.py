@@ -465,12 +465,21 @@ def _restore(ckpt: Checkpointer, config, s: Setup) -> tuple[Any, int] | None:
   for step in reversed(ckpt.steps()):
     error = None
     try:
-      _check_compatible(ckpt.restore_meta(step), config, s.task, step, ckpt.directory)
-      state, meta = ckpt.restore(step, target)
+      meta = ckpt.restore_meta(step)
+      _check_compatible(meta, config, s.task, step, ckpt.directory)
+      state = ckpt.read(step, target)
     except CheckpointError as e:
       error = str(e)
-    if not _everywhere(error is None):
+    # Every process votes once per step, whether its read worked or not (checkpoint.py: no
+    # collective may depend on one process's read); verify is a collective with one outcome.
+    if _everywhere(error is None):
+      try:
+        ckpt.verify(step, state, meta)
+      except CheckpointError as e:
+        error = str(e)
+    else:
       error = error or f"checkpoint step {step} is unreadable on another process"
+    if error is not None:
       log.warning("%s; trying the previous checkpoint", error)
       skipped.append((step, error))
       continue

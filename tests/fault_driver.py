@@ -10,6 +10,8 @@ GRU_TPU_FAULTS is a comma-separated list of
                   N.orbax-checkpoint-tmp, the rename that finalises it has not happened
   enospc@N        the disk is full while checkpoint N is written (its JSON metadata write fails
                   with ENOSPC, after the arrays went to N.orbax-checkpoint-tmp)
+  unreadable@N    reading checkpoint N's arrays fails (a storage error, or a damaged chunk that
+                  only this process reads)
 GRU_TPU_FAULT_PROCESS=I limits them to process I of a multi-process run.
 
 The signals are real and reach the real command (gru_tpu.cli.main); only their timing is pinned,
@@ -33,11 +35,13 @@ def install(faults: str, only_process: int | None) -> None:
 
   from gru_tpu import train
 
-  at_step, in_save, disk_full = {}, {}, set()
+  from gru_tpu import checkpoint
+
+  at_step, in_save, disk_full, unreadable = {}, {}, set(), set()
   for fault in filter(None, faults.split(",")):
     kind, n = fault.split("@")
-    if kind == "enospc":
-      disk_full.add(int(n))
+    if kind in ("enospc", "unreadable"):
+      (disk_full if kind == "enospc" else unreadable).add(int(n))
       continue
     {"kill": at_step, "term": at_step, "kill_in_save": in_save}[kind][int(n)] = {
         "kill": signal.SIGKILL, "term": signal.SIGTERM, "kill_in_save": signal.SIGKILL}[kind]
@@ -80,6 +84,15 @@ def install(faults: str, only_process: int | None) -> None:
     return await save_json(self, x, directory)
 
   json_checkpoint_handler.JsonCheckpointHandler._save_fn = save_json_with_faults
+
+  read = checkpoint.Checkpointer.read
+
+  def read_with_faults(self, step, abstract_state):
+    if step in unreadable and armed():
+      raise self._unreadable(step, "ValueError: OUT_OF_RANGE: simulated unreadable chunk")
+    return read(self, step, abstract_state)
+
+  checkpoint.Checkpointer.read = read_with_faults
 
 
 if __name__ == "__main__":
