@@ -255,7 +255,7 @@ def _load(workdir: epath.Path, requested: int | None) -> Loaded:
       target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             jax.eval_shape(init))
       state, _ = ckpt.restore(step, target)
-    except (CheckpointError, FileNotFoundError) as e:
+    except CheckpointError as e:  # the reads wrap every error of theirs in one
       # Files vanishing mid-read look like corruption: ask the directory, not the error. A
       # newer complete step means a run saved there (and deletes old steps) since the listing;
       # a cut-off save's leftover directory does not count.
@@ -263,8 +263,6 @@ def _load(workdir: epath.Path, requested: int | None) -> Loaded:
       if not (ckpt.directory / str(step)).exists() or (
           requested is None and max(ckpt.steps(), default=step) > step):
         raise _Removed(step, ckpt.steps()) from None
-      if isinstance(e, FileNotFoundError):
-        raise
       others = [s for s in steps if s != step]
       hint = f"; other checkpoints: steps {others} (load(..., step=N), --step N)" if others else ""
       raise CheckpointError(f"{e}{hint}", step=step) from None

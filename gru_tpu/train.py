@@ -90,7 +90,7 @@ def train_step(state: dict, batch: dict, *, graphdef, task, tx, grad_accum: int)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum == 1:
     (loss, aux), grads = grad_fn(state["params"], batch, rng)
-    aux = {k: v for k, v in aux.items() if k != "weight"}
+    aux = _metrics(aux)
   else:
     # Micro-batch i is rows i, i + grad_accum, ...: each device holds its share of every
     # micro-batch, so slicing one needs no all-gather of the data-sharded batch. (Not -1 in
@@ -127,7 +127,12 @@ def eval_step(state: dict, batch: dict, *, graphdef, task):
   model = nnx.merge(graphdef, state["params"], state["rest"])
   model.eval()
   loss, aux = task.loss_fn(model, batch, jax.random.key(0))
-  return dict({k: v for k, v in aux.items() if k != "weight"}, loss=loss)
+  return dict(_metrics(aux), loss=loss)
+
+
+def _metrics(aux: dict) -> dict:
+  """A loss_fn's aux without "weight", which weighs micro-batches and is not a metric."""
+  return {k: v for k, v in aux.items() if k != "weight"}
 
 
 def _state_shardings(abstract_state: dict, mesh, strategy: str) -> dict:
