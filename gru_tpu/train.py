@@ -127,11 +127,11 @@ def eval_step(state: dict, batch: dict, *, graphdef, task):
   model = nnx.merge(graphdef, state["params"], state["rest"])
   model.eval()
   loss, aux = task.loss_fn(model, batch, jax.random.key(0))
-  return dict(_metrics(aux), loss=loss)
+  return dict(aux, loss=loss)  # "weight" stays: _evaluate weighs the eval batches by it
 
 
 def _metrics(aux: dict) -> dict:
-  """A loss_fn's aux without "weight", which weighs micro-batches and is not a metric."""
+  """A loss_fn's aux without "weight", which weighs batches and is not a metric."""
   return {k: v for k, v in aux.items() if k != "weight"}
 
 
@@ -518,12 +518,9 @@ def _task_metadata(s: Setup, state) -> dict:
 def _evaluate(config, s: Setup, state, mesh, writer, step: int,
               final: bool = False) -> dict:
   task = s.task
-  totals: dict[str, float] = {}
   batches = _batches(task, "eval", 0, mesh)
-  for _ in range(config.eval_steps):
-    m = jax.device_get(s.eval_step(state, _to_global(next(batches), mesh)))
-    for k, v in m.items():
-      totals[k] = totals.get(k, 0.0) + float(v) / config.eval_steps
+  totals = _weighted_mean([jax.device_get(s.eval_step(state, _to_global(next(batches), mesh)))
+                           for _ in range(config.eval_steps)])
   if hasattr(task, "finalize_eval"):  # metrics that are not means of batch values
     totals = task.finalize_eval(totals)
   model = None
@@ -542,6 +539,16 @@ def _evaluate(config, s: Setup, state, mesh, writer, step: int,
     writer.write(step, "test", test)
     log.info("step %d test: %s", step, _brief(test))
   return dict(totals, step=step)
+
+
+def _weighted_mean(rows: list[dict]) -> dict[str, float]:
+  """Batch metrics averaged with each batch's aux["weight"] (e.g. its number of observed
+  targets), so eval batches of unequal counts give the whole eval set's means; equal weights
+  when a task gives none (or all are 0)."""
+  w = np.array([float(r.get("weight", 1.0)) for r in rows])
+  w = w / w.sum() if w.sum() > 0 else np.full(len(rows), 1 / len(rows))
+  return {k: float(sum(wi * float(r[k]) for wi, r in zip(w, rows)))
+          for k in rows[0] if k != "weight"}
 
 
 def _brief(metrics: dict) -> str:

@@ -300,3 +300,25 @@ def test_grad_accumulation_with_no_past_covariates_and_missing_values(tmp_path):
     np.testing.assert_allclose(out[2][0][k], out[1][0][k], rtol=2e-6, err_msg=k)
   for a, b in zip(jax.tree.leaves(out[2][1]), jax.tree.leaves(out[1][1]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_batches_are_weighted_by_their_observed_targets(tmp_path):
+  """Eval metrics over several batches with different numbers of observed targets are the
+  whole eval set's means (an equal-weight mean of batch means was not)."""
+  df = seasonal_frame()
+  df.loc[np.random.default_rng(0).choice(len(df) - 30, 25, replace=False), "y"] = np.nan
+  src, mesh = write_csv(tmp_path, df), sharding.make_mesh((("data", 1),))
+  s = train.setup(config(src), mesh)
+  batch, state = next(s.task.batches("train", 0, 0, 1)), s.init()
+  full = jax.device_get(s.eval_step(state, train._to_global(batch, mesh)))
+  halves = [jax.device_get(s.eval_step(state, train._to_global(
+      jax.tree.map(lambda a, i=i: a[i::2], batch), mesh))) for i in (0, 1)]
+  assert halves[0]["weight"] != halves[1]["weight"]
+  mean = train._weighted_mean(halves)
+  assert "weight" not in mean
+  for k in ("loss", "mae"):
+    np.testing.assert_allclose(mean[k], full[k], rtol=1e-5, err_msg=k)
+    assert abs(np.mean([h[k] for h in halves]) - full[k]) > 1e-4 * abs(full[k]), k
+  assert train._weighted_mean([{"loss": 1.0}, {"loss": 3.0}]) == {"loss": 2.0}
+  assert train._weighted_mean([{"loss": 1.0, "weight": 0}, {"loss": 3.0, "weight": 0}]) == {
+      "loss": 2.0}
