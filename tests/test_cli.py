@@ -1,6 +1,7 @@
 """The gru-tpu entry point: dispatch, help, a clear error for an unknown command, and
 `gru-tpu train` + `gru-tpu forecast` end to end."""
 
+import concurrent.futures
 import subprocess
 import sys
 from pathlib import Path
@@ -55,15 +56,21 @@ def test_forecast_train_then_forecast_writes_csv_and_png(tmp_path):
   assert f["date"].tolist() == ["2010-01-01", "2010-02-01", "2010-03-01", "2010-04-01"]
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-  r = run_cli("forecast", "--workdir", str(run), "--horizon", "0", "--output", str(out))
+  with concurrent.futures.ThreadPoolExecutor() as pool:  # independent; mostly imports
+    horizon, is_dir, none, column = pool.map(lambda args: run_cli(*args), [
+        ("forecast", "--workdir", str(run), "--horizon", "0", "--output", str(out)),
+        ("forecast", "--workdir", str(run), "--output", str(tmp_path)),
+        ("forecast", "--workdir", str(tmp_path / "none"), "--output", str(out)),
+        ("train", "--config", config, "--workdir", str(run),
+         f"--config.data.source=csv:{tmp_path / 's.csv'}", "--config.data.target=units")])
+  r = horizon
   assert r.returncode == 2 and r.stderr.strip() == "gru-tpu forecast: horizon must be >= 1, got 0"
-  r = run_cli("forecast", "--workdir", str(run), "--output", str(tmp_path))
+  r = is_dir
   assert r.returncode == 2 and r.stderr.strip() == (
       f"gru-tpu forecast: {tmp_path} is a directory; give a file name")
-  r = run_cli("forecast", "--workdir", str(tmp_path / "none"), "--output", str(out))
+  r = none
   assert r.returncode == 2 and "holds no checkpoint" in r.stderr
-  r = run_cli("train", "--config", config, "--workdir", str(run),
-              f"--config.data.source=csv:{tmp_path / 's.csv'}", "--config.data.target=units")
+  r = column
   assert r.returncode == 2 and "no target column 'units' (columns: date, sales)" in r.stderr
   assert "Traceback" not in r.stderr
   assert sorted(p.name for p in (run / "checkpoints").rglob("*")) == ckpt

@@ -1,6 +1,7 @@
 """The training engine on the synthetic task: files, learning, exact resume, meshes, bad input,
 and loading what a sharded or multi-process run wrote onto this process's one device."""
 
+import concurrent.futures
 import errno
 import json
 import os
@@ -87,13 +88,15 @@ def run_cli(workdir, *flags, devices=1):
 def test_same_losses_on_1_device_8_data_and_4x2_data_model(tmp_path):
   common = ["--config.num_steps=12", "--config.log_every=1", "--config.checkpoint_every=12",
             "--config.eval_every=12"]
-  runs = {
-      "one": run_cli(tmp_path / "one", *common),
-      "data8": run_cli(tmp_path / "data8", *common, devices=8),
-      "data4_model2_fsdp": run_cli(tmp_path / "data4_model2_fsdp", *common,
-                                   "--config.mesh=(('data', 4), ('model', 2))",
-                                   "--config.sharding=fsdp", devices=8),
-  }
+  with concurrent.futures.ThreadPoolExecutor() as pool:  # mostly 1-thread imports, compiles
+    runs = {
+        "one": pool.submit(run_cli, tmp_path / "one", *common),
+        "data8": pool.submit(run_cli, tmp_path / "data8", *common, devices=8),
+        "data4_model2_fsdp": pool.submit(run_cli, tmp_path / "data4_model2_fsdp", *common,
+                                         "--config.mesh=(('data', 4), ('model', 2))",
+                                         "--config.sharding=fsdp", devices=8),
+    }
+    runs = {name: r.result() for name, r in runs.items()}
   for name, r in runs.items():
     assert r.returncode == 0, f"{name}: {r.stderr[-2000:]}"
   ref = losses(tmp_path / "one")
