@@ -281,8 +281,18 @@ def test_bad_input_is_a_clear_value_error(bad, message):
 def test_bad_constructor_and_step_arguments():
   with pytest.raises(ValueError, match="hidden_features must be a positive int"):
     GRU(I, 0, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+  with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):
     GRU(I, H, dropout=1.0, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"recurrent_dropout must be a number in \[0, 1\), got '0.1'"):
+    GRU(I, H, recurrent_dropout="0.1", rngs=nnx.Rngs(0))
+  # Strings from a config or a command line are truthy: "no" would have meant True.
+  for flag in ("reset_after", "bidirectional", "remat"):
+    with pytest.raises(ValueError, match=f"GRU: {flag} must be True or False, got 'no'"):
+      GRU(I, H, **{flag: "no"}, rngs=nnx.Rngs(0))
+  assert GRU(I, H, bidirectional=np.True_, rngs=nnx.Rngs(0)).bidirectional is True
+  with pytest.raises(ValueError, match="initial_carry must be real .float., got complex64"):
+    GRU(I, H, rngs=nnx.Rngs(0))(np.zeros((B, T, I), np.float32),
+                                initial_carry=np.zeros((1, B, H), np.complex64))
   with pytest.raises(ValueError, match="bidirectional stack cannot run one step"):
     GRU(I, H, bidirectional=True, rngs=nnx.Rngs(0)).step(jnp.zeros((2, B, H)), jnp.zeros((B, I)))
   with pytest.raises(ValueError, match=r"carry must be \(1, 8, 6\)"):

@@ -20,6 +20,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gru_tpu.kernels import gru as kernel
@@ -344,11 +345,13 @@ class GRU(RecurrentStack):
                param_dtype=jnp.float32, impl: str = "auto", rngs: nnx.Rngs):
     if impl not in IMPLS:
       raise ValueError(f"GRU: impl must be one of {IMPLS}, got {impl!r}")
+    if not isinstance(reset_after, (bool, np.bool_)):
+      raise ValueError(f"GRU: reset_after must be True or False, got {reset_after!r}")
     super().__init__(in_features, hidden_features, num_layers=num_layers,
                      bidirectional=bidirectional, dropout=dropout,
                      recurrent_dropout=recurrent_dropout, unroll=unroll, remat=remat, dtype=dtype,
                      param_dtype=param_dtype, rngs=rngs)
-    self.reset_after = reset_after
+    self.reset_after = bool(reset_after)
     self.impl = impl
 
   def _use_pallas(self, x_TxDxBxI, cdt) -> bool:

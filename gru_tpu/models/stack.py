@@ -72,9 +72,12 @@ class RecurrentStack(nnx.Module):
                        ("num_layers", num_layers), ("unroll", unroll)):
       if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
+    for arg, value in (("bidirectional", bidirectional), ("remat", remat)):
+      if not isinstance(value, (bool, np.bool_)):  # "no" or "False" from a config is truthy
+        raise ValueError(f"{name}: {arg} must be True or False, got {value!r}")
     for arg, value in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout)):
-      if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name}: {arg} must be in [0, 1), got {value!r}")
+      if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1:
+        raise ValueError(f"{name}: {arg} must be a number in [0, 1), got {value!r}")
     if dropout and num_layers == 1:
       warnings.warn(f"{name}: dropout={dropout} has no effect with num_layers=1: it acts between "
                     f"layers, as in torch.nn.GRU; use recurrent_dropout or more layers",
@@ -84,12 +87,12 @@ class RecurrentStack(nnx.Module):
     self.in_features = in_features
     self.hidden_features = hidden_features
     self.num_layers = num_layers
-    self.bidirectional = bidirectional
+    self.bidirectional = bool(bidirectional)
     self.num_directions = 2 if bidirectional else 1
     self.dropout = dropout
     self.recurrent_dropout = recurrent_dropout
     self.unroll = unroll
-    self.remat = remat
+    self.remat = bool(remat)
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.deterministic = False  # flipped by model.eval() / model.train(), like nnx.Dropout
@@ -268,6 +271,11 @@ class RecurrentStack(nnx.Module):
     if initial_carry is None:
       return self._zero_carry(LD, B)
     self._check_carry_shape(initial_carry, (LD, B, self.hidden_features), "initial_carry")
+    for c in jax.tree.leaves(initial_carry):  # a cast to float32 would drop an imaginary part
+      if not jnp.issubdtype(jnp.result_type(c), jnp.floating) and not jnp.issubdtype(
+          jnp.result_type(c), jnp.integer):
+        raise ValueError(f"{type(self).__name__}: initial_carry must be real (float), got "
+                         f"{jnp.result_type(c)}")
     return jax.tree.map(lambda c: jnp.asarray(c, jnp.float32), initial_carry)
 
   def _check_carry_shape(self, carry, shape, arg):
