@@ -283,7 +283,7 @@ def test_bad_constructor_and_step_arguments():
     GRU(I, 0, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):
     GRU(I, H, dropout=1.0, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"recurrent_dropout must be a number in \[0, 1\), got '0.1'"):
+  with pytest.raises(ValueError, match=r"recurrent_dropout must be a number in .*, got '0.1'"):
     GRU(I, H, recurrent_dropout="0.1", rngs=nnx.Rngs(0))
   # Strings from a config or a command line are truthy: "no" would have meant True.
   for flag in ("reset_after", "bidirectional", "remat"):

@@ -62,9 +62,11 @@ class Forecaster(nnx.Module):
     if head == "quantile" and (not quantiles or list(quantiles) != sorted(set(quantiles)) or
                                not 0 < min(quantiles) <= max(quantiles) < 1):
       raise ValueError(f"quantiles must be increasing levels in (0, 1), got {quantiles}")
-    self.C, self.lags, self.context_length, self.horizon = num_targets, lags, context_length, horizon
+    self.C, self.lags = num_targets, lags
+    self.context_length, self.horizon = context_length, horizon
     self.pad = max(lags) + context_length
-    self.decoder, self.head, self.point_loss, self.window_norm = decoder, head, point_loss, window_norm
+    self.decoder, self.head = decoder, head
+    self.point_loss, self.window_norm = point_loss, window_norm
     self.quantiles = tuple(float(q) for q in quantiles)
     self.num_params = len(self.quantiles) if head == "quantile" else NUM_PARAMS[head]
     features = 2 * num_targets * len(lags) + num_known + num_past + 1
