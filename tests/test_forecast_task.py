@@ -263,6 +263,13 @@ def test_panel_with_covariates_and_a_multivariate_source():
   assert f[f.store == "b"]["point"].mean() > 50 > f[f.store == "a"]["point"].mean()
   with pytest.raises(UserError, match="known covariates price need values for the 3 steps"):
     forecast_frame(model, c, task.meta, panel, 3, num_samples=10)
+  gap = df.copy()  # a future row given, its price left empty: not carried forward silently
+  gap.loc[(gap.store == "b") & gap.sales.isna(), "price"] = [1.5, np.nan, 1.5]
+  gap = ts.panel_from_frame(gap, time_column="date", targets=["sales"], id_column="store",
+                            known=["price"], past=["visits"], name="panel")
+  with pytest.raises(UserError, match=r"series 'b': known covariate 'price' is empty at "
+                                      r"2021-07-26, inside the 3-step horizon"):
+    forecast_frame(model, c, task.meta, gap, 3, num_samples=10)
 
   c = config("statsmodels:macrodata", **{"data.context_length": 16, "data.horizon": 4,
                                          "model.decoder": "autoregressive"})

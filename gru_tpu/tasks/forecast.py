@@ -461,6 +461,15 @@ def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horiz
                       f"{', '.join(meta['known'])} need values for the {horizon} steps after the "
                       f"last target value; add {horizon - given} more row(s) with them filled and "
                       f"the target empty")
+    gap = np.argwhere(np.isnan(s.known[origin:origin + horizon]))
+    if len(gap):  # carried forward it would be a made-up price or holiday, not a known one
+      t, k = gap[0]
+      when = s.time[origin + t]
+      when = (np.datetime_as_string(when, unit="auto")
+              if np.issubdtype(s.time.dtype, np.datetime64) else f"{when:g}")
+      raise UserError(f"{panel.name}: series {s.id!r}: known covariate {meta['known'][k]!r} is "
+                      f"empty at {when}, inside the {horizon}-step horizon; fill it (a known "
+                      f"covariate needs a value at every forecast step)")
     extra = max(0, origin + steps - len(s.time))
     future = ts.future_times(s.time, extra, meta["freq"], panel.tz)
     ext = ts.Series(s.id, np.concatenate([s.time, future]),
