@@ -119,6 +119,9 @@ def _dates(*days):
     (_dates("2020-12-30", "2021-01-30", "2021-02-28", "2021-03-30"), ["2021-04-30", "2021-05-30"]),
     # daily with a gap: the most common step
     (_dates("2024-01-01", "2024-01-02", "2024-01-04", "2024-01-05"), ["2024-01-06", "2024-01-07"]),
+    # trading days: weekdays with holidays (Fri 16, Mon 19, Thu 22 missing): no Saturday
+    (_dates("2024-02-13", "2024-02-14", "2024-02-15", "2024-02-20", "2024-02-21", "2024-02-23"),
+     ["2024-02-26", "2024-02-27"]),
 ])
 def test_future_times_continue_each_series_own_step(times, want):
   got = ts.future_times(times, 2, "D")
@@ -185,6 +188,15 @@ def test_a_panel_needs_one_sampling_step_and_forecast_data_the_trained_one(tmp_p
     load(daily, time_column="date", target="y", freq="W-SUN")
   with pytest.raises(UserError, match="is dates but the model was trained on numbers"):
     load(daily, time_column="date", target="y", freq=1.0)
+  # Business days with and without holidays are one step (they used to be "24h" vs "B").
+  bdays = pd.bdate_range("2024-01-01", "2024-03-29")
+  holidays = bdays[~bdays.isin(pd.to_datetime(["2024-01-15", "2024-02-19"]))]
+  trading = write(tmp_path, "date,store,y\n" + "".join(
+      f"{d.date()},{s},1\n" for s, days in (("a", bdays), ("b", holidays)) for d in days),
+      "trading.csv")
+  panel = load(trading, time_column="date", target="y", id_column="store")
+  assert (panel.freq, panel.season_length) == ("B", 5)
+  assert load(trading, time_column="date", target="y", id_column="store", freq="B").freq == "B"
   one = ts.panel_from_frame(pd.DataFrame({"date": ["2024-01-01"], "y": [1.0]}),
                             time_column="date", targets=["y"], freq="MS")
   assert one.freq == "MS"  # a single timestamp has no step to disagree with

@@ -196,7 +196,8 @@ ROWS = [
         r"csv:.*series.csv: no target column 'revenue' \(columns: date, sales\)"),
     Row("forecast-series-too-short", lambda w, t: train_forecast(
         w, t, "--config.data.target=sales", "--config.data.context_length=200"), 2,
-        r"series 'sales' has 120 time steps; it needs at least context_length \+ horizon"),
+        r"series 'sales' has 120 time steps up to its last target value; it needs at "
+        r"least context_length \+ horizon"),
     Row("forecast-api-on-a-text-model", lambda w, t: gru_tpu.load(w).forecast(), AttributeError,
         r"'TextModel' object has no attribute 'forecast'"),
     # Failures while training.

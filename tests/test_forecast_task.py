@@ -46,6 +46,23 @@ def test_splits_scales_and_inputs_never_see_the_future():
       np.testing.assert_array_equal(pa, pb)
 
 
+def test_future_rows_after_the_last_target_value_are_not_a_tail():
+  # The CSV layout gives known covariates for the forecast horizon as rows after the last target
+  # value; trained on that same file, the tails must still end at the last target value (they
+  # used to be the empty future rows: a test backtest without truth, a KeyError, no checkpoint).
+  df = seasonal_frame()
+  future = pd.DataFrame({"date": pd.date_range("2012-07-01", periods=6, freq="MS"),
+                         "y": np.nan})
+  task, other = task_for(df), task_for(pd.concat([df, future], ignore_index=True))
+  assert other.n_train == task.n_train and other.scales == task.scales
+  for split in ("train", "eval", "calibration", "test"):
+    np.testing.assert_array_equal(other.windows[split], task.windows[split])
+  model = task.build_model(nnx.Rngs(0))
+  model.eval()
+  out = other.evaluate(model, "test")
+  assert out["mae"] == task.evaluate(model, "test")["mae"] and "crps_uncalibrated" in out
+
+
 def write_csv(tmp_path, df=None):
   path = tmp_path / "series.csv"
   (seasonal_frame() if df is None else df).to_csv(path, index=False)
@@ -183,8 +200,8 @@ def test_sqrt_transform_feeds_the_model_sqrt_and_forecasts_in_original_units():
 
 def test_bad_task_inputs():
   df = seasonal_frame(n=40, missing=())
-  with pytest.raises(UserError, match=r"has 40 time steps; it needs at least .* = 24 \+ 6 \+ 6 "
-                                      r"\+ 6 = 42"):
+  with pytest.raises(UserError, match=r"has 40 time steps up to its last target value; it needs at "
+                                      r"least .* = 24 \+ 6 \+ 6 \+ 6 = 42"):
     task_for(df)
   with pytest.raises(UserError, match="config.data.horizon must be >= 1, got 0"):
     task_for(seasonal_frame(), **{"data.horizon": 0})
@@ -246,6 +263,13 @@ def test_panel_with_covariates_and_a_multivariate_source():
   assert f[f.store == "b"]["point"].mean() > 50 > f[f.store == "a"]["point"].mean()
   with pytest.raises(UserError, match="known covariates price need values for the 3 steps"):
     forecast_frame(model, c, task.meta, panel, 3, num_samples=10)
+  gap = df.copy()  # a future row given, its price left empty: not carried forward silently
+  gap.loc[(gap.store == "b") & gap.sales.isna(), "price"] = [1.5, np.nan, 1.5]
+  gap = ts.panel_from_frame(gap, time_column="date", targets=["sales"], id_column="store",
+                            known=["price"], past=["visits"], name="panel")
+  with pytest.raises(UserError, match=r"series 'b': known covariate 'price' is empty at "
+                                      r"2021-07-26, inside the 3-step horizon"):
+    forecast_frame(model, c, task.meta, gap, 3, num_samples=10)
 
   c = config("statsmodels:macrodata", **{"data.context_length": 16, "data.horizon": 4,
                                          "model.decoder": "autoregressive"})

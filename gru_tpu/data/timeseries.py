@@ -201,7 +201,8 @@ def series_step(time: np.ndarray, tz=None):
   season and the calendar features) and what steps its own timestamps (a pandas offset, a
   Timedelta or Months; a number for numeric time). pandas' inferred frequency if it has one;
   else whole months when every timestamp falls on one day of the month (so a series on the
-  15th, or with a missing month, keeps its calendar); else the most common step. (None, None)
+  15th, or with a missing month, keeps its calendar); else business days for weekdays only,
+  mostly one apart (trading days with holidays); else the most common step. (None, None)
   for a single timestamp. Datetimes are read on tz's wall clock (UTC if None)."""
   import pandas as pd
   if np.issubdtype(time.dtype, np.number):
@@ -230,6 +231,14 @@ def series_step(time: np.ndarray, tz=None):
       and (idx.day == np.minimum(day, idx.days_in_month)).all()):
     m = int(_mode(months))
     return f"{m if m > 1 else ''}{'ME' if day == 31 else 'MS'}", Months(m, day)
+  # Business days with holidays (trading days): weekdays only, at one time of day, mostly one
+  # weekday apart, and over a weekend at least once. As days they would get season 7 and
+  # forecasts on Saturdays; holidays are unknown, so forecasts step over weekends only.
+  day_T = idx.normalize().to_numpy("datetime64[D]")
+  if (idx.day_of_week < 5).all() and (idx - idx.normalize()).nunique() == 1:
+    busdays = np.busday_count(day_T[:-1], day_T[1:])
+    if _mode(busdays) == 1 and (np.diff(day_T).astype(np.int64) > busdays).any():
+      return "B", pd.offsets.BusinessDay(1)
   step = pd.Timedelta(_mode(np.diff(idx.to_numpy("datetime64[ns]"))))
   return pd.tseries.frequencies.to_offset(step).freqstr, step
 

@@ -205,6 +205,11 @@ def make_store(arrays: list[dict], pad: int) -> ts.WindowStore:
   return ts.WindowStore(cat("y"), cat("observed"), cat("known"), cat("past"), starts, pad)
 
 
+def history_length(s: ts.Series) -> int:
+  """Steps up to and including the series' last observed target: its forecast origin."""
+  return int(np.flatnonzero(~np.isnan(s.y).all(1))[-1]) + 1
+
+
 def _tail_origins(lo: int, hi: int, horizon: int, stride: int) -> list[int]:
   return list(range(lo, hi - horizon + 1, stride))
 
@@ -275,14 +280,17 @@ class ForecastTask:
     lags = sorted(set(parse_lags(d.lags) or {1, self.season}))
     self.pad = max(lags) + C
     need = C + H + V + T
-    for s in p.series:
-      if len(s.time) < need:
+    # Rows after a series' last target value are its future (known covariates for a forecast,
+    # as the CSV layout allows): the tails end at the last target value, not at the last row.
+    ends = [history_length(s) for s in p.series]
+    for s, end in zip(p.series, ends):
+      if end < need:
         raise UserError(
-            f"{p.name}: series {s.id!r} has {len(s.time)} time steps; it needs at least "
-            f"context_length + horizon + val_length + test_length = {C} + {H} + {V} + {T} = "
-            f"{need}. Lower those config.data keys or give a longer series")
+            f"{p.name}: series {s.id!r} has {end} time steps up to its last target value; it "
+            f"needs at least context_length + horizon + val_length + test_length = {C} + {H} + "
+            f"{V} + {T} = {need}. Lower those config.data keys or give a longer series")
     ts.check_transform(p, d.transform)
-    self.n_train = [len(s.time) - V - T for s in p.series]
+    self.n_train = [end - V - T for end in ends]
     self.val_length = V
     self.scales = {s.id: fit_scales(s, n, d.scaling, d.transform)
                    for s, n in zip(p.series, self.n_train)}
@@ -295,12 +303,12 @@ class ForecastTask:
                             self.pad)
     stride = config.eval.backtest_stride or H
     self.windows = {"train": [], "eval": [], "calibration": [], "test": []}
-    for i, (s, n) in enumerate(zip(p.series, self.n_train)):
+    for i, (end, n) in enumerate(zip(ends, self.n_train)):
       self.windows["train"] += [(i, o) for o in range(C, n - H + 1)]
       self.windows["eval"] += [(i, o) for o in _tail_origins(n, n + V, H, stride)]
       # Every origin with a forecast step inside the validation tail; only those steps count.
       self.windows["calibration"] += [(i, o) for o in range(max(C, n - H + 1), n + V)]
-      self.windows["test"] += [(i, o) for o in _tail_origins(n + V, len(s.time), H, stride)]
+      self.windows["test"] += [(i, o) for o in _tail_origins(n + V, end, H, stride)]
     self.windows = {k: np.array(v, np.int64).reshape(-1, 2) for k, v in self.windows.items()}
     self._references: dict[str, dict] = {}
     self._scale_of: tuple[list, np.ndarray | None] = ([], None)  # (parameter arrays, factor)
@@ -402,7 +410,7 @@ class ForecastTask:
                                             levels=model.quantiles)
     out = score(pred)
     scale = self.interval_scale(model)
-    if scale is not None:
+    if scale is not None and out:  # out is {} when the tail has no observed target
       raw = out
       out = score(forecast_eval.scale_spread(pred, scale))
       out.update({f"{k}_uncalibrated": raw[k] for k in ("crps", "coverage_80")},
@@ -442,8 +450,7 @@ def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horiz
   ts.check_transform(panel, transform)
   arrays, windows, times = [], [], []
   for i, s in enumerate(panel.series):
-    seen = np.flatnonzero(~np.isnan(s.y).all(1))
-    origin = int(seen[-1]) + 1
+    origin = history_length(s)
     if origin < d.context_length:
       raise UserError(f"{panel.name}: series {s.id!r} has {origin} time steps of history; the "
                       f"model reads context_length={d.context_length} (and forecasts "
@@ -454,6 +461,15 @@ def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horiz
                       f"{', '.join(meta['known'])} need values for the {horizon} steps after the "
                       f"last target value; add {horizon - given} more row(s) with them filled and "
                       f"the target empty")
+    gap = np.argwhere(np.isnan(s.known[origin:origin + horizon]))
+    if len(gap):  # carried forward it would be a made-up price or holiday, not a known one
+      t, k = gap[0]
+      when = s.time[origin + t]
+      when = (np.datetime_as_string(when, unit="auto")
+              if np.issubdtype(s.time.dtype, np.datetime64) else f"{when:g}")
+      raise UserError(f"{panel.name}: series {s.id!r}: known covariate {meta['known'][k]!r} is "
+                      f"empty at {when}, inside the {horizon}-step horizon; fill it (a known "
+                      f"covariate needs a value at every forecast step)")
     extra = max(0, origin + steps - len(s.time))
     future = ts.future_times(s.time, extra, meta["freq"], panel.tz)
     ext = ts.Series(s.id, np.concatenate([s.time, future]),
