@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gru_tpu.models.lm import CELLS
+from gru_tpu.models.lm import CELLS, dense
 
 NUM_PARAMS = {"point": 1, "gaussian": 2, "student_t": 3}
 DECODERS = ("direct", "autoregressive")
@@ -107,7 +107,7 @@ class Forecaster(nnx.Module):
                             jnp.broadcast_to(in_context[None, :, None], (B, N, 1))], -1)
 
   def _raw(self, out_BxTxH):
-    raw = self.out(out_BxTxH).astype(jnp.float32)
+    raw = dense(self.out, out_BxTxH)
     return raw.reshape(*raw.shape[:-1], self.C, self.num_params)
 
   def _direct_raw(self, b, mu, s, rngs=None):
@@ -118,7 +118,7 @@ class Forecaster(nnx.Module):
     z = jnp.concatenate([jnp.broadcast_to(y_BxTxH[:, -1:], (B, H, y_BxTxH.shape[-1])),
                          jnp.broadcast_to(e_HxE[None], (B, *e_HxE.shape)).astype(y_BxTxH.dtype),
                          b["known"][:, self.pad:self.pad + H].astype(y_BxTxH.dtype)], -1)
-    return self._raw(jax.nn.gelu(self.mlp(z)))
+    return self._raw(jax.nn.gelu(dense(self.mlp, z)))
 
   # -- distributions --------------------------------------------------------------------------
 
