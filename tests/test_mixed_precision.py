@@ -1,4 +1,4 @@
-"""Compute dtypes end to end: a bf16 run's gradients."""
+"""Compute dtypes end to end: a bf16 run's gradients and jax_enable_x64."""
 
 import sys
 from pathlib import Path
@@ -49,3 +49,19 @@ def test_bf16_gradients_of_the_forecaster(decoder):
   assert_bf16_grads_close(lambda dtype: task_for(
       seasonal_frame(), batch_size=256, **{"model.dtype": dtype, "model.decoder": decoder}))
 
+
+@pytest.mark.parametrize("head", ["gaussian", "student_t", "quantile"])
+def test_forecasts_under_x64_stay_float32(head):
+  """jax_enable_x64 (a notebook may turn it on) makes the default float f64: the sampled draws
+  fed back into the f32 window crashed the autoregressive decoder (dynamic_update_slice)."""
+  task = task_for(seasonal_frame(), **{"model.decoder": "autoregressive", "model.head": head,
+                                       "model.window_norm": "none"})
+  model = task.build_model(nnx.Rngs(0))
+  model.eval()
+  w = task.windows["eval"][:2]
+  want = model.predict(task.store.gather(w[:, 0], w[:, 1], 6), jax.random.key(0), 3)
+  with jax.enable_x64(True):
+    got = model.predict(task.store.gather(w[:, 0], w[:, 1], 6), jax.random.key(0), 3)
+  for k in want:
+    assert got[k].dtype == jnp.float32, k
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
