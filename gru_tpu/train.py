@@ -48,8 +48,9 @@ log = logging.getLogger("gru_tpu")
 
 # Config sections whose change makes an existing checkpoint unusable for this run.
 COMPATIBLE_KEYS = ("task", "model", "data")
-# model keys that leave the parameters alone: a run may resume with another value.
-RUNTIME_MODEL_KEYS = ("impl", "unroll")
+# model keys that leave the parameters (f32 whatever the compute dtype) and optimizer state
+# alone: a run may resume with another value, e.g. remat on after running out of memory.
+RUNTIME_MODEL_KEYS = ("impl", "unroll", "remat", "dtype")
 
 
 class TrainingDiverged(UserError):

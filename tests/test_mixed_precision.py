@@ -1,4 +1,5 @@
-"""Compute dtypes end to end: a bf16 run's gradients and jax_enable_x64."""
+"""Compute dtypes end to end: a bf16 run's gradients, jax_enable_x64, and compute knobs that
+change when a run resumes."""
 
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from forecast_data import seasonal_frame, task_for
 sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
 import synthetic
 
+import gru_tpu
 from gru_tpu.tasks.synthetic import SyntheticTask
 
 
@@ -65,3 +67,23 @@ def test_forecasts_under_x64_stay_float32(head):
   for k in want:
     assert got[k].dtype == jnp.float32, k
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_a_bf16_run_resumes_with_other_compute_knobs(tmp_path):
+  """dtype, remat, unroll and impl change no parameter (f32 in every case): a bf16 run resumes
+  in f32 with remat on, and its checkpoint stays f32."""
+  from gru_tpu import train
+  from gru_tpu.metrics import read_metrics
+
+  def run(steps, **model):
+    c = synthetic.get_config("size=tiny")
+    c.num_steps, c.log_every, c.checkpoint_every, c.eval_every = steps, 1, 2, 100
+    c.model.update(model)
+    train.train_and_evaluate(c, tmp_path)
+
+  run(2, dtype="bfloat16")
+  run(3, dtype="float32", remat=True, unroll=2)
+  assert sorted(r["step"] for r in read_metrics(tmp_path) if r["split"] == "train") == [1, 2, 3]
+  m = gru_tpu.load(tmp_path)
+  assert m.step == 3 and m.model.rnn.remat and m.model.rnn.dtype == jnp.float32
+  assert {a.dtype for a in jax.tree.leaves(nnx.state(m.model, nnx.Param))} == {jnp.dtype("float32")}
