@@ -48,8 +48,9 @@ log = logging.getLogger("gru_tpu")
 
 # Config sections whose change makes an existing checkpoint unusable for this run.
 COMPATIBLE_KEYS = ("task", "model", "data")
-# model keys that leave the parameters alone: a run may resume with another value.
-RUNTIME_MODEL_KEYS = ("impl", "unroll")
+# model keys that leave the parameters (f32 whatever the compute dtype) and optimizer state
+# alone: a run may resume with another value, e.g. remat on after running out of memory.
+RUNTIME_MODEL_KEYS = ("impl", "unroll", "remat", "dtype")
 
 
 class TrainingDiverged(UserError):
@@ -163,6 +164,15 @@ def check_engine_config(config) -> None:
                        ("dtype", ("float32", "bfloat16", "float16"))):
     if key in m and m[key] not in allowed:
       raise UserError(f"config.model.{key}={m[key]!r}: expected one of {', '.join(allowed)}")
+  # Every task's model (the forecaster's too) would otherwise ignore impl for the other cells,
+  # or fail deep inside model construction with a traceback.
+  cell = m.get("cell", "gru")
+  if m.get("impl") == "pallas" and cell != "gru":
+    raise UserError(f"config.model.impl='pallas' needs config.model.cell='gru' (got {cell!r}); "
+                    f"use 'auto' or 'scan'")
+  if cell == "mingru" and m.get("recurrent_dropout", 0.0):
+    raise UserError(f"config.model.recurrent_dropout={m.recurrent_dropout!r}: minGRU has no "
+                    f"recurrent weights to drop; set it to 0 (model.dropout acts between layers)")
 
 
 def _check_batch(config, mesh) -> None:

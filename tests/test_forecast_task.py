@@ -207,6 +207,8 @@ def test_bad_task_inputs():
     task_for(seasonal_frame(), **{"data.horizon": 0})
   with pytest.raises(UserError, match=r"config.model.unroll=0: expected an integer >= 1"):
     train.check_engine_config(config(**{"model.unroll": 0}))  # the engine checks its keys
+  with pytest.raises(UserError, match="impl='pallas' needs config.model.cell='gru'"):
+    train.check_engine_config(config(**{"model.cell": "lstm", "model.impl": "pallas"}))
   with pytest.raises(UserError, match="model.head='laplace'"):
     task_for(seasonal_frame(), **{"model.head": "laplace"})
   with pytest.raises(UserError, match="val_length=3 is shorter than"):

@@ -242,6 +242,8 @@ def test_bad_config_override_is_one_clear_line(tmp_path, flag, message):
     ({"model.cell": "rnn"}, r"config.model.cell='rnn': expected one of gru, lstm, mingru"),
     ({"model.dtype": "bf16"}, r"config.model.dtype='bf16': expected one of float32, bfloat16, float16"),
     ({"model.dropout": 1.5}, r"config.model.dropout=1.5: expected a value in \[0, 1\)"),
+    ({"model.cell": "mingru", "model.recurrent_dropout": 0.1},
+     r"config.model.recurrent_dropout=0.1: minGRU has no recurrent weights"),
     ({"mesh": (("dat", -1), ("model", 1))}, r"expected axes \('data', N\)"),
     ({"mesh": (("data", -1, 1),)}, r"expected axes \('data', N\)"),
     ({"mesh": (("data", 0),)}, r"sizes positive or -1"),

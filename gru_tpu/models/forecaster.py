@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gru_tpu.models.lm import CELLS
+from gru_tpu.models.lm import CELLS, dense
 
 NUM_PARAMS = {"point": 1, "gaussian": 2, "student_t": 3}
 DECODERS = ("direct", "autoregressive")
@@ -85,7 +85,7 @@ class Forecaster(nnx.Module):
     """Location and scale of each window's observed context, (B, C) each."""
     B = y_BxWxC.shape[0]
     if self.window_norm == "none":
-      return jnp.zeros((B, self.C)), jnp.ones((B, self.C))
+      return jnp.zeros((B, self.C), y_BxWxC.dtype), jnp.ones((B, self.C), y_BxWxC.dtype)
     ctx = slice(self.pad - self.context_length, self.pad)
     y, w = y_BxWxC[:, ctx], obs_BxWxC[:, ctx]
     n = jnp.maximum(w.sum(1), 1.0)
@@ -109,7 +109,7 @@ class Forecaster(nnx.Module):
                             jnp.broadcast_to(in_context[None, :, None], (B, N, 1))], -1)
 
   def _raw(self, out_BxTxH):
-    raw = self.out(out_BxTxH).astype(jnp.float32)
+    raw = dense(self.out, out_BxTxH)
     return raw.reshape(*raw.shape[:-1], self.C, self.num_params)
 
   def _direct_raw(self, b, mu, s, rngs=None):
@@ -120,7 +120,7 @@ class Forecaster(nnx.Module):
     z = jnp.concatenate([jnp.broadcast_to(y_BxTxH[:, -1:], (B, H, y_BxTxH.shape[-1])),
                          jnp.broadcast_to(e_HxE[None], (B, *e_HxE.shape)).astype(y_BxTxH.dtype),
                          b["known"][:, self.pad:self.pad + H].astype(y_BxTxH.dtype)], -1)
-    return self._raw(jax.nn.gelu(self.mlp(z)))
+    return self._raw(jax.nn.gelu(dense(self.mlp, z)))
 
   # -- distributions --------------------------------------------------------------------------
 
@@ -146,7 +146,7 @@ class Forecaster(nnx.Module):
       e = y - p["loc"]
       return jnp.square(e) if self.point_loss == "mse" else jnp.abs(e)
     if self.head == "quantile":
-      return pinball(p["quantiles"], y[..., None], jnp.asarray(self.quantiles)).mean(-1)
+      return pinball(p["quantiles"], y[..., None], self._levels()).mean(-1)
     z = (y - p["loc"]) / p["scale"]
     if self.head == "gaussian":
       return 0.5 * math.log(2 * math.pi) + jnp.log(p["scale"]) + 0.5 * jnp.square(z)
@@ -155,9 +155,12 @@ class Forecaster(nnx.Module):
             + 0.5 * jnp.log(df * math.pi) + jnp.log(p["scale"])
             + (df + 1) / 2 * jnp.log1p(jnp.square(z) / df))
 
+  def _levels(self) -> jax.Array:
+    return jnp.asarray(self.quantiles, jnp.float32)  # not f64 under jax_enable_x64
+
   def _median(self, p: dict):
     if self.head == "quantile":
-      return quantile_interp(p["quantiles"], jnp.asarray(self.quantiles), jnp.asarray(0.5))
+      return quantile_interp(p["quantiles"], self._levels(), jnp.float32(0.5))
     return p["loc"]
 
   def _sample(self, p: dict, key):
@@ -165,11 +168,12 @@ class Forecaster(nnx.Module):
       return p["loc"]
     if self.head == "quantile":
       q = p["quantiles"]
-      u = jax.random.uniform(key, q.shape[:-1])
-      return quantile_interp(q, jnp.asarray(self.quantiles), u)
-    shape = p["loc"].shape
-    eps = (jax.random.normal(key, shape) if self.head == "gaussian"
-           else jax.random.t(key, p["df"], shape))
+      u = jax.random.uniform(key, q.shape[:-1], q.dtype)
+      return quantile_interp(q, self._levels(), u)
+    # The draws take the parameters' dtype: the default float is f64 under jax_enable_x64.
+    shape, dtype = p["loc"].shape, p["loc"].dtype
+    eps = (jax.random.normal(key, shape, dtype) if self.head == "gaussian"
+           else jax.random.t(key, p["df"], shape, dtype))
     return p["loc"] + p["scale"] * eps
 
   # -- training and forecasting ---------------------------------------------------------------

@@ -15,6 +15,18 @@ from gru_tpu.models.mingru import MinGRU
 CELLS = {"gru": GRU, "lstm": LSTM, "mingru": MinGRU}
 
 
+def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+  """layer(x) in f32: the matmul in the layer's compute dtype, its bias added in f32.
+
+  nnx.Linear adds the bias in the compute dtype, so under bf16 the bias gradient, a sum over
+  every row (B·T of them), is accumulated in bf16: for the head at B·T = 8192 it was 67 % off.
+  """
+  kernel = layer.kernel[...]
+  cdt = layer.dtype or jnp.result_type(x, kernel)
+  y = jnp.dot(x.astype(cdt), kernel.astype(cdt)).astype(jnp.float32)
+  return y if layer.bias is None else y + layer.bias[...].astype(jnp.float32)
+
+
 class SequenceLM(nnx.Module):
   """logits_BxTxV = head(norm(rnn(embed(tokens_BxT)))).
 
@@ -53,7 +65,7 @@ class SequenceLM(nnx.Module):
     if self.norm is not None:
       y_BxTxH = self.norm(y_BxTxH)
     if not self.tied:
-      return self.head(y_BxTxH).astype(jnp.float32)
+      return dense(self.head, y_BxTxH)
     if self.proj is not None:
       y_BxTxH = self.proj(y_BxTxH)
     return self.embed.attend(y_BxTxH).astype(jnp.float32) + self.out_bias[...]

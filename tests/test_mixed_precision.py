@@ -1,0 +1,89 @@
+"""Compute dtypes end to end: a bf16 run's gradients, jax_enable_x64, and compute knobs that
+change when a run resumes."""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from forecast_data import seasonal_frame, task_for
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+import synthetic
+
+import gru_tpu
+from gru_tpu.tasks.synthetic import SyntheticTask
+
+
+def grads(task, batch):
+  model = task.build_model(nnx.Rngs(params=0, dropout=1))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  loss = lambda p: task.loss_fn(nnx.merge(graphdef, p, rest), batch, jax.random.key(0))[0]
+  return {jax.tree_util.keystr(k): np.asarray(g) for k, g in
+          jax.tree_util.tree_flatten_with_path(jax.jit(jax.grad(loss))(params))[0]}
+
+
+def assert_bf16_grads_close(make_task):
+  """Every parameter's gradient under bf16 compute within 2e-2 (relative norm) of f32's."""
+  tasks = {dt: make_task(dt) for dt in ("float32", "bfloat16")}
+  batch = {k: jnp.asarray(v) for k, v in next(tasks["float32"].batches("train", 0, 0, 1)).items()}
+  want, got = grads(tasks["float32"], batch), grads(tasks["bfloat16"], batch)
+  for k in want:
+    err = np.linalg.norm(got[k] - want[k]) / np.linalg.norm(want[k])
+    assert err < 2e-2, f"{k}: bf16 gradient {err:.1%} off f32's"
+
+
+def test_bf16_gradients_of_a_language_model_head_bias_are_f32_sums():
+  # B·T = 8192 rows: the head bias's gradient summed in bf16 was 67 % off.
+  def make(dtype):
+    c = synthetic.get_config("size=tiny")
+    c.batch_size, c.seq_len, c.model.dtype = 64, 128, dtype
+    return SyntheticTask(c)
+  assert_bf16_grads_close(make)
+
+
+@pytest.mark.parametrize("decoder", ["direct", "autoregressive"])
+def test_bf16_gradients_of_the_forecaster(decoder):
+  # autoregressive: the output bias's gradient sums B·(context + horizon) rows (13 % off).
+  assert_bf16_grads_close(lambda dtype: task_for(
+      seasonal_frame(), batch_size=256, **{"model.dtype": dtype, "model.decoder": decoder}))
+
+
+@pytest.mark.parametrize("head", ["gaussian", "student_t", "quantile"])
+def test_forecasts_under_x64_stay_float32(head):
+  """jax_enable_x64 (a notebook may turn it on) makes the default float f64: the sampled draws
+  fed back into the f32 window crashed the autoregressive decoder (dynamic_update_slice)."""
+  task = task_for(seasonal_frame(), **{"model.decoder": "autoregressive", "model.head": head,
+                                       "model.window_norm": "none"})
+  model = task.build_model(nnx.Rngs(0))
+  model.eval()
+  w = task.windows["eval"][:2]
+  want = model.predict(task.store.gather(w[:, 0], w[:, 1], 6), jax.random.key(0), 3)
+  with jax.enable_x64(True):
+    got = model.predict(task.store.gather(w[:, 0], w[:, 1], 6), jax.random.key(0), 3)
+  for k in want:
+    assert got[k].dtype == jnp.float32, k
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_a_bf16_run_resumes_with_other_compute_knobs(tmp_path):
+  """dtype, remat, unroll and impl change no parameter (f32 in every case): a bf16 run resumes
+  in f32 with remat on, and its checkpoint stays f32."""
+  from gru_tpu import train
+  from gru_tpu.metrics import read_metrics
+
+  def run(steps, **model):
+    c = synthetic.get_config("size=tiny")
+    c.num_steps, c.log_every, c.checkpoint_every, c.eval_every = steps, 1, 2, 100
+    c.model.update(model)
+    train.train_and_evaluate(c, tmp_path)
+
+  run(2, dtype="bfloat16")
+  run(3, dtype="float32", remat=True, unroll=2)
+  assert sorted(r["step"] for r in read_metrics(tmp_path) if r["split"] == "train") == [1, 2, 3]
+  m = gru_tpu.load(tmp_path)
+  assert m.step == 3 and m.model.rnn.remat and m.model.rnn.dtype == jnp.float32
+  assert {a.dtype for a in jax.tree.leaves(nnx.state(m.model, nnx.Param))} == {jnp.dtype("float32")}
