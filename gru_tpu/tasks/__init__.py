@@ -33,10 +33,7 @@ def sequence_lm(vocab_size: int, m, rngs) -> SequenceLM:
   if k > 1 and (m.hidden % k or m.embed_dim % k):
     raise UserError(f"config.model.hidden={m.hidden} and embed_dim={m.embed_dim} must be "
                     f"multiples of model.hidden_multiple={k} (the TPU MXU tile); round them up")
-  impl = m.get("impl", "auto")  # its values and unroll's: train.check_engine_config
-  if impl == "pallas" and m.cell != "gru":
-    raise UserError(f"config.model.impl='pallas' needs config.model.cell='gru' (got "
-                    f"{m.cell!r}); use 'auto' or 'scan'")
+  impl = m.get("impl", "auto")  # checked with the cell by train.check_engine_config
   return SequenceLM(vocab_size, cell=m.cell, embed_dim=m.embed_dim, hidden=m.hidden,
                     num_layers=m.num_layers, dropout=m.dropout,
                     recurrent_dropout=m.recurrent_dropout, remat=m.remat,
