@@ -112,6 +112,21 @@ def tree_shardings(tree: Any, mesh: Mesh, strategy: str) -> Any:
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def gathered(shardings: Any, strategy: str) -> Any:
+  """The parameters' shardings for compute: under fsdp their 'data' split undone (None for dp).
+
+  fsdp stores parameters split on 'data' and gathers each whole where it is used, so its
+  gradient is reduced back onto the split. Left to itself, XLA's partitioner met a 'data'-split
+  weight and the 'data'-split batch by gathering the activations instead: the scan all-gathered
+  h across the batch inside every time step, and the weight gradients x^T dg gathered whole
+  (T, B, I) inputs onto every device (scripts/aot_compile.py checks for both).
+  """
+  if strategy != "fsdp":
+    return None
+  return jax.tree.map(lambda sh: NamedSharding(sh.mesh, P(
+      *(None if axis == "data" else axis for axis in sh.spec))), shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches are split on their leading (batch) axis over "data", replicated over "model"."""
   return NamedSharding(mesh, P("data"))

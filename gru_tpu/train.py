@@ -81,12 +81,17 @@ def init_state(task, tx, seed: int) -> dict:
           "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed + 2))}
 
 
-def train_step(state: dict, batch: dict, *, graphdef, task, tx, grad_accum: int):
-  """One optimizer step on a global batch, split into `grad_accum` micro-batches."""
+def train_step(state: dict, batch: dict, *, graphdef, task, tx, grad_accum: int,
+               gathered=None):
+  """One optimizer step on a global batch, split into `grad_accum` micro-batches.
+
+  gathered: under fsdp, the parameters' shardings for compute (sharding.gathered).
+  """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
   def loss_fn(params, micro, key):
-    return task.loss_fn(nnx.merge(graphdef, params, state["rest"]), micro, key)
+    return task.loss_fn(nnx.merge(graphdef, _gather(params, gathered), state["rest"]), micro,
+                        key)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum == 1:
@@ -124,8 +129,8 @@ def train_step(state: dict, batch: dict, *, graphdef, task, tx, grad_accum: int)
   return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
 
-def eval_step(state: dict, batch: dict, *, graphdef, task):
-  model = nnx.merge(graphdef, state["params"], state["rest"])
+def eval_step(state: dict, batch: dict, *, graphdef, task, gathered=None):
+  model = nnx.merge(graphdef, _gather(state["params"], gathered), state["rest"])
   model.eval()
   loss, aux = task.loss_fn(model, batch, jax.random.key(0))
   return dict(aux, loss=loss)  # "weight" stays: _evaluate weighs the eval batches by it
@@ -134,6 +139,11 @@ def eval_step(state: dict, batch: dict, *, graphdef, task):
 def _metrics(aux: dict) -> dict:
   """A loss_fn's aux without "weight", which weighs batches and is not a metric."""
   return {k: v for k, v in aux.items() if k != "weight"}
+
+
+def _gather(params, gathered):
+  """fsdp: the parameters gathered whole for compute (sharding.gathered)."""
+  return params if gathered is None else jax.lax.with_sharding_constraint(params, gathered)
 
 
 def _state_shardings(abstract_state: dict, mesh, strategy: str) -> dict:
@@ -263,12 +273,14 @@ def setup(config, mesh) -> Setup:
   state_sh = _state_shardings(abstract, mesh, config.sharding)
   batch_sh = sharding.batch_sharding(mesh)
   options = compiler_options(mesh.devices.flat[0].platform)
+  gathered = sharding.gathered(state_sh["params"], config.sharding)
   step_fn = jax.jit(
       _in_mesh(functools.partial(train_step, graphdef=graphdef, task=task, tx=tx,
-                                 grad_accum=config.grad_accum), mesh),
+                                 grad_accum=config.grad_accum, gathered=gathered), mesh),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
       donate_argnums=(0,), compiler_options=options)
-  eval_fn = jax.jit(_in_mesh(functools.partial(eval_step, graphdef=graphdef, task=task), mesh),
+  eval_fn = jax.jit(_in_mesh(functools.partial(eval_step, graphdef=graphdef, task=task,
+                                                gathered=gathered), mesh),
                     in_shardings=(state_sh, batch_sh), compiler_options=options)
   return Setup(task, graphdef, init, abstract, state_sh, batch_sh, step_fn, eval_fn)
 

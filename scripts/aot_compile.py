@@ -8,7 +8,8 @@ compiles the jitted train step with its shardings, prints per-device HBM use (me
 and FLOPs / bytes (cost_analysis), and checks the compiled HLO: every time loop holds exactly
 one matmul (the recurrent one, per direction) or the recurrence runs in Mosaic kernels (the
 Pallas GRU, config.model.impl), the input projections are outside the loops, and under data
-parallelism no collective runs inside a loop and (on one slice) nothing is all-gathered, and no
+parallelism (dp or fsdp) no collective runs inside a loop and (on one slice) nothing but fsdp's
+parameters is all-gathered, and no
 jnp.tile result is materialised outside the loops. Exit 1 if a check fails.
 
 --compare_impls instead compiles the step with config.model.impl=scan and =pallas and prints,
@@ -20,6 +21,7 @@ Needs the [tpu] extra (pip install -e ".[tpu]").
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 
@@ -72,10 +74,27 @@ def count(comps: dict, name: str, pattern) -> int:
   return len(pattern.findall(body)) + sum(count(comps, c, pattern) for c in _called(body))
 
 
-def check_loops(hlo: str, data_parallel: bool,
-                single_slice: bool = True) -> tuple[list[int], int, list[str]]:
+def _collectives(comps: dict, name: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(opcode, result dims) of the collectives in a computation and its callees."""
+  out = []
+  for _, type_, op, _, _ in _instructions(comps.get(name, "")):
+    op = op.removesuffix("-start")
+    if op in COLLECTIVES:
+      arrays = ARRAY.findall(type_)  # an async start's type holds operand and result
+      dims = max((tuple(int(d) for d in a[1].split(",") if d) for a in arrays),
+                 key=lambda d: int(np.prod(d)), default=())
+      out.append((op, dims))
+  body = comps.get(name, "")
+  return out + [c for called in _called(body) for c in _collectives(comps, called)]
+
+
+def check_loops(hlo: str, data_parallel: bool, single_slice: bool = True,
+                gatherable: frozenset = frozenset()) -> tuple[list[int], int, list[str]]:
   """Per time loop its matmuls, the matmuls outside loops, and what is wrong. A recurrence is
-  either a while loop with one matmul (the scan) or a Mosaic kernel (the Pallas GRU)."""
+  either a while loop with one matmul (the scan) or a Mosaic kernel (the Pallas GRU).
+  gatherable: the parameter sizes (elements) that fsdp may all-gather, also inside loops (XLA
+  overlaps the next layer's gather with a loop); XLA may gather a weight split into an extra
+  (shards, rows / shards) dimension, so sizes, not shapes."""
   comps = computations(hlo)
   entry = re.search(r"^ENTRY %?([\w.\-]+)", hlo, re.M).group(1)
   # Time loops are the innermost whiles; one holding others is config.grad_accum's loop over
@@ -100,17 +119,21 @@ def check_loops(hlo: str, data_parallel: bool,
     problems.append(f"{len(tiles)} jnp.tile result(s) materialised outside the time loops "
                     f"({', '.join(tiles[:3])}): multiply per gate instead")
   if data_parallel:
-    coll = re.compile(r"= [^=]*\b(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-    inside = sum(count(comps, b, coll) for b in loop_bodies)
+    weights = lambda c: c[0] == "all-gather" and math.prod(c[1]) in gatherable
+    inside = [c for b in loop_bodies for c in _collectives(comps, b) if not weights(c)]
     if inside:
-      problems.append(f"{inside} collective(s) inside a time loop under data parallelism")
-    # Replicated parameters need only gradient all-reduces; an all-gather means some
-    # batch-sharded activation was gathered whole onto every device. (Across slices XLA splits
-    # the gradient all-reduce into reduce-scatter, all-reduce over DCN and all-gather.)
-    gathers = count(comps, entry, re.compile(r"= [^=]*\ball-gather(-start)?\("))
+      problems.append(f"{len(inside)} collective(s) inside a time loop under data parallelism "
+                      f"({', '.join(sorted({op for op, _ in inside}))})")
+    # Parameters need only gradient all-reduces (and, under fsdp, their own all-gathers); any
+    # other all-gather or all-to-all means some batch-sharded activation was gathered whole onto
+    # every device or resharded. (Across slices XLA splits the gradient all-reduce into
+    # reduce-scatter, all-reduce over DCN and all-gather.)
+    gathers = [c for c in _collectives(comps, entry)
+               if c[0] in ("all-gather", "all-to-all") and not weights(c)]
     if gathers and single_slice:
-      problems.append(f"{gathers} all-gather(s) under data parallelism: a batch-sharded "
-                      f"activation is gathered onto every device")
+      problems.append(f"{len(gathers)} all-gather(s) or all-to-all(s) of activations under data "
+                      f"parallelism (e.g. {gathers[0][0]} to {list(gathers[0][1])}): a "
+                      f"batch-sharded activation is gathered onto every device")
   return per_loop, outside, problems
 
 
@@ -139,7 +162,9 @@ def compile_step(config, mesh):
            for k, v in host.items()}
   compiled = s.train_step.lower(state, batch).compile()
   cost = compiled.cost_analysis()
-  return compiled, cost[0] if isinstance(cost, (list, tuple)) else cost
+  # The parameters' sizes: what fsdp may all-gather.
+  params = frozenset(a.size for a in jax.tree.leaves(s.abstract_state["params"]))
+  return compiled, cost[0] if isinstance(cost, (list, tuple)) else cost, params
 
 
 def kernel_costs(hlo: str) -> tuple[float, float]:
@@ -307,7 +332,7 @@ def compare_impls(config, mesh) -> None:
   for impl in ("scan", "pallas"):
     with config.unlocked():
       config.model.impl = impl
-    compiled, cost = compile_step(config, mesh)
+    compiled, cost, _ = compile_step(config, mesh)
     hlo = compiled.as_text()
     loops = []
     out[impl] = dict(flops=cost.get("flops", 0.0) + loop_matmul_flops(hlo),
@@ -380,7 +405,7 @@ def _main(argv) -> int:
   if FLAGS.compare_impls:
     compare_impls(config, mesh)
     return 0
-  compiled, cost = compile_step(config, mesh)
+  compiled, cost, params = compile_step(config, mesh)
   mem = compiled.memory_analysis()
   hosts = len({d.process_index for d in devices.flat})
   print(f"topology {FLAGS.topology} x{FLAGS.num_slices} slice(s): {devices.size} chips on "
@@ -394,9 +419,10 @@ def _main(argv) -> int:
   print(f"per-device cost: {cost.get('flops', 0):.4g} FLOPs, "
         f"{cost.get('bytes accessed', 0):.4g} bytes accessed")
   per_loop, outside, problems = check_loops(compiled.as_text(),
-                                            data_parallel=mesh.shape.get("model", 1) == 1
-                                            and config.sharding == "dp",
-                                            single_slice=FLAGS.num_slices == 1)
+                                            data_parallel=mesh.shape.get("model", 1) == 1,
+                                            single_slice=FLAGS.num_slices == 1,
+                                            gatherable=params if config.sharding == "fsdp"
+                                            else frozenset())
   print(f"matmuls per time loop: {per_loop}; outside loops: {outside}")
   print(f"Mosaic kernels (Pallas GRU, forward and backward): {mosaic_kernels(compiled.as_text())}")
   for p in problems:

@@ -63,8 +63,13 @@ def test_aot_compare_impls_prints_traffic_and_roofline():
   assert "-bound" in r.stdout
 
 
-def test_aot_compile_with_fsdp_sharding():
-  r = aot("--topology", "v5e:2x2", "--config.sharding=fsdp", "--config.model.hidden=128")
+@pytest.mark.parametrize("impl", ["auto", "scan"])
+def test_aot_compile_with_fsdp_sharding(impl):
+  """fsdp gathers the weights, not the batch: without the engine's gather of the parameters
+  XLA met 'data'-split weights with the 'data'-split batch by all-gathering h inside every time
+  step of the scan and the whole (T, B, I) inputs for the weight gradients."""
+  r = aot("--topology", "v5e:2x2", "--config.sharding=fsdp", "--config.model.hidden=128",
+          f"--config.model.impl={impl}")
   assert r.returncode == 0, r.stdout[-3000:]
   assert "sharding fsdp" in r.stdout and "HLO checks: ok" in r.stdout
 
@@ -166,6 +171,9 @@ ENTRY %main (p: f32[2]) -> f32[2] {
              for p in problems)
   assert not any("all-gather" in p for p in aot_compile.check_loops(
       hlo, data_parallel=True, single_slice=False)[2])
+  # fsdp: gathering a parameter (here of 8 elements) is what it should do
+  assert not any("all-gather" in p for p in aot_compile.check_loops(
+      hlo, data_parallel=True, gatherable=frozenset({8}))[2])
 
 
 def test_launcher_dry_run_prints_the_pod_commands():
