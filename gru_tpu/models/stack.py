@@ -21,6 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from gru_tpu.kernels.gru import batch_axes
 
 Carry = Any  # an array (GRU, MinGRU) or a tuple (h, c) (LSTM); leaves shaped (L·D, B, H)
 
@@ -184,6 +188,7 @@ class RecurrentStack(nnx.Module):
     return jnp.swapaxes(x_TxBxI, 0, 1), carry_n
 
   def _run_layer(self, p, x_TxDxBxI, mask_TxB, carry, rmask):
+    p, x_TxDxBxI, mask_TxB, carry, rmask = _split_batch(p, x_TxDxBxI, mask_TxB, carry, rmask)
     if not self.remat:
       return self._layer(p, x_TxDxBxI, mask_TxB, carry, rmask)
     # Remat: save only the carry at chunk boundaries (and the layer input); each chunk's
@@ -284,6 +289,30 @@ class RecurrentStack(nnx.Module):
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
       raise ValueError(f"{type(self).__name__}: {arg} must be {want} (num_layers·directions, "
                        f"batch, hidden), got {got}")
+
+
+def _split_batch(p, x_TxDxBxI, mask_TxB, carry, rmask):
+  """Under a context mesh (the engine traces its steps in one), a layer runs on batch rows split
+  over every mesh axis that divides the batch, with whole weights: the Pallas kernel's layout.
+
+  Left to XLA, a 'model'-split input kernel (tensor parallelism) split the scan's gates across
+  devices, and every time step all-gathered h, exchanged gate slices and (backwards)
+  all-reduced: collectives on the recurrence's serial path, T times per layer and direction.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  # With one axis of size > 1 the batch split is already the layout (the engine gathers fsdp's
+  # weights), and the constraints would only cost copies (+1.4 % HBM traffic in a dp scan step).
+  if (mesh.empty or mesh.manual_axes or any(t != AxisType.Auto for t in mesh.axis_types)
+      or sum(n > 1 for n in mesh.shape.values()) < 2):
+    return p, x_TxDxBxI, mask_TxB, carry, rmask
+  axes = batch_axes(mesh, x_TxDxBxI.shape[2])
+  if not axes:
+    return p, x_TxDxBxI, mask_TxB, carry, rmask
+  rows = lambda a, axis: jax.lax.with_sharding_constraint(
+      a, P(*(axes if i == axis else None for i in range(a.ndim))))
+  return (jax.tree.map(lambda w: jax.lax.with_sharding_constraint(w, P()), p), rows(x_TxDxBxI, 2),
+          None if mask_TxB is None else rows(mask_TxB, 1),
+          jax.tree.map(lambda c: rows(c, 1), carry), None if rmask is None else rows(rmask, 1))
 
 
 def direction_dot(a_TxDxBxK: jax.Array, w_DxKxN: jax.Array, out_dtype=jnp.float32,
