@@ -20,7 +20,6 @@ from gru_tpu.errors import UserError
 from gru_tpu.kernels import gru as kernel
 from gru_tpu.models import GRU
 from gru_tpu.models.gru import gru_recurrence, pallas_fallback
-from gru_tpu.tasks import sequence_lm
 
 ROOT = Path(__file__).parents[1]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -145,18 +144,16 @@ def test_auto_runs_the_scan_off_tpu_and_impl_is_checked(rng):
     GRU(4, 8, impl="cuda", rngs=nnx.Rngs(0))
 
 
-def test_sequence_lm_checks_config_impl():
-  from ml_collections import ConfigDict
-  m = ConfigDict({"cell": "lstm", "hidden": 8, "embed_dim": 8, "num_layers": 1, "dropout": 0.0,
-                  "recurrent_dropout": 0.0, "remat": False, "dtype": "float32",
-                  "impl": "pallas"})
-  with pytest.raises(UserError, match="impl='pallas' needs config.model.cell='gru'"):
-    sequence_lm(10, m, nnx.Rngs(0))
+def test_engine_checks_config_impl():
   import sys
   from pathlib import Path
   sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
   import synthetic
   from gru_tpu.train import check_engine_config
+  c = synthetic.get_config("size=tiny")
+  c.model.cell, c.model.impl = "lstm", "pallas"
+  with pytest.raises(UserError, match="impl='pallas' needs config.model.cell='gru'"):
+    check_engine_config(c)
   c = synthetic.get_config("size=tiny")
   c.model.impl = "fast"
   with pytest.raises(UserError, match="config.model.impl='fast': expected one of auto, scan"):
