@@ -110,5 +110,8 @@ def test_keras_bias_shape_mismatch_names_the_fix():
   w = [np.zeros((I, 3 * H)), np.zeros((H, 3 * H)), np.zeros(3 * H)]
   with pytest.raises(ValueError, match="pass reset_after=False"):
     convert.gru_from_keras(w, reset_after=True)
-  with pytest.raises(ValueError, match="use_bias=False is not supported"):
+  with pytest.raises(ValueError, match="got 2 arrays; a Keras GRU with use_bias=False"):
     convert.gru_from_keras(w[:2])
+  # Bidirectional(GRU).get_weights() is forward + backward: it blamed use_bias=False
+  with pytest.raises(ValueError, match=r"got 6 arrays; .* Bidirectional \(6 arrays\)"):
+    convert.gru_from_keras(w + w)
