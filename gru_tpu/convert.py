@@ -110,8 +110,10 @@ def gru_from_keras(weights: Sequence[Any], *, reset_after: bool = True, **kwargs
   layers = []
   for w in stack:
     if len(w) != 3:
+      # 2 arrays: use_bias=False; 6: a Bidirectional wrapper (forward then backward weights).
       raise ValueError(f"gru_from_keras: expected [kernel, recurrent_kernel, bias] per layer, got "
-                       f"{len(w)} arrays; a Keras GRU with use_bias=False is not supported")
+                       f"{len(w)} arrays; a Keras GRU with use_bias=False (2 arrays) or wrapped "
+                       f"in Bidirectional (6 arrays) is not supported")
     kernel, rkernel, bias = w
     kernel, rkernel, bias = (np.asarray(a) for a in (kernel, rkernel, bias))
     H = rkernel.shape[0]

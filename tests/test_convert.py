@@ -1,6 +1,7 @@
 """Converters from torch, Flax linen and Keras: the converted model computes the same function."""
 
 import os
+import warnings
 
 import flax.linen as linen
 import jax
@@ -43,6 +44,19 @@ def test_torch_module_in_eval_mode_converts_to_the_same_function(rng):
   train = convert.gru_from_torch(ref.train())
   assert not train.deterministic and train.dropout == 0.5
   assert convert.gru_from_torch(ref, dropout=0.0).dropout == 0.0   # kwargs override the module's
+
+
+def test_dropout_warning_points_at_the_converter_call():
+  """A 1-layer module with dropout: the no-effect warning names the user's line, not convert.py."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # torch's own warning about the same module
+    ref = torch.nn.GRU(I, H, dropout=0.5)
+  keras_weights = [np.zeros((I, 3 * H)), np.zeros((H, 3 * H)), np.zeros((2, 3 * H))]
+  for build in (lambda: convert.gru_from_torch(ref),
+                lambda: convert.gru_from_keras(keras_weights, dropout=0.5)):
+    with pytest.warns(UserWarning, match="dropout=0.5 has no effect with num_layers=1") as w:
+      build()
+    assert [x.filename for x in w] == [__file__]
 
 
 def test_torch_without_bias_is_rejected():
@@ -96,5 +110,8 @@ def test_keras_bias_shape_mismatch_names_the_fix():
   w = [np.zeros((I, 3 * H)), np.zeros((H, 3 * H)), np.zeros(3 * H)]
   with pytest.raises(ValueError, match="pass reset_after=False"):
     convert.gru_from_keras(w, reset_after=True)
-  with pytest.raises(ValueError, match="use_bias=False is not supported"):
+  with pytest.raises(ValueError, match="got 2 arrays; a Keras GRU with use_bias=False"):
     convert.gru_from_keras(w[:2])
+  # Bidirectional(GRU).get_weights() is forward + backward: it blamed use_bias=False
+  with pytest.raises(ValueError, match=r"got 6 arrays; .* Bidirectional \(6 arrays\)"):
+    convert.gru_from_keras(w + w)

@@ -120,6 +120,67 @@ def test_reset_before_matches_cho_et_al_loop(rng):
   np.testing.assert_allclose(np.asarray(h_n)[0], h, **TOL)
 
 
+def _cho_reference(p, x, h0, lengths):
+  """Cho et al. GRU as a float64 torch loop, each sequence on its own unpadded slice."""
+  L, D = len(p), len(p[0])
+  ys, h_n = [], [[None] * x.shape[0] for _ in range(L * D)]
+  for b in range(x.shape[0]):
+    inp = x[b, :lengths[b]]
+    for l in range(L):
+      outs = []
+      for d, q in enumerate(p[l]):
+        h, out = h0[l * D + d, b], [None] * lengths[b]
+        for t in (range(lengths[b]) if d == 0 else reversed(range(lengths[b]))):
+          gi, gh = inp[t] @ q["w_i"] + q["b_i"], h @ q["w_h"][:, :2 * H] + q["b_h"][:2 * H]
+          r, z = torch.sigmoid(gi[:H] + gh[:H]), torch.sigmoid(gi[H:2 * H] + gh[H:])
+          n = torch.tanh(gi[2 * H:] + (r * h) @ q["w_h"][:, 2 * H:] + q["b_h"][2 * H:])
+          h = out[t] = (1 - z) * n + z * h
+        h_n[l * D + d][b] = h
+        outs.append(torch.stack(out) if out else torch.zeros((0, H), dtype=torch.float64))
+      inp = torch.cat(outs, -1)
+    ys.append(inp)
+  return ys, torch.stack([torch.stack(h) for h in h_n])
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_reset_before_outputs_state_and_gradients_match_cho_et_al_loop(remat, rng):
+  """reset_after=False, 2 layers, bidirectional, lengths 0..T, nonzero biases and h0: y, h_n and
+  the gradients of every parameter, x and h0 against autograd through the equations."""
+  model = GRU(I, H, num_layers=2, bidirectional=True, reset_after=False, remat=remat,
+              rngs=nnx.Rngs(9))
+  for layer in model.layers:
+    layer.b_h[...] = jnp.asarray(rng.uniform(-1, 1, layer.b_h.shape), jnp.float32)
+  lengths = np.array([T, 0, 3, 1, 5, 7, 2, 6])
+  x, h0 = rng.standard_normal((B, T, I)), rng.standard_normal((4, B, H))
+  gy, gh = rng.standard_normal((B, T, 2 * H)), rng.standard_normal((4, B, H))
+  p = [[{k: torch.tensor(np.asarray(getattr(layer, k)[...][d], np.float64), requires_grad=True)
+         for k in ("w_i", "w_h", "b_i", "b_h")} for d in range(2)] for layer in model.layers]
+  x_t, h0_t = torch.tensor(x, requires_grad=True), torch.tensor(h0, requires_grad=True)
+  ys, h_ref = _cho_reference(p, x_t, h0_t, lengths)
+  (sum((y * torch.tensor(gy[b, :lengths[b]])).sum() for b, y in enumerate(ys))
+   + (h_ref * torch.tensor(gh)).sum()).backward()
+
+  graphdef, params = nnx.split(model)
+
+  def loss(params, x, h0):
+    y, h_n = nnx.merge(graphdef, params)(x, jnp.asarray(lengths), h0)
+    return (y * gy).sum() + (h_n * gh).sum(), (y, h_n)
+
+  (_, (y, h_n)), (dparams, dx, dh0) = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(
+      params, jnp.asarray(x, jnp.float32), jnp.asarray(h0, jnp.float32))
+  for b in range(B):
+    np.testing.assert_allclose(y[b, :lengths[b]], ys[b].detach().numpy(), **TOL)
+    np.testing.assert_array_equal(y[b, lengths[b]:], 0.0)
+  np.testing.assert_allclose(h_n, h_ref.detach().numpy(), **TOL)
+  np.testing.assert_allclose(dx, x_t.grad.numpy(), **TOL)
+  np.testing.assert_allclose(dh0, h0_t.grad.numpy(), **TOL)
+  dmodel = nnx.merge(graphdef, dparams)
+  for l, layer in enumerate(dmodel.layers):
+    for k in ("w_i", "w_h", "b_i", "b_h"):
+      np.testing.assert_allclose(getattr(layer, k)[...], np.stack([q[k].grad for q in p[l]]),
+                                 err_msg=f"d{k} layer {l}", **TOL)
+
+
 @pytest.mark.parametrize("reset_after", [True, False])
 def test_scan_equals_step_loop(reset_after, rng):
   model = GRU(I, H, num_layers=2, reset_after=reset_after, rngs=nnx.Rngs(2))

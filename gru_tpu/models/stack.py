@@ -30,11 +30,12 @@ Carry = Any  # an array (GRU, MinGRU) or a tuple (h, c) (LSTM); leaves shaped (L
 
 
 def _callers_level() -> int:
-  """The warnings stacklevel of the first frame outside gru_tpu.models and flax (NNX builds a
-  module through its metaclass, and subclasses add __init__ frames): the user's call."""
+  """The warnings stacklevel of the first frame outside gru_tpu.models, gru_tpu.convert and flax
+  (NNX builds a module through its metaclass, subclasses add __init__ frames, converters build
+  the model for the user): the user's call."""
   frame, level = sys._getframe(2), 2
   while frame is not None and frame.f_globals.get("__name__", "").startswith(
-      ("gru_tpu.models", "flax.")):
+      ("gru_tpu.models", "gru_tpu.convert", "flax.")):
     frame, level = frame.f_back, level + 1
   return level
 
