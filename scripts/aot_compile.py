@@ -330,6 +330,14 @@ def loop_matmul_flops(hlo: str) -> float:
 
 def compare_impls(config, mesh) -> None:
   """HBM traffic and roofline step time of the train step with the scan and the Pallas GRU."""
+  m, dtype = config.model, jnp.dtype(config.model.dtype)
+  chip = kernel.DEVICE_KINDS.get(mesh.devices.flat[0].device_kind, kernel.DEFAULT_CHIP)
+  p = kernel.plan(config.seq_len, kernel.local_rows(mesh.abstract_mesh, config.batch_size,
+                                                    dtype)[2], m.hidden, dtype, chip)
+  if isinstance(p, str):  # impl=pallas would die in the kernel with a traceback
+    raise UserError(f"--compare_impls: no Pallas GRU kernel on {chip} for this shape ({p}); "
+                    f"compare on a chip where it fits (the roofline rows cover every generation)"
+                    f" or with a smaller config.model.hidden or config.batch_size")
   out = {}
   for impl in ("scan", "pallas"):
     with config.unlocked():
@@ -344,8 +352,6 @@ def compare_impls(config, mesh) -> None:
         "cost_analysis plus the loop trips it leaves out; HBM bytes: hbm_traffic() over the "
         "compiled HLO (every trip of a loop, slices as slices, on-chip buffers excluded; "
         "cost_analysis's count in brackets):")
-  m = config.model
-  dtype = jnp.dtype(m.dtype)
   rows_per_device = kernel.local_rows(mesh.abstract_mesh, config.batch_size, dtype)[2]
   misfits = {}
   for chip in kernel.CHIPS:
