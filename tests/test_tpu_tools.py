@@ -87,6 +87,10 @@ def test_aot_compile_with_fsdp_sharding(impl):
 @pytest.mark.parametrize("args,message", [
     (["--topology", "v9z:2x2"], "--topology v9z:2x2 (x1 slices): INVALID_ARGUMENT: Invalid TPU"),
     (["--config.model.hiden=8"], "unknown config key 'hiden' (did you mean 'hidden'?)"),
+    # impl=pallas where the kernel does not fit died inside it with a traceback
+    (["--topology", "v4:2x2x1", "--compare_impls", "--config.model.hidden=1024",
+      "--config.seq_len=256"], "--compare_impls: no Pallas GRU kernel on v4 for this shape "
+                               "(hidden size 1024 needs"),
 ])
 def test_aot_compile_bad_input_is_one_line(args, message):
   r = aot(*args)
