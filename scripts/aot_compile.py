@@ -88,10 +88,18 @@ def _collectives(comps: dict, name: str) -> list[tuple[str, tuple[int, ...]]]:
   return out + [c for called in _called(body) for c in _collectives(comps, called)]
 
 
+# Matmuls a time loop may hold, per cell: the GRU's custom VJP has one in each direction; the
+# LSTM's autodiff backward also accumulates dW_h inside its loop; minGRU has no time loop (its
+# recurrence is linear: jax.lax.associative_scan, log-depth and loop-free).
+LOOP_MATMULS = {"gru": {1}, "lstm": {1, 2}, "mingru": set()}
+
+
 def check_loops(hlo: str, data_parallel: bool, single_slice: bool = True,
-                gatherable: frozenset = frozenset()) -> tuple[list[int], int, list[str]]:
+                gatherable: frozenset = frozenset(),
+                cell: str = "gru") -> tuple[list[int], int, list[str]]:
   """Per time loop its matmuls, the matmuls outside loops, and what is wrong. A recurrence is
-  either a while loop with one matmul (the scan) or a Mosaic kernel (the Pallas GRU).
+  either a while loop with one matmul (the GRU's scan; see LOOP_MATMULS for the other cells)
+  or a Mosaic kernel (the Pallas GRU).
   gatherable: the parameter sizes (elements) that may be all-gathered (split by fsdp or a model
   axis), also inside loops (XLA overlaps the next layer's gather with a loop); XLA may gather a
   weight split into an extra (shards, rows / shards) dimension, so sizes, not shapes."""
@@ -104,8 +112,13 @@ def check_loops(hlo: str, data_parallel: bool, single_slice: bool = True,
   per_loop = [count(comps, b, MATMUL) for b in loop_bodies]
   problems = []
   recurrent = [n for n in per_loop if n]
-  if (not recurrent and not mosaic_kernels(hlo)) or any(n != 1 for n in recurrent):
-    problems.append(f"time loops must hold exactly one matmul each, found {per_loop}")
+  allowed = LOOP_MATMULS[cell]
+  if not allowed:
+    if recurrent:
+      problems.append(f"{cell} has no sequential time loop, found loops with matmuls {per_loop}")
+  elif (not recurrent and not mosaic_kernels(hlo)) or any(n not in allowed for n in recurrent):
+    problems.append(f"time loops must hold {' or '.join(map(str, sorted(allowed)))} matmul(s) "
+                    f"each ({cell}), found {per_loop}")
   outside = count(comps, entry, MATMUL) - sum(per_loop)
   if outside < 1:
     problems.append("no matmul outside the loops: the input projection is not hoisted")
@@ -430,7 +443,8 @@ def _main(argv) -> int:
                                             data_parallel=mesh.shape.get("model", 1) == 1,
                                             single_slice=FLAGS.num_slices == 1,
                                             gatherable=params if config.sharding == "fsdp"
-                                            or mesh.shape.get("model", 1) > 1 else frozenset())
+                                            or mesh.shape.get("model", 1) > 1 else frozenset(),
+                                            cell=config.model.get("cell", "gru"))
   print(f"matmuls per time loop: {per_loop}; outside loops: {outside}")
   print(f"Mosaic kernels (Pallas GRU, forward and backward): {mosaic_kernels(compiled.as_text())}")
   for p in problems:

@@ -177,7 +177,12 @@ ENTRY %main (p: f32[2]) -> f32[2] {
 """
   per_loop, outside, problems = aot_compile.check_loops(hlo, data_parallel=True)
   assert per_loop == [2] and outside == 0
-  assert any("exactly one matmul" in p for p in problems)
+  assert any("time loops must hold 1 matmul(s) each (gru), found [2]" in p for p in problems)
+  # The LSTM's autodiff backward holds two (dh and dW_h); minGRU has no time loop at all.
+  assert not any("matmul(s) each" in p for p in aot_compile.check_loops(
+      hlo, data_parallel=True, cell="lstm")[2])
+  assert any("mingru has no sequential time loop" in p for p in aot_compile.check_loops(
+      hlo, data_parallel=True, cell="mingru")[2])
   assert any("not hoisted" in p for p in problems)
   assert any("collective" in p for p in problems)
   assert any("1 all-gather(s)" in p for p in problems)
