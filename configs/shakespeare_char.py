@@ -44,7 +44,7 @@ def get_config(arg: str | None = None):
   c.eval_steps = 6  # the whole validation split at batch 64, seq_len 128
   if size == "base":
     c.model.hidden_multiple = 128  # MXU tiles
-    # bf16 matmuls, f32 params, gates and carry: the MXU's native input type; at this preset
-    # on v5e it nearly halves the step's HBM traffic (2.50 -> 1.38 GB by scripts/aot_compile.py's count).
+    # bf16 matmuls, f32 params, gates and carry: the MXU's native input type. At this preset on
+    # v5e it nearly halves the step's HBM traffic (2.50 -> 1.38 GB, scripts/aot_compile.py).
     c.model.dtype = "bfloat16"
   return c
