@@ -202,7 +202,7 @@ def _outputs_and_grads(model, x, lengths):
     y, h_n = nnx.merge(graphdef, params)(x, lengths)
     return (y ** 2).sum() + (h_n ** 3).sum(), (y, h_n)
 
-  (_, out), g = jax.value_and_grad(loss, has_aux=True)(params)
+  (_, out), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   return out, jax.tree.leaves(g)
 
 
@@ -376,6 +376,14 @@ def test_jit_of_whole_model_traces_lengths(rng):
   lengths = jnp.asarray([T, 2, 3, 4, 1, 7, 6, 5])
   y_jit, _ = nnx.jit(lambda m, x, n: m(x, n))(model, x, lengths)
   np.testing.assert_allclose(y_jit, model(x, lengths)[0], rtol=1e-6, atol=1e-6)
+  # Closed over, the concrete lengths are still range-checked (their jnp.min was staged into
+  # the jit and could not be read: ConcretizationTypeError).
+  graphdef, params = nnx.split(model)
+  y_closed, _ = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, lengths))(params, x)
+  np.testing.assert_allclose(y_closed, y_jit, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r"seq_lengths must lie in \[0, 7\]"):
+    too_long = lengths + 1
+    jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, too_long))(params, x)
 
 
 def test_cpu_compiler_options_keep_the_numbers(rng):

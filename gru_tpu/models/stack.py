@@ -259,8 +259,9 @@ class RecurrentStack(nnx.Module):
       return None
     name = type(self).__name__
     # Host values are range-checked as given: jnp.asarray wraps int64 beyond int32 (x64 off).
-    values = (None if isinstance(seq_lengths, jax.core.Tracer) else
-              seq_lengths if isinstance(seq_lengths, jax.Array) else np.asarray(seq_lengths))
+    # On the host in numpy: jnp ops on a concrete array closed over by a jitted function are
+    # staged into it, and their results could not be read.
+    values = None if isinstance(seq_lengths, jax.core.Tracer) else np.asarray(seq_lengths)
     seq_lengths = jnp.asarray(seq_lengths)
     if seq_lengths.shape != (B,) or not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
       raise ValueError(f"{name}: seq_lengths must be an int array of shape ({B},) (one length per "
