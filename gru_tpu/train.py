@@ -203,12 +203,13 @@ def _check_compatible(saved_meta: dict, config, task, step: int, directory: epat
   now = json.loads(config.to_json_best_effort())
   saved, now = ({**c, "model": {k: v for k, v in c.get("model", {}).items()
                                 if k not in RUNTIME_MODEL_KEYS}} for c in (saved, now))
-  for key in COMPATIBLE_KEYS:
-    if saved.get(key) != now.get(key):
-      raise UserError(
-          f"{directory} holds a checkpoint (step {step}) from a run with a different "
-          f"config.{key} ({saved.get(key)!r} vs now {now.get(key)!r}); use a fresh --workdir or "
-          f"the original config. Nothing was changed.")
+  diffs = [d for key in COMPATIBLE_KEYS for d in _differences(saved.get(key), now.get(key),
+                                                                f"config.{key}")]
+  if diffs:
+    raise UserError(
+        f"{directory} holds a checkpoint (step {step}) from a run with a different "
+        f"{', '.join(diffs[:4])}{', ...' if len(diffs) > 4 else ''}; use a fresh --workdir or "
+        f"the original config. Nothing was changed.")
   # Allowed, but then the run is not the one a straight run would have been: say so.
   for key in ("num_steps", "optimizer"):
     if key in saved and saved[key] != now.get(key):
@@ -221,6 +222,14 @@ def _check_compatible(saved_meta: dict, config, task, step: int, directory: epat
   if changed:
     raise UserError(f"{directory} holds a checkpoint (step {step}) whose {changed}; use a fresh "
                     f"--workdir or the original data. Nothing was changed.")
+
+
+def _differences(saved: Any, now: Any, name: str) -> list[str]:
+  """'name.key (saved vs now now)' for each leaf of two JSON configs that differs."""
+  if isinstance(saved, dict) and isinstance(now, dict):
+    return [d for k in sorted(saved.keys() | now.keys())
+            for d in _differences(saved.get(k), now.get(k), f"{name}.{k}")]
+  return [] if saved == now else [f"{name} ({saved!r} vs now {now!r})"]
 
 
 def _batches(task, split: str, start: int, mesh):

@@ -166,7 +166,8 @@ ROWS = [
         r"holds a checkpoint \(step 4\) from a run with a different config.task \('text' vs now "
         r"'synthetic'\)"),
     Row("train-incompatible-model-size", lambda w, t: train(w, "--config.model.hidden=48"), 2,
-        r"holds a checkpoint \(step 4\) from a run with a different config.model"),
+        r"holds a checkpoint \(step 4\) from a run with a different config.model.hidden "
+        r"\(\d+ vs now 48\); use a fresh --workdir"),
     # Config mistakes.
     Row("train-unknown-config-key", lambda w, t: train(w, "--config.optimizer.learning_rat=1"),
         2, r"unknown config key 'learning_rat' \(did you mean 'learning_rate'\?\)"),
