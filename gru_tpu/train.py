@@ -225,7 +225,7 @@ def _check_compatible(saved_meta: dict, config, task, step: int, directory: epat
 
 
 def _differences(saved: Any, now: Any, name: str) -> list[str]:
-  """'name.key (saved vs now now)' for each leaf of two JSON configs that differs."""
+  """'name.key (SAVED vs now NOW)' for each leaf of two JSON configs that differs."""
   if isinstance(saved, dict) and isinstance(now, dict):
     return [d for k in sorted(saved.keys() | now.keys())
             for d in _differences(saved.get(k), now.get(k), f"{name}.{k}")]
