@@ -237,7 +237,7 @@ def test_bf16_compute_within_tolerance(rng):
 def test_causal_in_time(rng):
   model = GRU(3, 4, num_layers=2, rngs=nnx.Rngs(5))
   x = jnp.asarray(rng.standard_normal((1, 6, 3)), jnp.float32)
-  jac = jax.jacrev(lambda x: model(x)[0])(x)[0, :, :, 0]  # (T, H, T, I)
+  jac = jax.jit(jax.jacrev(lambda x: model(x)[0]))(x)[0, :, :, 0]  # (T, H, T, I)
   for t in range(6):
     assert float(jnp.abs(jac[t, :, t + 1:]).max(initial=0.0)) == 0.0, f"y_{t} depends on future x"
     assert float(jnp.abs(jac[t, :, t]).max()) > 0, f"y_{t} must depend on x_{t}"
