@@ -108,9 +108,8 @@ def train_step(state: dict, batch: dict, *, graphdef, task, tx, grad_accum: int,
       # A task whose loss is a mean over a varying number of terms (observed targets) gives
       # that number as aux["weight"]: micro-batch means then combine into the full batch's.
       (l, a), g = grad_fn(state["params"], mb, key)
-      a = dict(a)
-      w = jnp.asarray(a.pop("weight", 1.0), jnp.float32)
-      return jax.tree.map(lambda x: x * w, (l, a, g)) + (w,)
+      w = jnp.asarray(a.get("weight", 1.0), jnp.float32)
+      return jax.tree.map(lambda x: x * w, (l, _metrics(a), g)) + (w,)
 
     def accumulate(carry, inp):
       i, mb = inp

@@ -6,11 +6,11 @@
 Builds the mesh on jax.experimental.topologies.get_topology_desc(topology, "tpu"), lowers and
 compiles the jitted train step with its shardings, prints per-device HBM use (memory_analysis)
 and FLOPs / bytes (cost_analysis), and checks the compiled HLO: every time loop holds exactly
-one matmul (the recurrent one, per direction) or the recurrence runs in Mosaic kernels (the
-Pallas GRU, config.model.impl), the input projections are outside the loops, no collective but
-a parameter's all-gather runs inside a loop, under data parallelism (dp or fsdp, on one slice)
-nothing but fsdp's parameters is all-gathered, and no jnp.tile result is materialised outside
-the loops. Exit 1 if a check fails.
+one matmul (the recurrent one, per direction; LOOP_MATMULS for the LSTM and minGRU) or the
+recurrence runs in Mosaic kernels (the Pallas GRU, config.model.impl), the input projections are
+outside the loops, no collective but a parameter's all-gather runs inside a loop, under data
+parallelism (dp or fsdp, on one slice) nothing but fsdp's parameters is all-gathered, and no
+jnp.tile result is materialised outside the loops. Exit 1 if a check fails.
 
 --compare_impls instead compiles the step with config.model.impl=scan and =pallas and prints,
 for both, FLOPs and HBM bytes per step (hbm_traffic: every trip of every time loop, which
@@ -344,9 +344,9 @@ def loop_matmul_flops(hlo: str) -> float:
 def compare_impls(config, mesh) -> None:
   """HBM traffic and roofline step time of the train step with the scan and the Pallas GRU."""
   m, dtype = config.model, jnp.dtype(config.model.dtype)
+  rows_per_device = kernel.local_rows(mesh.abstract_mesh, config.batch_size, dtype)[2]
   chip = kernel.DEVICE_KINDS.get(mesh.devices.flat[0].device_kind, kernel.DEFAULT_CHIP)
-  p = kernel.plan(config.seq_len, kernel.local_rows(mesh.abstract_mesh, config.batch_size,
-                                                    dtype)[2], m.hidden, dtype, chip)
+  p = kernel.plan(config.seq_len, rows_per_device, m.hidden, dtype, chip)
   if isinstance(p, str):  # impl=pallas would die in the kernel with a traceback
     raise UserError(f"--compare_impls: no Pallas GRU kernel on {chip} for this shape ({p}); "
                     f"compare on a chip where it fits (the roofline rows cover every generation)"
@@ -365,7 +365,6 @@ def compare_impls(config, mesh) -> None:
         "cost_analysis plus the loop trips it leaves out; HBM bytes: hbm_traffic() over the "
         "compiled HLO (every trip of a loop, slices as slices, on-chip buffers excluded; "
         "cost_analysis's count in brackets):")
-  rows_per_device = kernel.local_rows(mesh.abstract_mesh, config.batch_size, dtype)[2]
   misfits = {}
   for chip in kernel.CHIPS:
     p = kernel.plan(config.seq_len, rows_per_device, m.hidden, dtype, chip)
@@ -439,14 +438,15 @@ def _main(argv) -> int:
         f", aliased {mem.alias_size_in_bytes / 2**20:.2f})")
   print(f"per-device cost: {cost.get('flops', 0):.4g} FLOPs, "
         f"{cost.get('bytes accessed', 0):.4g} bytes accessed")
-  per_loop, outside, problems = check_loops(compiled.as_text(),
+  hlo = compiled.as_text()
+  per_loop, outside, problems = check_loops(hlo,
                                             data_parallel=mesh.shape.get("model", 1) == 1,
                                             single_slice=FLAGS.num_slices == 1,
                                             gatherable=params if config.sharding == "fsdp"
                                             or mesh.shape.get("model", 1) > 1 else frozenset(),
                                             cell=config.model.get("cell", "gru"))
   print(f"matmuls per time loop: {per_loop}; outside loops: {outside}")
-  print(f"Mosaic kernels (Pallas GRU, forward and backward): {mosaic_kernels(compiled.as_text())}")
+  print(f"Mosaic kernels (Pallas GRU, forward and backward): {mosaic_kernels(hlo)}")
   for p in problems:
     print(f"CHECK FAILED: {p}")
   print("HLO checks: " + ("FAILED" if problems else "ok"))

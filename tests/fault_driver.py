@@ -33,9 +33,7 @@ def install(faults: str, only_process: int | None) -> None:
   from orbax.checkpoint._src.handlers import json_checkpoint_handler
   from orbax.checkpoint._src.path import atomicity
 
-  from gru_tpu import train
-
-  from gru_tpu import checkpoint
+  from gru_tpu import checkpoint, train
 
   at_step, in_save, disk_full, unreadable = {}, {}, set(), set()
   for fault in filter(None, faults.split(",")):

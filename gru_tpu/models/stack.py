@@ -258,13 +258,12 @@ class RecurrentStack(nnx.Module):
     if seq_lengths is None:
       return None
     name = type(self).__name__
-    # Host values are range-checked as given: jnp.asarray wraps int64 beyond int32 (x64 off).
-    # On the host in numpy: jnp ops on a concrete array closed over by a jitted function are
-    # staged into it, and their results could not be read.
-    # (Not a Tracer, nor a global array other processes hold parts of.)
-    values = (None if isinstance(seq_lengths, jax.core.Tracer) or (
-        isinstance(seq_lengths, jax.Array) and not seq_lengths.is_fully_addressable)
-              else np.asarray(seq_lengths))
+    # Range-checked on the host, in numpy, as given: jnp.asarray wraps int64 beyond int32 (x64
+    # off), and a jnp.min of a concrete array closed over by a jit is staged and unreadable.
+    # Tracers, and global arrays other processes hold parts of, are not checked here.
+    on_host = (not isinstance(seq_lengths, jax.core.Tracer)
+               and getattr(seq_lengths, "is_fully_addressable", True))
+    values = np.asarray(seq_lengths) if on_host else None
     seq_lengths = jnp.asarray(seq_lengths)
     if seq_lengths.shape != (B,) or not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
       raise ValueError(f"{name}: seq_lengths must be an int array of shape ({B},) (one length per "
