@@ -279,6 +279,15 @@ def test_help_presets_and_stray_arguments_on_the_command_line(tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_incomplete_multi_process_flags_are_one_line(tmp_path, capsys):
+  for flags in ([], ["--num_processes=2"], ["--num_processes=2", "--process_id=2"]):
+    assert train.main(["--config", f"{CONFIG}:size=tiny", "--workdir", str(tmp_path),
+                       "--coordinator_address=127.0.0.1:1", *flags]) == 2
+    assert "--coordinator_address needs --num_processes N >= 1 and --process_id I in [0, N)" in (
+        capsys.readouterr().err)
+  assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_processes_sharing_data_positions_load_the_same_rows(tmp_path):
   """'model' written first puts each process on every 'data' position: both must load the
   whole batch. Each used to load its own half, and the run trained on wrong batches with no
