@@ -216,6 +216,11 @@ def _check_compatible(saved_meta: dict, config, task, step: int, directory: epat
                   "schedule and optimizer follow the new values from step %d on, so this run "
                   "will not equal one trained with them from the start", key, saved[key],
                   now.get(key), step)
+  for key in ("seed", "batch_size", "seq_len"):  # batch k is a function of these and k
+    if key in saved and saved[key] != now.get(key):
+      log.warning("config.%s differs from the checkpoint's (%s vs now %s): the batches from step "
+                  "%d on are not the ones the first run would have seen, so this run will not "
+                  "equal one trained with it from the start", key, saved[key], now.get(key), step)
   # The same config can build other shapes from other data (a corpus with new characters).
   changed = getattr(task, "resume_mismatch", lambda saved: None)(saved_meta.get("task", {}))
   if changed:

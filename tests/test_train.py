@@ -409,8 +409,10 @@ def snapshot(directory: Path) -> dict:
   return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_resuming_with_another_length_or_optimizer_says_it_is_not_exact(tmp_path, monkeypatch):
-  """Raising num_steps to extend a run also stretches the cosine schedule: allowed, not silent."""
+def test_resuming_with_another_length_optimizer_or_data_order_says_it_is_not_exact(tmp_path,
+                                                                                    monkeypatch):
+  """Raising num_steps to extend a run also stretches the cosine schedule; another seed or batch
+  size changes the batches: allowed, not silent."""
   saved = {"config": json.loads(tiny().to_json_best_effort()), "task": {}}
   seen = []
   monkeypatch.setattr(train.log, "warning", lambda msg, *args: seen.append(msg % args))
@@ -423,6 +425,12 @@ def test_resuming_with_another_length_or_optimizer_says_it_is_not_exact(tmp_path
                             "learning-rate schedule and optimizer follow the new values from "
                             "step 20 on")
   assert seen[1].startswith("config.optimizer differs") and "'learning_rate': 0.5" in seen[1]
+  seen.clear()  # another data order: it used to resume without a word
+  train._check_compatible(saved, tiny(seed=1, batch_size=8), None, 20, tmp_path)
+  assert seen == [
+      f"config.{key} differs from the checkpoint's ({a} vs now {b}): the batches from step 20 on "
+      f"are not the ones the first run would have seen, so this run will not equal one trained "
+      f"with it from the start" for key, a, b in (("seed", 0, 1), ("batch_size", 16, 8))]
 
 
 def test_incompatible_workdir_is_refused_untouched(tmp_path):
