@@ -676,8 +676,7 @@ def main(argv: list[str]) -> int:
       raise UserError(f"unexpected argument {rest[0]!r}; overrides are --config.KEY=VALUE")
     n, i = fv.num_processes, fv.process_id
     if fv.coordinator_address and (n is None or i is None or not 0 <= i < n):
-      # jax.distributed.initialize raised a traceback for a missing one (or waited for an
-      # out-of-range id's peers).
+      # jax.distributed.initialize raised a ValueError traceback for a missing one.
       raise UserError(f"--coordinator_address needs --num_processes N >= 1 and --process_id I "
                       f"in [0, N) (got {n} and {i})")
     fv.config.to_dict()  # config files load lazily: surface a bad file or key now
