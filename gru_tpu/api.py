@@ -154,7 +154,12 @@ class ForecastModel(Loaded):
     if isinstance(data, ts.Panel):
       return data
     if data is None or isinstance(data, str):
-      return forecast.load_panel(self.config.data, data, freq=meta["freq"])
+      # The training layout is the checkpoint's: trained on a statsmodels source, the config
+      # leaves the columns "" (the source's), which a CSV in that layout could not name.
+      d = ml_collections.ConfigDict(self.config.data.to_dict())
+      d.time_column, d.target = meta["time_column"], ",".join(meta["targets"])
+      d.season_length = meta["season_length"]
+      return forecast.load_panel(d, data, freq=meta["freq"])
     if isinstance(data, pd.Series):
       if len(meta["targets"]) != 1:
         raise UserError(f"this model forecasts {len(meta['targets'])} targets "

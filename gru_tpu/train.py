@@ -216,6 +216,11 @@ def _check_compatible(saved_meta: dict, config, task, step: int, directory: epat
                   "schedule and optimizer follow the new values from step %d on, so this run "
                   "will not equal one trained with them from the start", key, saved[key],
                   now.get(key), step)
+  for key in ("seed", "batch_size", "seq_len"):  # batch k is a function of these and k
+    if key in saved and saved[key] != now.get(key):
+      log.warning("config.%s differs from the checkpoint's (%s vs now %s): the batches from step "
+                  "%d on are not the ones the first run would have seen, so this run will not "
+                  "equal one trained with it from the start", key, saved[key], now.get(key), step)
   # The same config can build other shapes from other data (a corpus with new characters).
   changed = getattr(task, "resume_mismatch", lambda saved: None)(saved_meta.get("task", {}))
   if changed:
@@ -669,6 +674,11 @@ def main(argv: list[str]) -> int:
     rest = fv(["gru-tpu train", *argv])[1:]
     if rest:  # e.g. "config.num_steps=5" without its dashes would silently train the default
       raise UserError(f"unexpected argument {rest[0]!r}; overrides are --config.KEY=VALUE")
+    n, i = fv.num_processes, fv.process_id
+    if fv.coordinator_address and (n is None or i is None or not 0 <= i < n):
+      # jax.distributed.initialize raised a ValueError traceback for a missing one.
+      raise UserError(f"--coordinator_address needs --num_processes N >= 1 and --process_id I "
+                      f"in [0, N) (got {n} and {i})")
     fv.config.to_dict()  # config files load lazily: surface a bad file or key now
   except (flags.Error, UserError, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
     print("gru-tpu train: " + _one_line(e), file=sys.stderr)

@@ -285,6 +285,22 @@ def test_panel_with_covariates_and_a_multivariate_source():
   assert f["date"].iloc[0] == pd.Timestamp("2009-10-01")
 
 
+def test_a_statsmodels_model_forecasts_a_csv_in_its_layout(tmp_path):
+  # Trained on statsmodels:NAME the config's columns stay "" (the source's); a CSV with those
+  # columns (what `gru-tpu forecast --data csv:PATH` documents) used to ask for
+  # config.data.time_column, which neither the CLI nor m.forecast can set.
+  from gru_tpu.api import ForecastModel
+  from gru_tpu.tasks.forecast import load_panel
+  c = config("statsmodels:macrodata", **{"data.context_length": 16, "data.horizon": 4})
+  c.data.target, c.data.time_column = "", ""
+  task = ForecastTask(c, load_panel(c.data))
+  m = ForecastModel(tmp_path, c, task.build_model(nnx.Rngs(0)), task.meta, 0)
+  df, time_column, targets, _, _ = ts.load_frame("statsmodels:macrodata")
+  df[[time_column, *targets]].to_csv(tmp_path / "macro.csv", index=False)
+  f = m.forecast(f"csv:{tmp_path / 'macro.csv'}", num_samples=4)
+  pd.testing.assert_frame_equal(f, m.forecast(None, num_samples=4))
+
+
 def test_lags_from_config():
   assert task_for(seasonal_frame()).meta["lags"] == [1, 12]               # 1 and the season
   task = task_for(seasonal_frame(), **{"data.lags": "3, 1,24"})

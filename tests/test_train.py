@@ -279,6 +279,15 @@ def test_help_presets_and_stray_arguments_on_the_command_line(tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_incomplete_multi_process_flags_are_one_line(tmp_path, capsys):
+  for flags in ([], ["--num_processes=2"], ["--num_processes=2", "--process_id=2"]):
+    assert train.main(["--config", f"{CONFIG}:size=tiny", "--workdir", str(tmp_path),
+                       "--coordinator_address=127.0.0.1:1", *flags]) == 2
+    assert "--coordinator_address needs --num_processes N >= 1 and --process_id I in [0, N)" in (
+        capsys.readouterr().err)
+  assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_processes_sharing_data_positions_load_the_same_rows(tmp_path):
   """'model' written first puts each process on every 'data' position: both must load the
   whole batch. Each used to load its own half, and the run trained on wrong batches with no
@@ -400,8 +409,10 @@ def snapshot(directory: Path) -> dict:
   return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_resuming_with_another_length_or_optimizer_says_it_is_not_exact(tmp_path, monkeypatch):
-  """Raising num_steps to extend a run also stretches the cosine schedule: allowed, not silent."""
+def test_resuming_with_another_length_optimizer_or_data_order_says_it_is_not_exact(tmp_path,
+                                                                                    monkeypatch):
+  """Raising num_steps to extend a run also stretches the cosine schedule; another seed or batch
+  size changes the batches: allowed, not silent."""
   saved = {"config": json.loads(tiny().to_json_best_effort()), "task": {}}
   seen = []
   monkeypatch.setattr(train.log, "warning", lambda msg, *args: seen.append(msg % args))
@@ -414,6 +425,12 @@ def test_resuming_with_another_length_or_optimizer_says_it_is_not_exact(tmp_path
                             "learning-rate schedule and optimizer follow the new values from "
                             "step 20 on")
   assert seen[1].startswith("config.optimizer differs") and "'learning_rate': 0.5" in seen[1]
+  seen.clear()  # another data order: it used to resume without a word
+  train._check_compatible(saved, tiny(seed=1, batch_size=8), None, 20, tmp_path)
+  assert seen == [
+      f"config.{key} differs from the checkpoint's ({a} vs now {b}): the batches from step 20 on "
+      f"are not the ones the first run would have seen, so this run will not equal one trained "
+      f"with it from the start" for key, a, b in (("seed", 0, 1), ("batch_size", 16, 8))]
 
 
 def test_incompatible_workdir_is_refused_untouched(tmp_path):
