@@ -110,7 +110,7 @@ class TextModel(Loaded):
              num_samples: int = 1, chunk: int = 64) -> Iterator[list[str]]:
     """Yields the next piece of text of every sample, `chunk` tokens at a time."""
     if length < 0:
-      raise UserError(f"--length must be >= 0, got {length}")
+      raise UserError(f"length must be >= 0, got {length}")
     if not temperature >= 0:  # NaN too; a negative one would sample the least likely tokens
       raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if num_samples < 1:

@@ -90,6 +90,13 @@ def test_unreadable_or_missing_csv(tmp_path):
     ts.load_frame("parquet:x", "", "")
 
 
+def test_forecast_data_without_a_trained_column_says_to_fix_the_file():
+  df = pd.DataFrame({"date": ["2024-01-01", "2024-01-02"], "y": [1.0, 2.0]})
+  with pytest.raises(UserError, match=r"no known covariate column 'price' .* the model was "
+                     r"trained with it: give a file that has it$"):
+    ts.panel_from_frame(df, time_column="date", targets=["y"], known=["price"], freq="D")
+
+
 def test_numeric_time_and_future_times():
   df = pd.DataFrame({"t": [10, 12, 14, 16], "y": [1.0, 2, 3, 4]})
   p = ts.panel_from_frame(df, time_column="t", targets=["y"])

@@ -359,8 +359,9 @@ def panel_from_frame(df, *, time_column: str, targets: list[str], id_column: str
   have = [str(c) for c in df.columns]
   for role, col, key in wanted:
     if col not in have:
-      raise UserError(f"{name}: no {role} column {col!r} (columns: {', '.join(have)}); fix "
-                      f"config.data.{key} or the file")
+      fix = (f"fix config.data.{key} or the file" if freq is None else  # training
+             "the model was trained with it: give a file that has it")  # forecasting
+      raise UserError(f"{name}: no {role} column {col!r} (columns: {', '.join(have)}); {fix}")
   if not targets:
     raise UserError(f"{name}: no target column; set config.data.target")
   df = df.reset_index(drop=True)
