@@ -3,6 +3,7 @@ and loading what a sharded or multi-process run wrote onto this process's one de
 
 import concurrent.futures
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -316,6 +317,26 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
   with pytest.raises(UserError, match="is a file; give a directory"):
     train.train_and_evaluate(tiny(), tmp_path / "f")
   assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_a_workdir_another_run_is_training_in_is_refused(tmp_path):
+  """A second run on a workdir deleted the first's in-flight save as a cut-off one, failed the
+  first's next save ("disk full"), and both wrote every step's metrics. The other run here is
+  this process holding the lock on another open file (an flock is per open file)."""
+  w = tmp_path / "run"
+  in_flight = w / "checkpoints" / "20.orbax-checkpoint-tmp-1"  # the other run's save
+  in_flight.mkdir(parents=True)
+  fd = os.open(w / ".gru_tpu.lock", os.O_RDWR | os.O_CREAT)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"otherhost pid 123\n")
+    with pytest.raises(UserError, match=r"--workdir .* is in use by another training run "
+                                        r"\(otherhost pid 123\); wait for it to end"):
+      train.train_and_evaluate(tiny(), w)
+  finally:
+    os.close(fd)
+  assert in_flight.is_dir()
+  assert sorted(p.name for p in w.iterdir()) == [".gru_tpu.lock", "checkpoints"]
 
 
 def test_an_unwritable_workdir_is_one_clear_error(tmp_path, monkeypatch):
