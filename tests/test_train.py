@@ -317,6 +317,11 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
   with pytest.raises(UserError, match="is a file; give a directory"):
     train.train_and_evaluate(tiny(), tmp_path / "f")
   assert (tmp_path / "f").read_text() == "mine"
+  (tmp_path / "run").mkdir()  # it trained to the first save, then blamed the disk
+  (tmp_path / "run" / "checkpoints").write_text("mine")
+  with pytest.raises(UserError, match=r"run/checkpoints is a file, not a checkpoints directory"):
+    train.train_and_evaluate(tiny(), tmp_path / "run")
+  assert (tmp_path / "run" / "checkpoints").read_text() == "mine"
 
 
 def test_a_workdir_another_run_is_training_in_is_refused(tmp_path):
