@@ -87,7 +87,7 @@ def run_cli(workdir, *flags, devices=1):
 
 
 def test_same_losses_on_1_device_8_data_and_4x2_data_model(tmp_path):
-  common = ["--config.num_steps=12", "--config.log_every=1", "--config.checkpoint_every=12",
+  common = ["--config.num_steps=12", "--config.log_every=1", "--config.checkpoint_every=6",
             "--config.eval_every=12"]
   with concurrent.futures.ThreadPoolExecutor() as pool:  # mostly 1-thread imports, compiles
     runs = {
@@ -113,6 +113,18 @@ def test_same_losses_on_1_device_8_data_and_4x2_data_model(tmp_path):
   (ev,) = [r for r in read_metrics(tmp_path / "data4_model2_fsdp") if r["split"] == "eval"]
   np.testing.assert_allclose(loaded_loss(m, "eval", range(m.config.eval_steps)), ev["loss"],
                              rtol=2e-5)
+  # ... and resume training there: its step-6 checkpoint continues on one device (dp) as the
+  # one-device run did.
+  shutil.rmtree(tmp_path / "data4_model2_fsdp" / "checkpoints" / "12")
+  train.train_and_evaluate(tiny(num_steps=12, checkpoint_every=6, eval_every=12),
+                           tmp_path / "data4_model2_fsdp")
+  rows = [r["step"] for r in read_metrics(tmp_path / "data4_model2_fsdp") if r["split"] == "train"]
+  assert rows == [*range(1, 13), *range(7, 13)]  # resumed at 6, not started over
+  got = losses(tmp_path / "data4_model2_fsdp")
+  np.testing.assert_allclose([got[s] for s in range(7, 13)], [ref[s] for s in range(7, 13)],
+                             rtol=2e-5)
+  np.testing.assert_allclose(losses(tmp_path / "data4_model2_fsdp", "eval")[12],
+                             losses(tmp_path / "one", "eval")[12], rtol=2e-5)
 
 
 def test_lstm_and_mingru_train_the_same_on_one_device_and_sharded(tmp_path):
