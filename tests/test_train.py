@@ -53,10 +53,11 @@ def test_trains_writes_metrics_config_and_checkpoints(tmp_path):
 
 def test_resume_is_exact(tmp_path, killed_at):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  train.train_and_evaluate(tiny(), straight)
+  c = tiny(grad_accum=2, **{"model.recurrent_dropout": 0.1})  # a key per micro-batch
+  train.train_and_evaluate(c, straight)
   with killed_at(25):
-    train.train_and_evaluate(tiny(), resumed)
-  train.train_and_evaluate(tiny(), resumed)  # continues from the step-20 checkpoint
+    train.train_and_evaluate(c, resumed)
+  train.train_and_evaluate(c, resumed)  # continues from the step-20 checkpoint
   a, b = losses(straight), losses(resumed)  # steps 21-24 appear twice in `resumed`: last wins
   assert sorted(b) == list(range(1, 31))
   for step in range(21, 31):
