@@ -34,6 +34,9 @@ log = logging.getLogger("gru_tpu")
 logging.getLogger("absl").addFilter(
     lambda record: not record.getMessage().startswith("Given directory is read only"))
 
+# What every checkpoint's JSON metadata holds (train.py writes it; `checksums`, added by save,
+# is optional: checkpoints from before it existed restore unverified).
+META_KEYS = ("config", "data_step", "task")
 # A step's directory: STEP, or STEP.orbax-checkpoint-tmp... while a local save is in flight.
 _STEP_DIR = re.compile(r"^(\d+)(\.orbax-checkpoint-tmp.*)?$")
 
@@ -157,6 +160,9 @@ class Checkpointer:
     _check_clients(workdir)
     self.remote = is_uri(workdir)
     self.directory = (workdir if self.remote else workdir.absolute()) / "checkpoints"
+    if create and self.directory.exists() and not self.directory.is_dir():  # not at the 1st save
+      raise UserError(f"{self.directory} is a file, not a checkpoints directory; move it away "
+                      f"or use another workdir. Nothing was changed.")
     # Listed before the manager exists: a writable one removes the leftovers of cut-off saves
     # (locally STEP.orbax-checkpoint-tmp; on GCS a STEP without its commit_success.txt).
     found = {int(m.group(1)) for p in
@@ -207,9 +213,15 @@ class Checkpointer:
   def restore_meta(self, step: int) -> dict:
     try:
       with contextlib.closing(ocp.JsonCheckpointHandler()) as h:
-        return h.restore(self.directory / str(step) / "meta")
+        meta = h.restore(self.directory / str(step) / "meta")
     except Exception as e:
       raise self._unreadable(step, _reason(e)) from e
+    # Valid JSON of another shape (hand-edited, another program's) is as unusable as a cut-off
+    # file: one CheckpointError, not a KeyError from whoever reads it first.
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+      raise self._unreadable(step, f"its meta/metadata lacks {', '.join(missing)}")
+    return meta
 
   def read(self, step: int, abstract_state: Any) -> Any:
     """The state on abstract_state's shardings, as stored (not yet verified); this process's

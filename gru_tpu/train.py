@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import functools
 import importlib
 import json
@@ -23,6 +25,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -37,7 +40,7 @@ from etils import epath
 from flax import nnx
 
 from gru_tpu import sharding
-from gru_tpu.checkpoint import Checkpointer, workdir_path
+from gru_tpu.checkpoint import Checkpointer, is_uri, workdir_path
 from gru_tpu.errors import CheckpointError, UserError
 from gru_tpu.metrics import MetricsWriter
 from gru_tpu.models import compiler_options
@@ -318,6 +321,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   # "cannot schedule new futures after interpreter shutdown" under its one line).
   with contextlib.ExitStack() as cleanup:
     try:
+      lock = _lock_workdir(workdir)
+      if lock is not None:  # released last: after in-flight saves finish (ckpt.close)
+        cleanup.callback(os.close, lock)
       ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
       cleanup.callback(ckpt.close)
       restored = _restore(ckpt, config, s)
@@ -482,6 +488,38 @@ def _check_shared(workdir: epath.Path) -> None:
     raise UserError(f"--workdir {workdir} is not shared: process(es) {blind} of "
                     f"{jax.process_count()} do not see what process 0 writes there; use a gs:// "
                     f"workdir or a filesystem every host mounts")
+
+
+def _lock_workdir(workdir: epath.Path) -> int | None:
+  """One training run per workdir. A second one started on it (by mistake, or a restart while
+  the first still runs) deleted the first's in-flight save as a cut-off one, failed its saves
+  as "disk full", and both wrote the same steps and metrics rows. Process 0 holds an flock on
+  WORKDIR/.gru_tpu.lock until the run ends; the OS drops it when the process dies, so a killed
+  run leaves no stale lock. An object store has no such lock: on gs:// it is up to the launcher.
+  Returns the lock's file descriptor, to close when the run ends (None: none held here)."""
+  fd, busy, holder = None, False, ""
+  if jax.process_index() == 0 and not is_uri(workdir):
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / ".gru_tpu.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      os.ftruncate(fd, 0)
+      os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+    except BlockingIOError:
+      busy, holder = True, os.read(fd, 256).decode(errors="replace").strip()
+      os.close(fd)
+      fd = None
+    except OSError as e:
+      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+        os.close(fd)
+        raise
+      log.warning("--workdir %s has no file locks (%s): make sure no other run trains there",
+                  workdir, e.strerror)
+  if not _everywhere(not busy):
+    raise UserError(f"--workdir {workdir} is in use by another training run"
+                    f"{f' ({holder})' if holder else ''}; wait for it to end (or stop it), or use "
+                    f"another --workdir. Nothing was changed.")
+  return fd
 
 
 def _everywhere(ok: bool) -> bool:

@@ -92,6 +92,13 @@ def edit_checksum(w: Path) -> None:
   meta.write_text(json.dumps(m))
 
 
+def drop_data_step(w: Path, step: int) -> None:
+  """Valid JSON metadata without a key the engine reads (it was a KeyError traceback)."""
+  meta = w / "checkpoints" / str(step) / "meta" / "metadata"
+  meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items()
+                              if k != "data_step"}))
+
+
 def train_in_a_process(w: Path, *flags: str, faults: str = "") -> subprocess.CompletedProcess:
   """The real `gru-tpu train` process (with tests/fault_driver.py's faults): its own stderr."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", GRU_TPU_FAULTS=faults)
@@ -150,6 +157,9 @@ ROWS = [
         r"checkpoint step 4 .* is unreadable .*checksum mismatch in params/", damage=edit_checksum),
     Row("api-array-file-missing", lambda w, t: gru_tpu.load(w), CheckpointError,
         r"checkpoint step 4 .* is unreadable", damage=lambda w: array_files(w, 4)[0].unlink()),
+    Row("api-metadata-of-another-shape", lambda w, t: gru_tpu.load(w), CheckpointError,
+        r"checkpoint step 4 .* is unreadable .*its meta/metadata lacks config, data_step, task",
+        damage=lambda w: (w / "checkpoints" / "4" / "meta" / "metadata").write_text("[]")),
     Row("api-step-not-saved", lambda w, t: gru_tpu.load(w, step=3), CheckpointError,
         r"has no checkpoint at step 3; it has steps \[2, 4\]"),
     Row("sample-metadata-json-truncated", lambda w, t: sample(w), 2,
@@ -157,8 +167,8 @@ ROWS = [
         damage=lambda w: truncate(w / "checkpoints" / "4" / "meta" / "metadata", 100)),
     Row("train-every-checkpoint-unreadable", lambda w, t: train(w, "--config.num_steps=6"), 2,
         r"gru-tpu train: no readable checkpoint in .*checkpoint step 4 .*is unreadable.*"
-        r"checkpoint step 2 .*is unreadable.* Nothing was changed",
-        damage=lambda w: [truncate(array_files(w, s)[0]) for s in (2, 4)],
+        r"checkpoint step 2 .*is unreadable .*lacks data_step.* Nothing was changed",
+        damage=lambda w: (truncate(array_files(w, 4)[0]), drop_data_step(w, 2)),
         after=nothing_set_aside),
     # A workdir that does not fit the config.
     Row("train-workdir-of-another-task", lambda w, t: train(w, config=SYNTHETIC,

@@ -3,6 +3,7 @@ and loading what a sharded or multi-process run wrote onto this process's one de
 
 import concurrent.futures
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -52,10 +53,11 @@ def test_trains_writes_metrics_config_and_checkpoints(tmp_path):
 
 def test_resume_is_exact(tmp_path, killed_at):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  train.train_and_evaluate(tiny(), straight)
+  c = tiny(grad_accum=2, **{"model.recurrent_dropout": 0.1})  # a key per micro-batch
+  train.train_and_evaluate(c, straight)
   with killed_at(25):
-    train.train_and_evaluate(tiny(), resumed)
-  train.train_and_evaluate(tiny(), resumed)  # continues from the step-20 checkpoint
+    train.train_and_evaluate(c, resumed)
+  train.train_and_evaluate(c, resumed)  # continues from the step-20 checkpoint
   a, b = losses(straight), losses(resumed)  # steps 21-24 appear twice in `resumed`: last wins
   assert sorted(b) == list(range(1, 31))
   for step in range(21, 31):
@@ -86,7 +88,7 @@ def run_cli(workdir, *flags, devices=1):
 
 
 def test_same_losses_on_1_device_8_data_and_4x2_data_model(tmp_path):
-  common = ["--config.num_steps=12", "--config.log_every=1", "--config.checkpoint_every=12",
+  common = ["--config.num_steps=12", "--config.log_every=1", "--config.checkpoint_every=6",
             "--config.eval_every=12"]
   with concurrent.futures.ThreadPoolExecutor() as pool:  # mostly 1-thread imports, compiles
     runs = {
@@ -112,6 +114,18 @@ def test_same_losses_on_1_device_8_data_and_4x2_data_model(tmp_path):
   (ev,) = [r for r in read_metrics(tmp_path / "data4_model2_fsdp") if r["split"] == "eval"]
   np.testing.assert_allclose(loaded_loss(m, "eval", range(m.config.eval_steps)), ev["loss"],
                              rtol=2e-5)
+  # ... and resume training there: its step-6 checkpoint continues on one device (dp) as the
+  # one-device run did.
+  shutil.rmtree(tmp_path / "data4_model2_fsdp" / "checkpoints" / "12")
+  train.train_and_evaluate(tiny(num_steps=12, checkpoint_every=6, eval_every=12),
+                           tmp_path / "data4_model2_fsdp")
+  rows = [r["step"] for r in read_metrics(tmp_path / "data4_model2_fsdp") if r["split"] == "train"]
+  assert rows == [*range(1, 13), *range(7, 13)]  # resumed at 6, not started over
+  got = losses(tmp_path / "data4_model2_fsdp")
+  np.testing.assert_allclose([got[s] for s in range(7, 13)], [ref[s] for s in range(7, 13)],
+                             rtol=2e-5)
+  np.testing.assert_allclose(losses(tmp_path / "data4_model2_fsdp", "eval")[12],
+                             losses(tmp_path / "one", "eval")[12], rtol=2e-5)
 
 
 def test_lstm_and_mingru_train_the_same_on_one_device_and_sharded(tmp_path):
@@ -325,6 +339,31 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
   with pytest.raises(UserError, match="is a file; give a directory"):
     train.train_and_evaluate(tiny(), tmp_path / "f")
   assert (tmp_path / "f").read_text() == "mine"
+  (tmp_path / "run").mkdir()  # it trained to the first save, then blamed the disk
+  (tmp_path / "run" / "checkpoints").write_text("mine")
+  with pytest.raises(UserError, match=r"run/checkpoints is a file, not a checkpoints directory"):
+    train.train_and_evaluate(tiny(), tmp_path / "run")
+  assert (tmp_path / "run" / "checkpoints").read_text() == "mine"
+
+
+def test_a_workdir_another_run_is_training_in_is_refused(tmp_path):
+  """A second run on a workdir deleted the first's in-flight save as a cut-off one, failed the
+  first's next save ("disk full"), and both wrote every step's metrics. The other run here is
+  this process holding the lock on another open file (an flock is per open file)."""
+  w = tmp_path / "run"
+  in_flight = w / "checkpoints" / "20.orbax-checkpoint-tmp-1"  # the other run's save
+  in_flight.mkdir(parents=True)
+  fd = os.open(w / ".gru_tpu.lock", os.O_RDWR | os.O_CREAT)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"otherhost pid 123\n")
+    with pytest.raises(UserError, match=r"--workdir .* is in use by another training run "
+                                        r"\(otherhost pid 123\); wait for it to end"):
+      train.train_and_evaluate(tiny(), w)
+  finally:
+    os.close(fd)
+  assert in_flight.is_dir()
+  assert sorted(p.name for p in w.iterdir()) == [".gru_tpu.lock", "checkpoints"]
 
 
 def test_an_unwritable_workdir_is_one_clear_error(tmp_path, monkeypatch):
