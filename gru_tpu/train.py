@@ -52,8 +52,9 @@ COMPATIBLE_KEYS = ("task", "model", "data")
 # alone: a run may resume with another value, e.g. remat on after running out of memory.
 RUNTIME_MODEL_KEYS = ("impl", "unroll", "remat", "dtype")
 # Steps the host may dispatch before the device has finished them: enough to ride out host
-# hiccups (a log line, garbage collection), few enough that queued batches stay small.
-RUN_AHEAD = 4
+# hiccups (a log line, garbage collection; on CPU, 1 step ran at 0.65x and 4 at 0.8x the
+# speed of no limit), few enough that the queued steps' batches stay small.
+RUN_AHEAD = 16
 
 
 class TrainingDiverged(UserError):
