@@ -334,6 +334,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+      if lock is not None:  # who holds it, for a refused second run; written only now that
+        os.ftruncate(lock, 0)  # this run is not refused itself (which changes nothing)
+        os.pwrite(lock, f"{socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
     except OSError as e:  # read-only or full filesystem, no permission
       raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e}); use a "
                       f"writable directory. Nothing was changed.") from None
@@ -512,8 +515,6 @@ def _lock_workdir(workdir: epath.Path) -> int | None:
     fd = os.open(workdir / ".gru_tpu.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      os.ftruncate(fd, 0)
-      os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
     except BlockingIOError:
       busy, holder = True, os.read(fd, 256).decode(errors="replace").strip()
       os.close(fd)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import SHAKESPEARE
 
-from gru_tpu.data import text
+from gru_tpu.data import order, text
 from gru_tpu.errors import UserError
 
 
@@ -98,6 +98,20 @@ def test_windows_are_seeded_resumable_and_split_across_processes():
   np.testing.assert_array_equal(np.concatenate(halves), batches[5])
   other_seed = next(text.window_batches(tokens, seq_len=10, batch_size=8, seed=2))
   assert not np.array_equal(other_seed, batches[0])
+
+
+@pytest.mark.parametrize("n, batch_size", [(7, 3), (5, 12), (99, 8)])
+def test_every_epoch_is_a_permutation_and_a_process_computes_only_its_rows(n, batch_size):
+  o = order.WindowOrder(n, batch_size, seed=3)
+  seen = np.concatenate([o.rows(k, 0, batch_size) for k in range(3 * n // batch_size + 2)])
+  epochs = seen[:len(seen) // n * n].reshape(-1, n)
+  assert all(sorted(e) == list(range(n)) for e in epochs)  # across batch boundaries too
+  assert len({tuple(e) for e in epochs}) > 1  # reshuffled every epoch
+  np.testing.assert_array_equal(o.rows(2, 1, batch_size),  # rows 1.. of batch 2
+                                seen[2 * batch_size + 1:3 * batch_size])
+  in_order = order.WindowOrder(n, batch_size, seed=3, shuffle=False)
+  assert in_order.rows(2, 0, batch_size).tolist() == [(2 * batch_size + i) % n
+                                                      for i in range(batch_size)]
 
 
 def test_seq_len_longer_than_the_split_is_an_error():

@@ -1,6 +1,6 @@
 """A run killed again and again ends bit-identical to one that never stopped.
 
-One chain of real `gru-tpu train` processes on the text task (grain windows reshuffled every
+One chain of real `gru-tpu train` processes on the text task (windows reshuffled every
 epoch, dropout on, so data order and RNG both matter), each stopped by a real signal at a pinned
 point (tests/fault_driver.py): SIGKILL mid-run, SIGKILL while a checkpoint is being committed,
 SIGTERM (preemption), then a checkpoint damaged on disk. The straight run goes alongside.

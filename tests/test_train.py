@@ -364,6 +364,7 @@ def test_a_workdir_another_run_is_training_in_is_refused(tmp_path):
     os.close(fd)
   assert in_flight.is_dir()
   assert sorted(p.name for p in w.iterdir()) == [".gru_tpu.lock", "checkpoints"]
+  assert (w / ".gru_tpu.lock").read_bytes() == b"otherhost pid 123\n"
 
 
 def test_an_unwritable_workdir_is_one_clear_error(tmp_path, monkeypatch):

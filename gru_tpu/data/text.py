@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from etils import epath
 
+from gru_tpu.data import order
 from gru_tpu.errors import UserError
 
 UNK = "<unk>"
@@ -249,21 +250,15 @@ def window_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: i
   start_step + 1, ... (endless); the engine passes this process's shard.
 
   Windows of seq_len + 1 tokens start every seq_len tokens; their order is shuffled with the
-  seed, anew each epoch (grain). Batch k is a pure function of (seed, k), so resuming at a step
-  needs only the step, and every process builds exactly its own rows.
+  seed, anew each epoch (`order.WindowOrder`). Batch k is a pure function of (seed, k), so
+  resuming at a step needs only the step, and every process builds exactly its own rows.
   """
-  import grain
-
   n_windows = (len(tokens) - 1) // seq_len
   if n_windows < 1:
     raise UserError(f"config.seq_len={seq_len} is longer than the {split} split "
                     f"({len(tokens)} tokens); lower config.seq_len")
-  rows = batch_size // num_shards
-  lo = shard * rows
+  lo = shard * (batch_size // num_shards)
   offsets = np.arange(seq_len + 1)
-  ds = grain.MapDataset.range(n_windows)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = (ds.repeat(None).batch(batch_size)[start_step:]
-        .map(lambda idx: tokens[idx[lo:lo + rows, None] * seq_len + offsets]))
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+  return order.endless(lambda idx_R: tokens[idx_R[:, None] * seq_len + offsets],
+                       order.WindowOrder(n_windows, batch_size, seed, shuffle), start_step,
+                       lo, lo + batch_size // num_shards)

@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 from etils import epath
 
+from gru_tpu.data import order
 from gru_tpu.errors import UserError
 
 # name -> (time column, default targets, season length)
@@ -373,8 +374,7 @@ def panel_from_frame(df, *, time_column: str, targets: list[str], id_column: str
       else np.zeros((len(df), 0))
   if id_column:
     ids = df[id_column].astype(str).to_numpy()
-    order = list(dict.fromkeys(ids))
-    groups = [(i, np.flatnonzero(ids == i)) for i in order]
+    groups = [(i, np.flatnonzero(ids == i)) for i in dict.fromkeys(ids)]  # first-seen order
   else:
     groups = [(targets[0] if len(targets) == 1 else "series", np.arange(len(df)))]
   series = []
@@ -566,17 +566,11 @@ def window_batches(store: WindowStore, windows: np.ndarray, *, horizon: int, bat
   start_step + 1, ... (endless); the engine passes this process's shard.
 
   `windows` is (num_windows, 2) of (series, origin). Their order is shuffled with the seed, anew
-  each epoch (grain); batch k is a pure function of (seed, k), so a resumed run continues the
-  exact data order from its step and every process builds only its own rows.
+  each epoch (`order.WindowOrder`); batch k is a pure function of (seed, k), so a resumed run
+  continues the exact data order from its step and every process builds only its own rows.
   """
-  import grain
-
-  rows = batch_size // num_shards
-  lo = shard * rows
-  ds = grain.MapDataset.range(len(windows))
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = (ds.repeat(None).batch(batch_size)[start_step:]
-        .map(lambda idx: store.gather(windows[idx[lo:lo + rows], 0], windows[idx[lo:lo + rows], 1],
-                                      horizon)))
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+  lo = shard * (batch_size // num_shards)
+  return order.endless(
+      lambda idx_R: store.gather(windows[idx_R, 0], windows[idx_R, 1], horizon),
+      order.WindowOrder(len(windows), batch_size, seed, shuffle), start_step,
+      lo, lo + batch_size // num_shards)
