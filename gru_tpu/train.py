@@ -346,6 +346,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       start = 0
     else:
       state, start = restored
+    if start >= config.num_steps:  # a finished run started again (a preemptible VM's restart)
+      (log.info if start == config.num_steps else log.warning)(
+          "nothing to train: %s is at step %d and config.num_steps=%d; raise it to train on",
+          ckpt.directory, start, config.num_steps)
 
     writer = MetricsWriter(workdir)
     cleanup.callback(writer.close)

@@ -473,11 +473,17 @@ def test_resuming_with_another_length_optimizer_or_data_order_says_it_is_not_exa
       f"with it from the start" for key, a, b in (("seed", 0, 1), ("batch_size", 16, 8))]
 
 
-def test_incompatible_workdir_is_refused_untouched(tmp_path):
+def test_incompatible_workdir_is_refused_untouched(tmp_path, monkeypatch):
   train.train_and_evaluate(tiny(num_steps=10), tmp_path)
   before = snapshot(tmp_path / "checkpoints")
   with pytest.raises(UserError, match=r"different config.model"):
     train.train_and_evaluate(tiny(num_steps=20, **{"model.hidden": 64}), tmp_path)
+  assert snapshot(tmp_path / "checkpoints") == before
+  seen = []  # a checkpoint past num_steps: the run does not go back, and says so
+  monkeypatch.setattr(train.log, "warning", lambda msg, *args: seen.append(msg % args))
+  assert train.train_and_evaluate(tiny(num_steps=5), tmp_path) == []
+  assert seen[-1].startswith("nothing to train: ") and seen[-1].endswith(
+      "is at step 10 and config.num_steps=5; raise it to train on")
   assert snapshot(tmp_path / "checkpoints") == before
 
 
