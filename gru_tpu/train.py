@@ -331,12 +331,17 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
       cleanup.callback(ckpt.close)
       restored = _restore(ckpt, config, s)
-      if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-      if lock is not None:  # who holds it, for a refused second run; written only now that
-        os.ftruncate(lock, 0)  # this run is not refused itself (which changes nothing)
-        os.pwrite(lock, f"{socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+      error = None
+      try:
+        if jax.process_index() == 0:
+          workdir.mkdir(parents=True, exist_ok=True)
+          (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        if lock is not None:  # who holds it, for a refused second run; written only now that
+          os.ftruncate(lock, 0)  # this run is not refused itself (which changes nothing)
+          os.pwrite(lock, f"{socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+      except OSError as e:
+        error = e
+      _raise_everywhere(error)
     except OSError as e:  # read-only or full filesystem, no permission
       raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e}); use a "
                       f"writable directory. Nothing was changed.") from None
@@ -491,10 +496,14 @@ def _check_shared(workdir: epath.Path) -> None:
       np.int32(np.random.default_rng().integers(2**31 - 1)))))
   # A name never looked up before: NFS may cache a "no such file" answer for a reused one.
   token = workdir / f".gru_tpu_shared_check_{nonce}"
+  error = None
   if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    token.write_text(nonce)
-  multihost_utils.sync_global_devices("gru_tpu workdir token written")
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+      token.write_text(nonce)
+    except OSError as e:  # a read-only workdir: raised on every process, not only on 0
+      error = e
+  _raise_everywhere(error)  # also the barrier: the token is written
   seen = multihost_utils.process_allgather(
       np.asarray(token.exists() and token.read_text() == nonce))
   if jax.process_index() == 0:  # the allgather was a barrier: every process has looked
@@ -513,27 +522,40 @@ def _lock_workdir(workdir: epath.Path) -> int | None:
   WORKDIR/.gru_tpu.lock until the run ends; the OS drops it when the process dies, so a killed
   run leaves no stale lock. An object store has no such lock: on gs:// it is up to the launcher.
   Returns the lock's file descriptor, to close when the run ends (None: none held here)."""
-  fd, busy, holder = None, False, ""
+  fd, busy, holder, error = None, False, "", None
   if jax.process_index() == 0 and not is_uri(workdir):
-    workdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(workdir / ".gru_tpu.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      busy, holder = True, os.read(fd, 256).decode(errors="replace").strip()
-      os.close(fd)
-      fd = None
-    except OSError as e:
-      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+      workdir.mkdir(parents=True, exist_ok=True)
+      fd = os.open(workdir / ".gru_tpu.lock", os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        busy, holder = True, os.read(fd, 256).decode(errors="replace").strip()
         os.close(fd)
-        raise
-      log.warning("--workdir %s has no file locks (%s): make sure no other run trains there",
-                  workdir, e.strerror)
+        fd = None
+      except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+          raise
+        log.warning("--workdir %s has no file locks (%s): make sure no other run trains there",
+                    workdir, e.strerror)
+    except OSError as e:  # e.g. a lock file another user owns
+      error = e
+      if fd is not None:
+        os.close(fd)
+        fd = None
+  _raise_everywhere(error)
   if not _everywhere(not busy):
     raise UserError(f"--workdir {workdir} is in use by another training run"
                     f"{f' ({holder})' if holder else ''}; wait for it to end (or stop it), or use "
                     f"another --workdir. Nothing was changed.")
   return fd
+
+
+def _raise_everywhere(error: OSError | None) -> None:
+  """Raises on every process when one had `error` (the others would wait for it forever in
+  their next collective)."""
+  if not _everywhere(error is None):
+    raise error or OSError("another process could not; its own error says why")
 
 
 def _everywhere(ok: bool) -> bool:

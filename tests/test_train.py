@@ -367,6 +367,32 @@ def test_a_workdir_another_run_is_training_in_is_refused(tmp_path):
   assert (w / ".gru_tpu.lock").read_bytes() == b"otherhost pid 123\n"
 
 
+@pytest.mark.parametrize("unwritable", [".gru_tpu.lock", "config.json"])
+def test_a_write_error_on_process_0_is_raised_on_every_process(tmp_path, monkeypatch, unwritable):
+  """Process 0 alone raised (a lock file or config.json it could not write: here directories),
+  and with 2 processes the other one waited for it in its next collective, both forever."""
+  seen = []
+  monkeypatch.setattr(train, "_everywhere", lambda ok: (seen.append(ok), ok)[1])
+  (tmp_path / unwritable).mkdir()
+  with pytest.raises(UserError, match=r"cannot write there \(Is a directory\)"):
+    train.train_and_evaluate(tiny(), tmp_path)
+  assert seen[-1] is False  # told the others before raising
+  monkeypatch.setattr(train, "_everywhere", lambda ok: False)  # what process 1 then hears
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  with pytest.raises(OSError, match="another process could not"):
+    train._lock_workdir(train.workdir_path(tmp_path))
+  from jax.experimental import multihost_utils  # the shared-workdir check's token, too
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: x)
+  seen.clear()
+  monkeypatch.setattr(train, "_everywhere", lambda ok: (seen.append(ok), ok)[1])
+  (tmp_path / "f").write_text("")
+  with pytest.raises(OSError):
+    train._check_shared(train.workdir_path(tmp_path / "f" / "run"))
+  assert seen == [False]
+
+
 def test_an_unwritable_workdir_is_one_clear_error(tmp_path, monkeypatch):
   """A read-only filesystem (simulated: the tests may run as root, whom chmod does not stop)."""
   def read_only(*args, **kwargs):
