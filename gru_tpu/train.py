@@ -754,6 +754,10 @@ def main(argv: list[str]) -> int:
       # jax.distributed.initialize raised a ValueError traceback for a missing one.
       raise UserError(f"--coordinator_address needs --num_processes N >= 1 and --process_id I "
                       f"in [0, N) (got {n} and {i})")
+    if (n is not None or i is not None) and not (fv.coordinator_address or fv.distributed):
+      # Ignored, each host would train alone: on gs://, all of them in one workdir.
+      raise UserError("--num_processes and --process_id need --coordinator_address HOST:PORT "
+                      "(or --distributed, on TPU)")
     fv.config.to_dict()  # config files load lazily: surface a bad file or key now
   except (flags.Error, UserError, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
     print("gru-tpu train: " + _one_line(e), file=sys.stderr)

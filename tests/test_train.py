@@ -299,6 +299,10 @@ def test_incomplete_multi_process_flags_are_one_line(tmp_path, capsys):
                        "--coordinator_address=127.0.0.1:1", *flags]) == 2
     assert "--coordinator_address needs --num_processes N >= 1 and --process_id I in [0, N)" in (
         capsys.readouterr().err)
+  # Without the address they were ignored: each host trained alone, in one gs:// workdir.
+  assert train.main(["--config", f"{CONFIG}:size=tiny", "--workdir", str(tmp_path),
+                     "--num_processes=2", "--process_id=1"]) == 2
+  assert "--num_processes and --process_id need --coordinator_address" in capsys.readouterr().err
   assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
