@@ -172,6 +172,10 @@ def check_engine_config(config) -> None:
       if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                 or value < low):
         raise UserError(f"config.{key}={value!r}: expected an integer >= {low}")
+  # JAX wraps seeds mod 2**32 (2**32 built seed 0's model), numpy's SeedSequence read the batch
+  # order's [2**32, epoch] as [0, 1, epoch] (seed 0's next epoch), and 2**63 overflowed.
+  if (config.get("seed") or 0) >= 2**31:
+    raise UserError(f"config.seed={config.seed}: expected an integer in [0, 2**31)")
   m = config.model
   for key in ("dropout", "recurrent_dropout"):
     if not 0 <= m.get(key, 0.0) < 1:

@@ -251,6 +251,8 @@ def test_bad_config_override_is_one_clear_line(tmp_path, flag, message):
     ({"batch_size": 0}, r"config.batch_size=0"),
     ({"seq_len": 0}, r"config.seq_len=0"),
     ({"seed": -1}, r"config.seed=-1: expected an integer >= 0"),
+    # Wrapped by JAX (seed 0's model) and numpy (seed 0's batches one epoch on); 2**63: traceback
+    ({"seed": 2**32}, r"config.seed=4294967296: expected an integer in \[0, 2\*\*31\)"),
     ({"eval_steps": 0}, r"config.eval_steps=0: expected an integer >= 1"),  # KeyError at eval
     ({"model.num_layers": 0}, r"config.model.num_layers=0"),
     ({"model.cell": "rnn"}, r"config.model.cell='rnn': expected one of gru, lstm, mingru"),
