@@ -172,6 +172,10 @@ def check_engine_config(config) -> None:
       if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                 or value < low):
         raise UserError(f"config.{key}={value!r}: expected an integer >= {low}")
+  # JAX wraps seeds mod 2**32 (2**32 built seed 0's model), numpy's SeedSequence read the batch
+  # order's [2**32, epoch] as [0, 1, epoch] (seed 0's next epoch), and 2**63 overflowed.
+  if (config.get("seed") or 0) >= 2**31:
+    raise UserError(f"config.seed={config.seed}: expected an integer in [0, 2**31)")
   m = config.model
   for key in ("dropout", "recurrent_dropout"):
     if not 0 <= m.get(key, 0.0) < 1:
@@ -331,12 +335,17 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
       cleanup.callback(ckpt.close)
       restored = _restore(ckpt, config, s)
-      if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-      if lock is not None:  # who holds it, for a refused second run; written only now that
-        os.ftruncate(lock, 0)  # this run is not refused itself (which changes nothing)
-        os.pwrite(lock, f"{socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+      error = None
+      try:
+        if jax.process_index() == 0:
+          workdir.mkdir(parents=True, exist_ok=True)
+          (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        if lock is not None:  # who holds it, for a refused second run; written only now that
+          os.ftruncate(lock, 0)  # this run is not refused itself (which changes nothing)
+          os.pwrite(lock, f"{socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+      except OSError as e:
+        error = e
+      _raise_everywhere(error)
     except OSError as e:  # read-only or full filesystem, no permission
       raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e}); use a "
                       f"writable directory. Nothing was changed.") from None
@@ -491,10 +500,14 @@ def _check_shared(workdir: epath.Path) -> None:
       np.int32(np.random.default_rng().integers(2**31 - 1)))))
   # A name never looked up before: NFS may cache a "no such file" answer for a reused one.
   token = workdir / f".gru_tpu_shared_check_{nonce}"
+  error = None
   if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    token.write_text(nonce)
-  multihost_utils.sync_global_devices("gru_tpu workdir token written")
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+      token.write_text(nonce)
+    except OSError as e:  # a read-only workdir: raised on every process, not only on 0
+      error = e
+  _raise_everywhere(error)  # also the barrier: the token is written
   seen = multihost_utils.process_allgather(
       np.asarray(token.exists() and token.read_text() == nonce))
   if jax.process_index() == 0:  # the allgather was a barrier: every process has looked
@@ -513,27 +526,40 @@ def _lock_workdir(workdir: epath.Path) -> int | None:
   WORKDIR/.gru_tpu.lock until the run ends; the OS drops it when the process dies, so a killed
   run leaves no stale lock. An object store has no such lock: on gs:// it is up to the launcher.
   Returns the lock's file descriptor, to close when the run ends (None: none held here)."""
-  fd, busy, holder = None, False, ""
+  fd, busy, holder, error = None, False, "", None
   if jax.process_index() == 0 and not is_uri(workdir):
-    workdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(workdir / ".gru_tpu.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      busy, holder = True, os.read(fd, 256).decode(errors="replace").strip()
-      os.close(fd)
-      fd = None
-    except OSError as e:
-      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+      workdir.mkdir(parents=True, exist_ok=True)
+      fd = os.open(workdir / ".gru_tpu.lock", os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        busy, holder = True, os.read(fd, 256).decode(errors="replace").strip()
         os.close(fd)
-        raise
-      log.warning("--workdir %s has no file locks (%s): make sure no other run trains there",
-                  workdir, e.strerror)
+        fd = None
+      except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+          raise
+        log.warning("--workdir %s has no file locks (%s): make sure no other run trains there",
+                    workdir, e.strerror)
+    except OSError as e:  # e.g. a lock file another user owns
+      error = e
+      if fd is not None:
+        os.close(fd)
+        fd = None
+  _raise_everywhere(error)
   if not _everywhere(not busy):
     raise UserError(f"--workdir {workdir} is in use by another training run"
                     f"{f' ({holder})' if holder else ''}; wait for it to end (or stop it), or use "
                     f"another --workdir. Nothing was changed.")
   return fd
+
+
+def _raise_everywhere(error: OSError | None) -> None:
+  """Raises on every process when one had `error` (the others would wait for it forever in
+  their next collective)."""
+  if not _everywhere(error is None):
+    raise error or OSError("another process could not; its own error says why")
 
 
 def _everywhere(ok: bool) -> bool:
@@ -732,6 +758,10 @@ def main(argv: list[str]) -> int:
       # jax.distributed.initialize raised a ValueError traceback for a missing one.
       raise UserError(f"--coordinator_address needs --num_processes N >= 1 and --process_id I "
                       f"in [0, N) (got {n} and {i})")
+    if (n is not None or i is not None) and not (fv.coordinator_address or fv.distributed):
+      # Ignored, each host would train alone: on gs://, all of them in one workdir.
+      raise UserError("--num_processes and --process_id need --coordinator_address HOST:PORT "
+                      "(or --distributed, on TPU)")
     fv.config.to_dict()  # config files load lazily: surface a bad file or key now
   except (flags.Error, UserError, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
     print("gru-tpu train: " + _one_line(e), file=sys.stderr)

@@ -251,6 +251,8 @@ def test_bad_config_override_is_one_clear_line(tmp_path, flag, message):
     ({"batch_size": 0}, r"config.batch_size=0"),
     ({"seq_len": 0}, r"config.seq_len=0"),
     ({"seed": -1}, r"config.seed=-1: expected an integer >= 0"),
+    # Wrapped by JAX (seed 0's model) and numpy (seed 0's batches one epoch on); 2**63: traceback
+    ({"seed": 2**32}, r"config.seed=4294967296: expected an integer in \[0, 2\*\*31\)"),
     ({"eval_steps": 0}, r"config.eval_steps=0: expected an integer >= 1"),  # KeyError at eval
     ({"model.num_layers": 0}, r"config.model.num_layers=0"),
     ({"model.cell": "rnn"}, r"config.model.cell='rnn': expected one of gru, lstm, mingru"),
@@ -299,6 +301,10 @@ def test_incomplete_multi_process_flags_are_one_line(tmp_path, capsys):
                        "--coordinator_address=127.0.0.1:1", *flags]) == 2
     assert "--coordinator_address needs --num_processes N >= 1 and --process_id I in [0, N)" in (
         capsys.readouterr().err)
+  # Without the address they were ignored: each host trained alone, in one gs:// workdir.
+  assert train.main(["--config", f"{CONFIG}:size=tiny", "--workdir", str(tmp_path),
+                     "--num_processes=2", "--process_id=1"]) == 2
+  assert "--num_processes and --process_id need --coordinator_address" in capsys.readouterr().err
   assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
@@ -365,6 +371,32 @@ def test_a_workdir_another_run_is_training_in_is_refused(tmp_path):
   assert in_flight.is_dir()
   assert sorted(p.name for p in w.iterdir()) == [".gru_tpu.lock", "checkpoints"]
   assert (w / ".gru_tpu.lock").read_bytes() == b"otherhost pid 123\n"
+
+
+@pytest.mark.parametrize("unwritable", [".gru_tpu.lock", "config.json"])
+def test_a_write_error_on_process_0_is_raised_on_every_process(tmp_path, monkeypatch, unwritable):
+  """Process 0 alone raised (a lock file or config.json it could not write: here directories),
+  and with 2 processes the other one waited for it in its next collective, both forever."""
+  seen = []
+  monkeypatch.setattr(train, "_everywhere", lambda ok: (seen.append(ok), ok)[1])
+  (tmp_path / unwritable).mkdir()
+  with pytest.raises(UserError, match=r"cannot write there \(Is a directory\)"):
+    train.train_and_evaluate(tiny(), tmp_path)
+  assert seen[-1] is False  # told the others before raising
+  monkeypatch.setattr(train, "_everywhere", lambda ok: False)  # what process 1 then hears
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  with pytest.raises(OSError, match="another process could not"):
+    train._lock_workdir(train.workdir_path(tmp_path))
+  from jax.experimental import multihost_utils  # the shared-workdir check's token, too
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: x)
+  seen.clear()
+  monkeypatch.setattr(train, "_everywhere", lambda ok: (seen.append(ok), ok)[1])
+  (tmp_path / "f").write_text("")
+  with pytest.raises(OSError):
+    train._check_shared(train.workdir_path(tmp_path / "f" / "run"))
+  assert seen == [False]
 
 
 def test_an_unwritable_workdir_is_one_clear_error(tmp_path, monkeypatch):
