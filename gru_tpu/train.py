@@ -25,7 +25,6 @@ import math
 import os
 import re
 import signal
-import socket
 import sys
 import threading
 import time
@@ -340,9 +339,6 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
         if jax.process_index() == 0:
           workdir.mkdir(parents=True, exist_ok=True)
           (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-        if lock is not None:  # who holds it, for a refused second run; written only now that
-          os.ftruncate(lock, 0)  # this run is not refused itself (which changes nothing)
-          os.pwrite(lock, f"{socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
       except OSError as e:
         error = e
       _raise_everywhere(error)
@@ -526,7 +522,7 @@ def _lock_workdir(workdir: epath.Path) -> int | None:
   WORKDIR/.gru_tpu.lock until the run ends; the OS drops it when the process dies, so a killed
   run leaves no stale lock. An object store has no such lock: on gs:// it is up to the launcher.
   Returns the lock's file descriptor, to close when the run ends (None: none held here)."""
-  fd, busy, holder, error = None, False, "", None
+  fd, busy, error = None, False, None
   if jax.process_index() == 0 and not is_uri(workdir):
     try:
       workdir.mkdir(parents=True, exist_ok=True)
@@ -534,7 +530,7 @@ def _lock_workdir(workdir: epath.Path) -> int | None:
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
-        busy, holder = True, os.read(fd, 256).decode(errors="replace").strip()
+        busy = True
         os.close(fd)
         fd = None
       except OSError as e:
@@ -549,9 +545,11 @@ def _lock_workdir(workdir: epath.Path) -> int | None:
         fd = None
   _raise_everywhere(error)
   if not _everywhere(not busy):
-    raise UserError(f"--workdir {workdir} is in use by another training run"
-                    f"{f' ({holder})' if holder else ''}; wait for it to end (or stop it), or use "
-                    f"another --workdir. Nothing was changed.")
+    # The file holds no pid: one the holder wrote could still be a finished run's (and by now
+    # an unrelated process's) while the holder starts.
+    raise UserError(f"--workdir {workdir} is in use by another training run (`fuser -v "
+                    f"{workdir / '.gru_tpu.lock'}` names it on its host); wait for it to end (or "
+                    f"stop it), or use another --workdir. Nothing was changed.")
   return fd
 
 

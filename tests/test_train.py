@@ -362,15 +362,16 @@ def test_a_workdir_another_run_is_training_in_is_refused(tmp_path):
   fd = os.open(w / ".gru_tpu.lock", os.O_RDWR | os.O_CREAT)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.write(fd, b"otherhost pid 123\n")
+    os.write(fd, b"whatever was here\n")
     with pytest.raises(UserError, match=r"--workdir .* is in use by another training run "
-                                        r"\(otherhost pid 123\); wait for it to end"):
+                                        r"\(`fuser -v .*\.gru_tpu\.lock` names it on its host\); "
+                                        r"wait for it to end"):
       train.train_and_evaluate(tiny(), w)
   finally:
     os.close(fd)
   assert in_flight.is_dir()
   assert sorted(p.name for p in w.iterdir()) == [".gru_tpu.lock", "checkpoints"]
-  assert (w / ".gru_tpu.lock").read_bytes() == b"otherhost pid 123\n"
+  assert (w / ".gru_tpu.lock").read_bytes() == b"whatever was here\n"
 
 
 @pytest.mark.parametrize("unwritable", [".gru_tpu.lock", "config.json"])
