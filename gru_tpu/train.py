@@ -630,9 +630,14 @@ def _evaluate(config, s: Setup, state, mesh, writer, step: int,
               final: bool = False) -> dict:
   task = s.task
   batches = _batches(task, "eval", 0, mesh)
-  # All batches dispatched, then one read: not a wait for each batch before the next starts.
-  totals = _weighted_mean(jax.device_get([s.eval_step(state, _to_global(next(batches), mesh))
-                                          for _ in range(config.eval_steps)]))
+  # One read at the end, not a wait for each batch before the next starts; at most RUN_AHEAD
+  # batches queued on the device, as in training.
+  outs = []
+  for _ in range(config.eval_steps):
+    outs.append(s.eval_step(state, _to_global(next(batches), mesh)))
+    if len(outs) > RUN_AHEAD:
+      jax.block_until_ready(outs[-1 - RUN_AHEAD])
+  totals = _weighted_mean(jax.device_get(outs))
   if hasattr(task, "finalize_eval"):  # metrics that are not means of batch values
     totals = task.finalize_eval(totals)
   model = None
