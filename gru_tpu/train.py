@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -334,14 +335,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
       cleanup.callback(ckpt.close)
       restored = _restore(ckpt, config, s)
-      error = None
-      try:
-        if jax.process_index() == 0:
-          workdir.mkdir(parents=True, exist_ok=True)
-          (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-      except OSError as e:
-        error = e
-      _raise_everywhere(error)
+
+      def write_config() -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+      _on_process_0(write_config)
     except OSError as e:  # read-only or full filesystem, no permission
       raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e}); use a "
                       f"writable directory. Nothing was changed.") from None
@@ -496,14 +495,12 @@ def _check_shared(workdir: epath.Path) -> None:
       np.int32(np.random.default_rng().integers(2**31 - 1)))))
   # A name never looked up before: NFS may cache a "no such file" answer for a reused one.
   token = workdir / f".gru_tpu_shared_check_{nonce}"
-  error = None
-  if jax.process_index() == 0:
-    try:
-      workdir.mkdir(parents=True, exist_ok=True)
-      token.write_text(nonce)
-    except OSError as e:  # a read-only workdir: raised on every process, not only on 0
-      error = e
-  _raise_everywhere(error)  # also the barrier: the token is written
+
+  def write_token() -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    token.write_text(nonce)
+
+  _on_process_0(write_token)  # also the barrier: the token is written
   seen = multihost_utils.process_allgather(
       np.asarray(token.exists() and token.read_text() == nonce))
   if jax.process_index() == 0:  # the allgather was a barrier: every process has looked
@@ -522,29 +519,27 @@ def _lock_workdir(workdir: epath.Path) -> int | None:
   WORKDIR/.gru_tpu.lock until the run ends; the OS drops it when the process dies, so a killed
   run leaves no stale lock. An object store has no such lock: on gs:// it is up to the launcher.
   Returns the lock's file descriptor, to close when the run ends (None: none held here)."""
-  fd, busy, error = None, False, None
-  if jax.process_index() == 0 and not is_uri(workdir):
+  if is_uri(workdir):
+    return None
+
+  def take() -> int:  # the lock's fd; -1 when another run holds it
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / ".gru_tpu.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-      workdir.mkdir(parents=True, exist_ok=True)
-      fd = os.open(workdir / ".gru_tpu.lock", os.O_RDWR | os.O_CREAT, 0o644)
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        busy = True
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      return -1
+    except OSError as e:
+      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
         os.close(fd)
-        fd = None
-      except OSError as e:
-        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
-          raise
-        log.warning("--workdir %s has no file locks (%s): make sure no other run trains there",
-                    workdir, e.strerror)
-    except OSError as e:  # e.g. a lock file another user owns
-      error = e
-      if fd is not None:
-        os.close(fd)
-        fd = None
-  _raise_everywhere(error)
-  if not _everywhere(not busy):
+        raise
+      log.warning("--workdir %s has no file locks (%s): make sure no other run trains there",
+                  workdir, e.strerror)
+    return fd
+
+  fd = _on_process_0(take)
+  if not _everywhere(fd != -1):
     # The file holds no pid: one the holder wrote could still be a finished run's (and by now
     # an unrelated process's) while the holder starts.
     raise UserError(f"--workdir {workdir} is in use by another training run (`fuser -v "
@@ -553,11 +548,18 @@ def _lock_workdir(workdir: epath.Path) -> int | None:
   return fd
 
 
-def _raise_everywhere(error: OSError | None) -> None:
-  """Raises on every process when one had `error` (the others would wait for it forever in
-  their next collective)."""
+def _on_process_0(write: Callable[[], Any], default: Any = None) -> Any:
+  """write() on process 0 (default elsewhere); its OSError is raised on every process: the
+  others would wait for it forever in their next collective."""
+  error, result = None, default
+  if jax.process_index() == 0:
+    try:
+      result = write()
+    except OSError as e:
+      error = e
   if not _everywhere(error is None):
     raise error or OSError("another process could not; its own error says why")
+  return result
 
 
 def _everywhere(ok: bool) -> bool:

@@ -44,10 +44,12 @@ class WindowOrder:
 
 
 def endless(fetch: Callable[[np.ndarray], Any], order: WindowOrder, start_step: int,
-            lo: int, hi: int) -> Iterator[Any]:
-  """fetch(rows [lo, hi) of global batch k) for k = start_step, start_step + 1, ...; grain
+            shard: int, num_shards: int) -> Iterator[Any]:
+  """fetch(window indices of shard's rows of global batch k) for k = start_step, ...; grain
   prepares the next two on a background thread while the device works."""
   import grain
 
+  rows = order.batch_size // num_shards
+  lo, hi = shard * rows, (shard + 1) * rows
   ds = grain.MapDataset.range(start_step, 2**62).map(lambda k: fetch(order.rows(k, lo, hi)))
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))

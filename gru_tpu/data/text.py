@@ -257,8 +257,7 @@ def window_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: i
   if n_windows < 1:
     raise UserError(f"config.seq_len={seq_len} is longer than the {split} split "
                     f"({len(tokens)} tokens); lower config.seq_len")
-  lo = shard * (batch_size // num_shards)
   offsets = np.arange(seq_len + 1)
   return order.endless(lambda idx_R: tokens[idx_R[:, None] * seq_len + offsets],
                        order.WindowOrder(n_windows, batch_size, seed, shuffle), start_step,
-                       lo, lo + batch_size // num_shards)
+                       shard, num_shards)

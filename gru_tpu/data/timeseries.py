@@ -569,8 +569,6 @@ def window_batches(store: WindowStore, windows: np.ndarray, *, horizon: int, bat
   each epoch (`order.WindowOrder`); batch k is a pure function of (seed, k), so a resumed run
   continues the exact data order from its step and every process builds only its own rows.
   """
-  lo = shard * (batch_size // num_shards)
   return order.endless(
       lambda idx_R: store.gather(windows[idx_R, 0], windows[idx_R, 1], horizon),
-      order.WindowOrder(len(windows), batch_size, seed, shuffle), start_step,
-      lo, lo + batch_size // num_shards)
+      order.WindowOrder(len(windows), batch_size, seed, shuffle), start_step, shard, num_shards)
