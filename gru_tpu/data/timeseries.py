@@ -164,8 +164,8 @@ def _times(df, col: str, where):
     t = pd.DatetimeIndex(s)
   else:
     raw = s.astype(str)
-    try:
-      t = pd.to_datetime(raw, errors="coerce", format="mixed")
+    try:  # pandas 2 returns offsets that change as an object Index; DatetimeIndex refuses it
+      t = pd.DatetimeIndex(pd.to_datetime(raw, errors="coerce", format="mixed"))
     except ValueError:  # UTC offsets that change within the column (daylight saving)
       t = pd.to_datetime(raw, errors="coerce", format="mixed", utc=True)
     if t.isna().any():
