@@ -49,11 +49,25 @@ def compiler_options(backend: str | None = None) -> dict[str, object]:
   """XLA options for jitting a step that runs these models: pass to jax.jit(compiler_options=).
 
   On CPU the new fusion emitters compile the gate fusion of the scan body into code ~6x slower
-  than the legacy emitter's, which would dominate the step; elsewhere nothing is needed.
+  than the legacy emitter's, which would dominate the step; elsewhere nothing is needed. XLA
+  builds without the legacy emitter (jax >= 0.11.2) refuse the option, so they get none.
   """
-  if (backend or jax.default_backend()) == "cpu":
+  if (backend or jax.default_backend()) == "cpu" and _cpu_knows("xla_cpu_use_fusion_emitters"):
     return {"xla_cpu_use_fusion_emitters": False}
   return {}
+
+
+@functools.cache
+def _cpu_knows(option: str) -> bool:
+  """Whether this jaxlib's XLA:CPU has a compile option: an unknown one fails every compile."""
+  x = jax.device_put(np.float32(0), jax.devices("cpu")[0])
+  try:
+    jax.jit(lambda v: v + 1, compiler_options={option: False}).lower(x).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "No such compile option" not in str(e):
+      raise
+    return False
+  return True
 
 
 def _gates(g_Bx3H, gh_Bx3H):
