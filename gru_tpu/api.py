@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -122,15 +121,18 @@ class TextModel(Loaded):
     ids = self.tokenizer.encode(prompt or "\n")
     ids = np.broadcast_to(ids, (num_samples, len(ids)))
     graphdef, state = nnx.split(self.model)
-    carry, logits = lm.prime_jit(graphdef, state, jnp.asarray(ids))
+    carry, logits = lm.prime_jit(graphdef, state, ids)
     key = jax.random.key(seed)
     decoders = [self.tokenizer.stream_decoder() for _ in range(num_samples)]
     for start in range(0, length, chunk):
       n = min(chunk, length - start)
-      carry, logits, toks = lm.advance_jit(graphdef, state, carry, logits, key, start, n,
-                                           float(temperature), top_k, top_p)
+      # A short last piece computes a few tokens more (bucket), dropped here: the carry after
+      # them is never used, and each token's key depends on its position alone.
+      carry, logits, toks = lm.advance_jit(graphdef, state, carry, logits, key, start,
+                                           lm.bucket(n, chunk), float(temperature), top_k,
+                                           top_p)
       # Stateful per sample: a byte model's character may span two chunks.
-      yield [d(t, final=start + n == length) for d, t in zip(decoders, np.asarray(toks))]
+      yield [d(t, final=start + n == length) for d, t in zip(decoders, np.asarray(toks)[:, :n])]
 
   def generate(self, prompt: str, length: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:

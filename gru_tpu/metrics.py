@@ -3,7 +3,9 @@
 Every line has `step` and `split` ("train", "eval" or "test") plus metric names; the training
 loss is `loss`. Only process 0 writes. A resumed run appends: steps between the checkpoint and
 the kill appear twice (the later row counts). In a gs:// workdir, which cannot be appended to,
-every write replaces the object with all rows so far (one upload per logged step).
+an upload replaces the object with all rows so far: at most every UPLOAD_SECONDS, and at each
+flush() (the engine's, before every checkpoint save) and close, so the rows up to the latest
+checkpoint are always there and later ones follow within UPLOAD_SECONDS.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from os import PathLike
 from pathlib import Path
 
@@ -18,6 +21,10 @@ import jax
 from etils import epath
 
 from gru_tpu.checkpoint import is_uri, workdir_path
+
+# An upload per logged step, each of every row so far, made a long run's log steps ever slower
+# (O(rows) each, O(rows²) over the run). TensorBoard's own gs:// event file uploads every 120 s.
+UPLOAD_SECONDS = 60.0
 
 
 class MetricsWriter:
@@ -29,6 +36,7 @@ class MetricsWriter:
     from tensorboardX import SummaryWriter  # gs:// through google-cloud-storage (the [gcs] extra)
     workdir = epath.Path(workdir)
     self.path, self.file, self.rows = workdir / "metrics.jsonl", None, ""
+    self.uploaded, self.pending = time.monotonic(), False  # gs://: last upload; rows since
     if is_uri(workdir):
       self.rows = self.path.read_text() if self.path.exists() else ""
       self.rows = self.rows[:self.rows.rfind("\n") + 1]
@@ -44,7 +52,9 @@ class MetricsWriter:
     row.update({k: float(v) for k, v in metrics.items()})
     if self.file is None:
       self.rows += json.dumps(row) + "\n"
-      self.path.write_text(self.rows)  # an object upload replaces the old one atomically
+      self.pending = True
+      if time.monotonic() - self.uploaded >= UPLOAD_SECONDS:
+        self.flush()
     else:
       self.file.write(json.dumps(row) + "\n")
       self.file.flush()
@@ -56,11 +66,18 @@ class MetricsWriter:
     if self.enabled:
       self.tb.add_text(tag, text, int(step))
 
+  def flush(self) -> None:
+    """gs://: uploads the rows not yet uploaded (a local file is flushed at every write)."""
+    if self.enabled and self.file is None and self.pending:
+      self.path.write_text(self.rows)  # an object upload replaces the old one atomically
+      self.uploaded, self.pending = time.monotonic(), False
+
   def close(self) -> None:
     if self.enabled:
       # Closing also runs while an error propagates (a save that found the disk full); a
       # failed flush here must not replace that error with its own traceback.
-      for close in ([self.file.close] if self.file is not None else []) + [self.tb.close]:
+      first = self.file.close if self.file is not None else self.flush
+      for close in (first, self.tb.close):
         try:
           close()
         except OSError as e:

@@ -418,6 +418,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
         evals.append(_evaluate(config, s, state, mesh, writer, done,
                                final=done == config.num_steps))
       if save:
+        writer.flush()  # gs://: the rows up to a checkpoint are uploaded before it exists
         meta = {"config": json.loads(config.to_json_best_effort()), "data_step": done,
                 "task": _task_metadata(s, state)}
         ckpt.save(done, state, meta)

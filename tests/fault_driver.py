@@ -7,7 +7,8 @@ GRU_TPU_FAULTS is a comma-separated list of
                   dispatched, the last ones possibly still running)
   term@N          SIGTERM itself at that point: a preemption notice
   kill_in_save@N  SIGKILL itself while checkpoint N is being committed: every file is written to
-                  N.orbax-checkpoint-tmp, the rename that finalises it has not happened
+                  N.orbax-checkpoint-tmp, the rename that finalises it has not happened (on GCS:
+                  every object is in N/, its commit_success.txt is not)
   enospc@N        the disk is full while checkpoint N is written (its JSON metadata write fails
                   with ENOSPC, after the arrays went to N.orbax-checkpoint-tmp)
   unreadable@N    reading checkpoint N's arrays fails (a storage error, or a damaged chunk that
@@ -64,15 +65,16 @@ def install(faults: str, only_process: int | None) -> None:
 
   train.load_task = load_task_with_faults
 
-  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+  def finalize_with_faults(finalize):
+    async def finalize_or_die(self, *args, **kwargs):
+      name = self.get_final().name
+      if name.isdigit() and int(name) in in_save and armed():
+        _signal_self(in_save[int(name)])
+      return await finalize(self, *args, **kwargs)
+    return finalize_or_die
 
-  async def finalize_with_faults(self, *args, **kwargs):
-    name = self.get_final().name
-    if name.isdigit() and int(name) in in_save and armed():
-      _signal_self(in_save[int(name)])
-    return await finalize(self, *args, **kwargs)
-
-  atomicity.AtomicRenameTemporaryPath.finalize = finalize_with_faults
+  for kind in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+    kind.finalize = finalize_with_faults(kind.finalize)
 
   save_json = json_checkpoint_handler.JsonCheckpointHandler._save_fn
 

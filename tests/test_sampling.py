@@ -4,9 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
 import char_pystdlib  # noqa: E402
@@ -60,6 +62,39 @@ def test_priming_equals_feeding_the_prompt_through_step(workdir):
     c, y = m.model.rnn.step(c, m.model.embed(ids[:, t]))
   np.testing.assert_allclose(carry, c, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(logits, m.model.logits(y), rtol=1e-5, atol=1e-5)
+
+
+def test_priming_a_prompt_longer_than_a_piece_equals_one_pass(workdir):
+  """prime_jit runs the prompt in right-padded pieces of PROMPT_CHUNK tokens."""
+  m = gru_tpu.load(workdir)
+  ids = jnp.asarray(m.tokenizer.encode("to be or not to be, " * 7))[None]  # 140: 3 pieces
+  assert ids.shape[1] > 2 * lm.PROMPT_CHUNK
+  carry, logits = lm.prime_jit(*nnx.split(m.model), ids)
+  want_carry, want_logits = lm.prime(m.model, ids)
+  np.testing.assert_allclose(carry, want_carry, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_new_prompts_lengths_and_temperatures_compile_nothing_new(workdir):
+  """A notebook calls generate with ever new prompts, lengths and temperatures. Each new prompt
+  length, text length, temperature or top_p compiled anew (and kept the executable: ~3 MB of
+  host memory each for the tiny model), so a session grew with every call."""
+  m = gru_tpu.load(workdir)
+  m.generate("to", 33, temperature=0.7, top_p=0.9)  # compiles the pieces used below
+  compiles = []
+
+  def compiled(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(compiled)
+  try:
+    texts = [m.generate("to be" + " or not" * i, 40 + 3 * i, temperature=0.5 + i / 10,
+                        top_p=0.8 + i / 50, seed=i) for i in range(5)]
+  finally:
+    jax.monitoring.unregister_event_duration_listener(compiled)
+  assert [len(t) for t in texts] == [40, 43, 46, 49, 52]
+  assert compiles == []
 
 
 def test_bad_sampling_arguments(workdir, tmp_path):

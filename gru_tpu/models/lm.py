@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gru_tpu.models.gru import GRU
@@ -98,9 +99,13 @@ def sample_tokens(model: SequenceLM, carry, last_logits_BxV: jax.Array, keys_N: 
   temperature 0 is greedy. Returns (carry, logits after the last token, tokens_BxN).
   """
   def pick(logits, k):
-    if temperature == 0:
+    if isinstance(temperature, (int, float)) and temperature == 0:
       return jnp.argmax(logits, axis=-1)
-    return jax.random.categorical(k, _filter_logits(logits / temperature, top_k, top_p))
+    # A traced temperature (advance_jit: one compile for every value) picks greedy at run time.
+    t = jnp.asarray(temperature, jnp.float32)
+    sampled = jax.random.categorical(k, _filter_logits(logits / jnp.where(t > 0, t, 1.0), top_k,
+                                                       top_p))
+    return jnp.where(t > 0, sampled, jnp.argmax(logits, axis=-1))
 
   def body(state, k):
     carry, logits = state
@@ -118,16 +123,45 @@ def prime(model: SequenceLM, prompt_BxP: jax.Array):
   return carry, model.logits(y_BxPxH[:, -1])
 
 
+# Prompts run through the stack in pieces of this many tokens, the last one right-padded: one
+# compile serves every prompt length (per prompt length, a notebook compiled anew for each new
+# prompt, and kept every executable).
+PROMPT_CHUNK = 64
+
+
 @jax.jit
+def _prime_piece(graphdef, state, carry, piece_BxK, n):
+  """prime() from `carry` over the first n tokens of piece_BxK (the rest is padding)."""
+  model = nnx.merge(graphdef, state)
+  B = piece_BxK.shape[0]
+  y_BxKxH, carry = model.rnn(model.embed(piece_BxK), jnp.full((B,), n), carry)
+  return carry, model.logits(jax.lax.dynamic_index_in_dim(y_BxKxH, n - 1, 1, keepdims=False))
+
+
 def prime_jit(graphdef, state, prompt_BxP):
-  """prime() on a split model, jitted."""
-  return prime(nnx.merge(graphdef, state), prompt_BxP)
+  """prime() on a split model, jitted: the same compiled pieces for any prompt length P >= 1."""
+  prompt_BxP = np.asarray(prompt_BxP)
+  B, P = prompt_BxP.shape
+  carry = nnx.merge(graphdef, state).rnn.initial_carry(B)
+  for start in range(0, P, PROMPT_CHUNK):
+    piece = prompt_BxP[:, start:start + PROMPT_CHUNK]
+    n = piece.shape[1]
+    piece = np.pad(piece, ((0, 0), (0, PROMPT_CHUNK - n)))
+    carry, logits = _prime_piece(graphdef, state, carry, piece, n)
+  return carry, logits
 
 
-@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9))
+def bucket(n: int, chunk: int) -> int:
+  """Tokens to compute for a piece of n <= chunk: chunk itself, or the next power of two, so
+  that every length of text runs one of log2(chunk) + 1 compiled functions."""
+  return chunk if n >= chunk else min(chunk, 1 << max(n - 1, 0).bit_length())
+
+
+@functools.partial(jax.jit, static_argnums=(6, 8))
 def advance_jit(graphdef, state, carry, logits, key, start, n, temperature, top_k, top_p):
   """Tokens start .. start + n - 1; token t's key depends on t alone, so the text does not
-  depend on how generation is chunked."""
+  depend on how generation is chunked. temperature and top_p are traced: changing them does
+  not compile again (n and top_k are static: pass n through `bucket`)."""
   keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(start + jnp.arange(n))
   return sample_tokens(nnx.merge(graphdef, state), carry, logits, keys, temperature, top_k,
                        top_p)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -69,7 +68,7 @@ class TextTask:
     d = self.config.data
     prompt = self.tokenizer.encode(d.sample_prompt or "\n")[None]
     graphdef, state = nnx.split(model)
-    carry, logits = lm.prime_jit(graphdef, state, jnp.asarray(prompt))
+    carry, logits = lm.prime_jit(graphdef, state, prompt)
     _, _, toks = lm.advance_jit(graphdef, state, carry, logits, jax.random.key(step), 0,
                                 d.sample_length, 0.8, None, None)
     return d.sample_prompt + self.tokenizer.decode(np.asarray(toks)[0])
