@@ -75,6 +75,19 @@ def test_priming_a_prompt_longer_than_a_piece_equals_one_pass(workdir):
   np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cell", sorted(lm.CELLS))
+def test_pieced_priming_equals_one_pass_for_every_cell(cell, rng):
+  """The padded last piece relies on each cell freezing its carry past seq_lengths."""
+  model = lm.SequenceLM(11, cell=cell, embed_dim=8, hidden=16, num_layers=2,
+                        rngs=nnx.Rngs(3))
+  ids = rng.integers(0, 11, (2, lm.PROMPT_CHUNK + 9))
+  carry, logits = lm.prime_jit(*nnx.split(model), ids)
+  want_carry, want_logits = lm.prime(model, jnp.asarray(ids))
+  for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(want_carry), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+
+
 def test_new_prompts_lengths_and_temperatures_compile_nothing_new(workdir):
   """A notebook calls generate with ever new prompts, lengths and temperatures. Each new prompt
   length, text length, temperature or top_p compiled anew (and kept the executable: ~3 MB of
