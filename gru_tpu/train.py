@@ -734,6 +734,22 @@ def _no_orbax_tracebacks(record: logging.LogRecord) -> bool:
   return True
 
 
+@contextlib.contextmanager
+def _log_to_stderr():
+  """The run's log on stderr through our own handler (absl has already claimed the root logger,
+  at WARNING), undone on return: an in-process caller (a notebook, a test) keeps its logging."""
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  saved = log.handlers[:], log.level, log.propagate
+  log.handlers[:], log.propagate = [handler], False
+  log.setLevel(logging.INFO)
+  try:
+    yield
+  finally:
+    log.handlers[:], log.propagate = saved[0], saved[2]
+    log.setLevel(saved[1])
+
+
 def main(argv: list[str]) -> int:
   """`gru-tpu train`: absl config flags; a user error is one line on stderr and exit code 2."""
   from absl import flags
@@ -772,23 +788,18 @@ def main(argv: list[str]) -> int:
   except (flags.Error, UserError, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
     print("gru-tpu train: " + _one_line(e), file=sys.stderr)
     return 2
-  # Our own handler: absl has already claimed the root logger (at WARNING).
-  handler = logging.StreamHandler()
-  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-  log.handlers[:] = [handler]
-  log.setLevel(logging.INFO)
-  log.propagate = False
   logging.getLogger("absl").addFilter(_no_orbax_tracebacks)
-  if fv.coordinator_address or fv.distributed:
-    initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
-  try:
-    with Preemption().on_sigterm() as preemption:  # SIGTERM: save, then exit 0
-      train_and_evaluate(fv.config, fv.workdir, preemption)
-  except UserError as e:
-    print(f"gru-tpu train: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:  # a full disk or lost permissions while writing logs or metrics
-    print(f"gru-tpu train: {e}; free space or fix permissions, then run the same command to "
-          f"resume from the last checkpoint", file=sys.stderr)
-    return 2
+  with _log_to_stderr():
+    if fv.coordinator_address or fv.distributed:
+      initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
+    try:
+      with Preemption().on_sigterm() as preemption:  # SIGTERM: save, then exit 0
+        train_and_evaluate(fv.config, fv.workdir, preemption)
+    except UserError as e:
+      print(f"gru-tpu train: {e}", file=sys.stderr)
+      return 2
+    except OSError as e:  # a full disk or lost permissions while writing logs or metrics
+      print(f"gru-tpu train: {e}; free space or fix permissions, then run the same command to "
+            f"resume from the last checkpoint", file=sys.stderr)
+      return 2
   return 0

@@ -5,6 +5,7 @@ import concurrent.futures
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -417,10 +418,15 @@ def test_a_full_disk_mid_run_is_one_line_that_says_how_to_resume(tmp_path, monke
     raise OSError(errno.ENOSPC, "No space left on device")
 
   monkeypatch.setattr(train, "train_and_evaluate", full)
+  log = logging.getLogger("gru_tpu")
+  before = log.handlers[:], log.level, log.propagate
   assert train.main(["--config", f"{CONFIG}:size=tiny", "--workdir", str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip()
   assert "\n" not in err and "No space left on device" in err
   assert "run the same command to resume from the last checkpoint" in err
+  # The CLI's stderr handler is gone again: it had stayed, writing to a since-closed capture
+  # stream, and with propagate off later tests' caplog saw nothing from gru_tpu.
+  assert (log.handlers[:], log.level, log.propagate) == before
 
 
 def test_a_workdir_under_home_is_expanded(tmp_path, monkeypatch):
