@@ -283,12 +283,13 @@ def _load(workdir: epath.Path, requested: int | None) -> Loaded:
 def plot_forecast(panel: ts.Panel, frame, path: str | Path, levels: tuple,
                   max_panels: int = 6) -> None:
   """One axis per (series, target), at most max_panels: history, median, quantile bands."""
-  import matplotlib
-  matplotlib.use("Agg")  # headless: no display needed
-  import matplotlib.pyplot as plt
+  # A bare Figure needs no display and leaves pyplot alone: matplotlib.use("Agg") had switched
+  # a notebook's backend, which also closed every figure open in it.
+  from matplotlib.figure import Figure
 
   keys = [(s, c, t) for s in panel.series for c, t in enumerate(panel.targets)][:max_panels]
-  fig, axes = plt.subplots(len(keys), 1, figsize=(10, 3 * len(keys)), squeeze=False)
+  fig = Figure(figsize=(10, 3 * len(keys)))
+  axes = fig.subplots(len(keys), 1, squeeze=False)
   pairs = [(levels[i], levels[-1 - i]) for i in range(len(levels) // 2)]
   for ax, (s, c, target) in zip(axes[:, 0], keys):
     f = frame[frame["target"] == target]
@@ -308,7 +309,6 @@ def plot_forecast(panel: ts.Panel, frame, path: str | Path, levels: tuple,
     ax.legend(loc="upper left", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def main(argv: list[str]) -> int:

@@ -303,6 +303,28 @@ def test_a_statsmodels_model_forecasts_a_csv_in_its_layout(tmp_path):
   pd.testing.assert_frame_equal(f, m.forecast(None, num_samples=4))
 
 
+def test_plot_leaves_the_callers_matplotlib_alone(tmp_path):
+  """m.plot in a notebook switched the process to the Agg backend, which closed every figure."""
+  import matplotlib
+  import matplotlib.pyplot as plt
+  from gru_tpu.api import ForecastModel
+  from gru_tpu.tasks.forecast import load_panel
+  c = config("statsmodels:macrodata", **{"data.context_length": 16, "data.horizon": 4})
+  c.data.target, c.data.time_column = "", ""
+  task = ForecastTask(c, load_panel(c.data))
+  m = ForecastModel(tmp_path, c, task.build_model(nnx.Rngs(0)), task.meta, 0)
+  previous = matplotlib.get_backend()
+  plt.switch_backend("svg")
+  try:
+    mine = plt.figure()
+    m.plot(None, m.forecast(None, num_samples=4), tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == "svg" and plt.fignum_exists(mine.number)
+  finally:
+    plt.close("all")
+    plt.switch_backend(previous)
+
+
 def test_lags_from_config():
   assert task_for(seasonal_frame()).meta["lags"] == [1, 12]               # 1 and the season
   task = task_for(seasonal_frame(), **{"data.lags": "3, 1,24"})
