@@ -17,14 +17,18 @@ CELLS = {"gru": GRU, "lstm": LSTM, "mingru": MinGRU}
 
 
 def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
-  """layer(x) in f32: the matmul in the layer's compute dtype, its bias added in f32.
+  """layer(x) in f32: the matmul in the layer's compute dtype accumulated in f32, its bias added
+  in f32.
 
   nnx.Linear adds the bias in the compute dtype, so under bf16 the bias gradient, a sum over
   every row (B·T of them), is accumulated in bf16: for the head at B·T = 8192 it was 67 % off.
+  The f32 result also keeps the cotangent f32, so the kernel's gradient (again a sum over B·T
+  rows) never rests on how a backend accumulates a bf16-output dot: jaxlib 0.12's XLA:CPU did
+  that one coarsely enough to put the head's kernel gradient 8 % off f32's.
   """
   kernel = layer.kernel[...]
   cdt = layer.dtype or jnp.result_type(x, kernel)
-  y = jnp.dot(x.astype(cdt), kernel.astype(cdt)).astype(jnp.float32)
+  y = jnp.dot(x.astype(cdt), kernel.astype(cdt), preferred_element_type=jnp.float32)
   return y if layer.bias is None else y + layer.bias[...].astype(jnp.float32)
 
 
@@ -68,7 +72,7 @@ class SequenceLM(nnx.Module):
     if not self.tied:
       return dense(self.head, y_BxTxH)
     if self.proj is not None:
-      y_BxTxH = self.proj(y_BxTxH)
+      y_BxTxH = dense(self.proj, y_BxTxH)
     return self.embed.attend(y_BxTxH).astype(jnp.float32) + self.out_bias[...]
 
   def __call__(self, tokens_BxT: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
