@@ -549,10 +549,10 @@ def _lock_workdir(workdir: epath.Path) -> int | None:
   return fd
 
 
-def _on_process_0(write: Callable[[], Any], default: Any = None) -> Any:
-  """write() on process 0 (default elsewhere); its OSError is raised on every process: the
+def _on_process_0(write: Callable[[], Any]) -> Any:
+  """write() on process 0 (None elsewhere); its OSError is raised on every process: the
   others would wait for it forever in their next collective."""
-  error, result = None, default
+  error, result = None, None
   if jax.process_index() == 0:
     try:
       result = write()

@@ -287,16 +287,21 @@ def test_panel_with_covariates_and_a_multivariate_source():
   assert f["date"].iloc[0] == pd.Timestamp("2009-10-01")
 
 
-def test_a_statsmodels_model_forecasts_a_csv_in_its_layout(tmp_path):
-  # Trained on statsmodels:NAME the config's columns stay "" (the source's); a CSV with those
-  # columns (what `gru-tpu forecast --data csv:PATH` documents) used to ask for
-  # config.data.time_column, which neither the CLI nor m.forecast can set.
+def untrained_macrodata_model(workdir):
+  """A ForecastModel as loaded after training on statsmodels:macrodata (its columns left "")."""
   from gru_tpu.api import ForecastModel
   from gru_tpu.tasks.forecast import load_panel
   c = config("statsmodels:macrodata", **{"data.context_length": 16, "data.horizon": 4})
   c.data.target, c.data.time_column = "", ""
   task = ForecastTask(c, load_panel(c.data))
-  m = ForecastModel(tmp_path, c, task.build_model(nnx.Rngs(0)), task.meta, 0)
+  return ForecastModel(workdir, c, task.build_model(nnx.Rngs(0)), task.meta, 0)
+
+
+def test_a_statsmodels_model_forecasts_a_csv_in_its_layout(tmp_path):
+  # Trained on statsmodels:NAME the config's columns stay "" (the source's); a CSV with those
+  # columns (what `gru-tpu forecast --data csv:PATH` documents) used to ask for
+  # config.data.time_column, which neither the CLI nor m.forecast can set.
+  m = untrained_macrodata_model(tmp_path)
   df, time_column, targets, _, _ = ts.load_frame("statsmodels:macrodata")
   df[[time_column, *targets]].to_csv(tmp_path / "macro.csv", index=False)
   f = m.forecast(f"csv:{tmp_path / 'macro.csv'}", num_samples=4)
@@ -307,12 +312,7 @@ def test_plot_leaves_the_callers_matplotlib_alone(tmp_path):
   """m.plot in a notebook switched the process to the Agg backend, which closed every figure."""
   import matplotlib
   import matplotlib.pyplot as plt
-  from gru_tpu.api import ForecastModel
-  from gru_tpu.tasks.forecast import load_panel
-  c = config("statsmodels:macrodata", **{"data.context_length": 16, "data.horizon": 4})
-  c.data.target, c.data.time_column = "", ""
-  task = ForecastTask(c, load_panel(c.data))
-  m = ForecastModel(tmp_path, c, task.build_model(nnx.Rngs(0)), task.meta, 0)
+  m = untrained_macrodata_model(tmp_path)
   previous = matplotlib.get_backend()
   plt.switch_backend("svg")
   try:

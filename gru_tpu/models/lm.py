@@ -103,9 +103,7 @@ def sample_tokens(model: SequenceLM, carry, last_logits_BxV: jax.Array, keys_N: 
   temperature 0 is greedy. Returns (carry, logits after the last token, tokens_BxN).
   """
   def pick(logits, k):
-    if isinstance(temperature, (int, float)) and temperature == 0:
-      return jnp.argmax(logits, axis=-1)
-    # A traced temperature (advance_jit: one compile for every value) picks greedy at run time.
+    # Greedy is picked at run time: advance_jit traces temperature (one compile for any value).
     t = jnp.asarray(temperature, jnp.float32)
     sampled = jax.random.categorical(k, _filter_logits(logits / jnp.where(t > 0, t, 1.0), top_k,
                                                        top_p))
