@@ -24,7 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if known else 2
   import importlib
   module, _, function = COMMANDS[argv[0]][0].partition(":")
-  return getattr(importlib.import_module(module), function or "main")(argv[1:])
+  try:
+    return getattr(importlib.import_module(module), function or "main")(argv[1:])
+  except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (train saves on the first one)
+    hint = "; run the same command to resume from the latest checkpoint" * (argv[0] == "train")
+    print(f"gru-tpu {argv[0]}: interrupted{hint}", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

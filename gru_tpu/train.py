@@ -423,8 +423,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
                 "task": _task_metadata(s, state)}
         ckpt.save(done, state, meta)
       if preempted:
-        log.warning("preemption notice (SIGTERM) at step %d: saving a checkpoint and stopping; "
-                    "run the same command to resume", done)
+        log.warning("%s at step %d: saving a checkpoint and stopping; run the same command to "
+                    "resume", preemption.reason, done)
         break
     ckpt.wait()
   return evals
@@ -454,17 +454,18 @@ class _Profile:
 
 
 class Preemption:
-  """When to stop for a preemption notice: `reached(step)`, asked after every step.
+  """When to stop for a preemption notice or Ctrl-C: `reached(step)`, asked after every step.
 
   With several processes all must stop at the same step: JAX's preemption service (started by
   jax.distributed.initialize) catches SIGTERM in each process and agrees on a step through the
   coordinator (multihost_utils.reached_preemption_sync_point, called at every step). A single
-  process counts a SIGTERM received inside `on_sigterm()` (the CLI's; a library call leaves the
-  process's signal handling alone).
+  process counts a SIGTERM, or a first Ctrl-C, received inside `on_sigterm()` (the CLI's; a
+  library call leaves the process's signal handling alone).
   """
 
   def __init__(self):
     self.requested = False
+    self.reason = "preemption notice (SIGTERM)"  # for the log line of the stopping step
     self.multihost = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
 
   def reached(self, step: int) -> bool:
@@ -473,16 +474,29 @@ class Preemption:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
+  def _on_sigint(self, *_) -> None:
+    # The first Ctrl-C stops like a preemption (the steps since the last save are kept); a
+    # second one is the usual KeyboardInterrupt, for a step or compile that takes too long.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    self.requested, self.reason = True, "Ctrl-C"
+    log.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to "
+                "stop without saving)")
+
   @contextlib.contextmanager
   def on_sigterm(self):
+    """SIGTERM, and a first Ctrl-C (single process), stop the run at the next step's end."""
     if self.multihost or threading.current_thread() is not threading.main_thread():
       yield self
       return
-    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+    if previous[signal.SIGINT] is signal.default_int_handler:  # not when Ctrl-C is ignored
+      signal.signal(signal.SIGINT, self._on_sigint)
     try:
       yield self
     finally:
-      signal.signal(signal.SIGTERM, previous)
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _check_shared(workdir: epath.Path) -> None:
@@ -793,8 +807,10 @@ def main(argv: list[str]) -> int:
     if fv.coordinator_address or fv.distributed:
       initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
     try:
-      with Preemption().on_sigterm() as preemption:  # SIGTERM: save, then exit 0
+      with Preemption().on_sigterm() as preemption:  # SIGTERM: save, exit 0; Ctrl-C: exit 130
         train_and_evaluate(fv.config, fv.workdir, preemption)
+      if preemption.reason == "Ctrl-C":
+        return 130  # the shell's code for an interrupted command: `train && sample` stops
     except UserError as e:
       print(f"gru-tpu train: {e}", file=sys.stderr)
       return 2

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
 import synthetic  # noqa: E402
 
 import gru_tpu  # noqa: E402
-from gru_tpu import train  # noqa: E402
+from gru_tpu import cli, train  # noqa: E402
 from gru_tpu.errors import UserError  # noqa: E402
 from gru_tpu.metrics import read_metrics  # noqa: E402
 from gru_tpu.tasks.synthetic import SyntheticTask  # noqa: E402
@@ -430,6 +431,45 @@ def test_a_full_disk_mid_run_is_one_line_that_says_how_to_resume(tmp_path, monke
   # The CLI's stderr handler is gone again: it had stayed, writing to a since-closed capture
   # stream, and with propagate off later tests' caplog saw nothing from gru_tpu.
   assert (log.handlers[:], log.level, log.propagate) == before
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_saves_the_step_it_is_on_and_a_second_one_stops_at_once(tmp_path, monkeypatch,
+                                                                       capsys, presses):
+  """A first Ctrl-C on `gru-tpu train` stops like a preemption notice (the step it is on is
+  saved); a second stops at once without saving. Exit 130 and no traceback either way, and the
+  caller's signal handlers are back afterwards."""
+  real, calls = train._to_global, []
+
+  def ctrl_c(batch, mesh):
+    calls.append(1)
+    if len(calls) == 3:  # as step 3's batch goes to the devices
+      for _ in range(presses):
+        signal.raise_signal(signal.SIGINT)
+    return real(batch, mesh)
+
+  monkeypatch.setattr(train, "_to_global", ctrl_c)
+  # pytest-xdist's workers may ignore SIGINT; a terminal's process has Python's default handler.
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    rc = cli.main(["train", "--config", f"{CONFIG}:size=tiny", "--workdir", str(tmp_path),
+                   "--config.num_steps=10", "--config.checkpoint_every=100",
+                   "--config.eval_every=100", "--config.log_every=1"])
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+  finally:
+    signal.signal(signal.SIGINT, outer)
+  err = capsys.readouterr().err
+  assert rc == 130 and "Traceback" not in err, err[-2000:]
+  ckpts = tmp_path / "checkpoints"
+  saved = sorted(p.name for p in ckpts.iterdir()) if ckpts.exists() else []
+  if presses == 1:
+    assert "Ctrl-C at step 3: saving a checkpoint and stopping; run the same command" in err
+    assert saved == ["3"] and sorted(losses(tmp_path)) == [1, 2, 3]
+  else:
+    assert saved == []
+    assert err.strip().splitlines()[-1] == ("gru-tpu train: interrupted; run the same command "
+                                            "to resume from the latest checkpoint")
 
 
 def test_a_workdir_under_home_is_expanded(tmp_path, monkeypatch):
