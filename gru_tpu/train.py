@@ -221,17 +221,15 @@ def _check_compatible(saved_meta: dict, config, task, step: int, directory: epat
         f"{', '.join(diffs[:4])}{', ...' if len(diffs) > 4 else ''}; use a fresh --workdir or "
         f"the original config. Nothing was changed.")
   # Allowed, but then the run is not the one a straight run would have been: say so.
-  for key in ("num_steps", "optimizer"):
+  schedule = ("the learning-rate schedule and optimizer follow the new values from step %d on, "
+              "so this run will not equal one trained with them from the start")
+  batches = ("the batches from step %d on are not the ones the first run would have seen, so "
+             "this run will not equal one trained with it from the start")
+  for key, effect in (("num_steps", schedule), ("optimizer", schedule), ("seed", batches),
+                      ("batch_size", batches), ("seq_len", batches)):  # batch k: f(these, k)
     if key in saved and saved[key] != now.get(key):
-      log.warning("config.%s differs from the checkpoint's (%s vs now %s): the learning-rate "
-                  "schedule and optimizer follow the new values from step %d on, so this run "
-                  "will not equal one trained with them from the start", key, saved[key],
-                  now.get(key), step)
-  for key in ("seed", "batch_size", "seq_len"):  # batch k is a function of these and k
-    if key in saved and saved[key] != now.get(key):
-      log.warning("config.%s differs from the checkpoint's (%s vs now %s): the batches from step "
-                  "%d on are not the ones the first run would have seen, so this run will not "
-                  "equal one trained with it from the start", key, saved[key], now.get(key), step)
+      log.warning("config.%s differs from the checkpoint's (%s vs now %s): " + effect, key,
+                  saved[key], now.get(key), step)
   # The same config can build other shapes from other data (a corpus with new characters).
   changed = getattr(task, "resume_mismatch", lambda saved: None)(saved_meta.get("task", {}))
   if changed:
