@@ -287,14 +287,41 @@ def test_panel_with_covariates_and_a_multivariate_source():
   assert f["date"].iloc[0] == pd.Timestamp("2009-10-01")
 
 
-def untrained_macrodata_model(workdir):
+def untrained_macrodata_model(workdir, **overrides):
   """A ForecastModel as loaded after training on statsmodels:macrodata (its columns left "")."""
   from gru_tpu.api import ForecastModel
   from gru_tpu.tasks.forecast import load_panel
-  c = config("statsmodels:macrodata", **{"data.context_length": 16, "data.horizon": 4})
+  c = config("statsmodels:macrodata", **{"data.context_length": 16, "data.horizon": 4,
+                                         **overrides})
   c.data.target, c.data.time_column = "", ""
   task = ForecastTask(c, load_panel(c.data))
   return ForecastModel(workdir, c, task.build_model(nnx.Rngs(0)), task.meta, 0)
+
+
+def test_autoregressive_horizons_share_compiles_and_their_common_steps(tmp_path):
+  """A notebook asks an autoregressive model for one horizon after another: each new horizon
+  compiled the decoder's scan anew, and its draws (one key per step, split by the step count)
+  differed from another horizon's on the steps both forecast."""
+  m = untrained_macrodata_model(tmp_path, **{"model.decoder": "autoregressive"})
+  short, long = (m.forecast(None, horizon=h, num_samples=8, seed=3) for h in (5, 8))
+  compiles = []
+
+  def compiled(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(compiled)
+  try:
+    mid = m.forecast(None, horizon=7, num_samples=8, seed=3)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(compiled)
+  assert compiles == []
+  head = lambda f, h: f.groupby("target", sort=False).head(h).reset_index(drop=True)
+  pd.testing.assert_frame_equal(head(mid, 5), short)
+  pd.testing.assert_frame_equal(head(long, 7), mid)
+  three = m.forecast(None, horizon=3, num_samples=8, seed=3)  # within data.horizon
+  pd.testing.assert_frame_equal(three, head(m.forecast(None, horizon=4, num_samples=8, seed=3),
+                                            3))
 
 
 def test_a_statsmodels_model_forecasts_a_csv_in_its_layout(tmp_path):

@@ -445,7 +445,10 @@ def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horiz
     raise UserError(f"this model forecasts at most {d.horizon} steps (direct decoder, "
                     f"data.horizon={d.horizon}); ask for fewer, or retrain with a longer "
                     f"data.horizon or model.decoder=autoregressive")
-  steps = max(horizon, d.horizon) if model.decoder == "direct" else horizon
+  # The autoregressive decoder is causal, so steps past `horizon` change nothing before it:
+  # horizons share a compile, and the draws of their common steps (the key per step is split
+  # by the step count), up to data.horizon and then per power of two.
+  steps = max(d.horizon, 1 << (horizon - 1).bit_length() if horizon > d.horizon else 0)
   transform = meta.get("transform", "none")  # checkpoints from before transforms: none
   ts.check_transform(panel, transform)
   arrays, windows, times = [], [], []
