@@ -308,7 +308,9 @@ def plot_forecast(panel: ts.Panel, frame, path: str | Path, levels: tuple,
     ax.set_title(f"{target}" + (f" - {s.id}" if panel.id_column else ""))
     ax.legend(loc="upper left", fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  path = workdir_path(path)  # a local path or gs:// (through epath), like a workdir
+  with path.open("wb") as f:
+    fig.savefig(f, format=path.suffix[1:] or "png", dpi=100)
 
 
 def main(argv: list[str]) -> int:
@@ -379,14 +381,16 @@ def forecast_main(argv: list[str]) -> int:
     if not isinstance(m, ForecastModel):
       raise UserError(f"{a.workdir} holds a {m.meta['task']!r} model; gru-tpu forecast needs a "
                       f"forecast one")
-    for path in (a.output, a.plot):  # before the forecast's work
-      if path and Path(path).is_dir():
+    for path in filter(None, (a.output, a.plot)):  # before the forecast's work
+      path = workdir_path(path)  # gs:// too: on a TPU VM the results go next to the workdir
+      if path.is_dir():
         raise UserError(f"{path} is a directory; give a file name")
-      if path and not Path(path).absolute().parent.is_dir():
-        raise UserError(f"{path}: the directory does not exist")
+      if not str(path).startswith("gs://") and not path.absolute().parent.is_dir():
+        raise UserError(f"{path}: the directory does not exist")  # gs:// has no directories
     history = m.history(a.data)  # read once: for the forecast and the plot
     frame = m.forecast(history, a.horizon, num_samples=a.num_samples, seed=a.seed)
-    frame.to_csv(a.output, index=False)
+    with workdir_path(a.output).open("w") as f:
+      frame.to_csv(f, index=False)
     if a.plot:
       m.plot(history, frame, a.plot)
   except UserError as e:

@@ -7,6 +7,7 @@ Real `gru-tpu train` processes write through the clients a TPU VM uses: epath th
 go through tf.io.gfile instead, which this does not cover.
 """
 
+import io
 import json
 import os
 import socket
@@ -15,9 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from gru_tpu import checkpoint
+import gru_tpu
+from gru_tpu import checkpoint, cli
 from gru_tpu.errors import UserError
 from gru_tpu.metrics import read_metrics
 
@@ -197,6 +201,32 @@ def test_text_files_and_a_forecast_csv_read_from_gs(gcs):
   assert frame == repr({"date": ["2024-01-01", "2024-01-02"], "sales": [3, 4]})
   assert "a gs:// glob takes * and ? within one directory level, not **" in recursive
   assert "the glob matches no files" in empty
+
+
+def test_forecast_writes_its_csv_and_png_to_gs(gcs, tmp_path):
+  """On a TPU VM results go next to a gs:// workdir; `--output gs://...` was refused as a local
+  path whose directory does not exist."""
+  env, bucket = gcs
+  i = np.arange(120)
+  pd.DataFrame({"date": pd.date_range("2000-01-01", periods=120, freq="MS"),
+                "sales": 10 + 3 * np.sin(2 * np.pi * i / 12)}).to_csv(tmp_path / "s.csv",
+                                                                      index=False)
+  run = tmp_path / "run"
+  assert cli.main(["train", "--config", f"{ROOT / 'configs' / 'csv_forecast.py'}:size=tiny",
+                   "--workdir", str(run), f"--config.data.source=csv:{tmp_path / 's.csv'}",
+                   "--config.data.target=sales", "--config.data.context_length=24",
+                   "--config.data.horizon=6", "--config.num_steps=2", "--config.eval_every=2",
+                   "--config.eval.baselines=('seasonal_naive',)"]) == 0
+  r = subprocess.run([sys.executable, "-m", "gru_tpu.cli", "forecast", "--workdir", str(run),
+                      "--horizon", "4", "--num_samples", "20", "--output", "gs://bkt/out/f.csv",
+                      "--plot", "gs://bkt/out/f.png"], env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  got = pd.read_csv(io.StringIO(bucket.blob("out/f.csv").download_as_text()))
+  want = pd.read_csv(io.StringIO(gru_tpu.load(run).forecast(None, 4, num_samples=20).to_csv(
+      index=False)))  # in this process: another device count, so float32 rounding may differ
+  pd.testing.assert_frame_equal(got, want, rtol=1e-6)
+  assert bucket.blob("out/f.png").download_as_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_gs_workdir_without_its_clients_is_one_clear_error(monkeypatch):
