@@ -78,8 +78,12 @@ def test_baselines(rng):
   sigma = np.sqrt(np.mean((h[12:] - h[:-12]) ** 2))
   assert samples[:, 0].std() == pytest.approx(sigma, rel=0.15)
   assert samples[:, 14].std() == pytest.approx(sigma * np.sqrt(2), rel=0.15)
-  point, _ = fe.naive(h, 3, 10, rng)
-  np.testing.assert_array_equal(point, [h[-1]] * 3)
+  point, samples = fe.naive(h, 9, 2000, rng)
+  np.testing.assert_array_equal(point, [h[-1]] * 9)
+  # A random walk's k-step error: σ√k from the lag-1 residuals (the ±σ band of step 1 at every
+  # step would understate the naive baseline's CRPS and coverage far out).
+  sigma = np.sqrt(np.mean(np.diff(h) ** 2))
+  np.testing.assert_allclose(samples.std(0), sigma * np.sqrt(np.arange(1, 10)), rtol=0.1)
   from statsmodels.tsa.holtwinters import ExponentialSmoothing
   want = ExponentialSmoothing(h, trend="add", seasonal="add", seasonal_periods=12).fit()
   point, samples = fe.ets(h, 12, 12, 200, 0)

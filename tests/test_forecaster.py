@@ -91,3 +91,23 @@ def test_quantile_head_is_monotone_and_its_samples_follow_it():
   assert (jnp.diff(q, axis=-1) > 0).all()
   emp = np.quantile(out["samples"], [0.1, 0.5, 0.9], axis=0)
   np.testing.assert_allclose(np.moveaxis(emp, 0, -1), q, atol=0.05 * float(np.ptp(q)) + 1e-3)
+
+
+def test_the_input_at_a_step_never_reads_that_step_or_later_targets():
+  """Teacher forcing trains the prediction of step j from the input at j: that input holds the
+  targets at j - lag only. Were it to read step j itself (lag 0), training would learn to copy a
+  value that forecasting never has (predict's context-only test cannot see that)."""
+  task = task_for(seasonal_frame(), **{"model.decoder": "autoregressive"})
+  model = task.build_model(nnx.Rngs(1))
+  w = task.windows["train"][:2]
+  b = {k: jnp.asarray(v) for k, v in task.store.gather(w[:, 0], w[:, 1], 6).items()}
+  mu, s = model._norm(b["y"], b["observed"])
+  pos = jnp.arange(task.pad - model.context_length, b["y"].shape[1])
+  base = np.asarray(model._features(b, mu, s, pos))
+  for j in (task.pad - 3, task.pad, task.pad + 2):
+    later = dict(b, y=b["y"].at[:, j:].add(100.0), observed=1.0 - b["observed"].at[:, j:].get())
+    later["observed"] = b["observed"].at[:, j:].set(later["observed"])
+    got = np.asarray(model._features(later, mu, s, pos))
+    n = int(j - pos[0])
+    np.testing.assert_array_equal(got[:, :n + 1], base[:, :n + 1], err_msg=f"step {j}")
+    assert np.abs(got[:, n + 1] - base[:, n + 1]).max() > 1.0  # lag 1 reads step j at j + 1

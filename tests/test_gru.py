@@ -44,13 +44,15 @@ def assert_grads_match(ref, model, dmodel):
                                err_msg=f"d{name} layer {l}", **TOL)
 
 
-def check_parity(torch_cls, L, bi, with_lengths, rng):
-  """Outputs, final state and every gradient (params, x, h0) against torch, ≤ 1e-5."""
-  ref, model = make_pair(L, bi, torch_cls)
+def check_parity(torch_cls, L, bi, with_lengths, rng, batch=B, T=T, **kwargs):
+  """Outputs, final state and every gradient (params, x, h0) against torch, ≤ 1e-5. kwargs go
+  to the converter (GRU knobs such as unroll)."""
+  B = batch
+  ref, model = make_pair(L, bi, torch_cls, **kwargs)
   D = 2 if bi else 1
   lstm = torch_cls is torch.nn.LSTM
   x = rng.standard_normal((B, T, I))
-  lengths = np.array([T, 3, 1, 5, 7, 2, 6, 4]) if with_lengths else np.full(B, T)
+  lengths = (np.array([T, 3, 1, 5, 7, 2, 6, 4])[:B] if with_lengths else np.full(B, T))
   h0 = rng.standard_normal((1 + lstm, L * D, B, H))
   gy, gh = rng.standard_normal((B, T, D * H)), rng.standard_normal((1 + lstm, L * D, B, H))
 
@@ -93,6 +95,14 @@ def check_parity(torch_cls, L, bi, with_lengths, rng):
                          list(itertools.product([1, 2], [False, True], [False, True])))
 def test_gru_matches_torch_outputs_state_and_gradients(L, bi, with_lengths, rng):
   check_parity(torch.nn.GRU, L, bi, with_lengths, rng)
+
+
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_gru_matches_torch_on_the_tpu_gpu_recurrence(unroll, rng):
+  """A batch that is odd (or < 8) runs the recurrence every backend but CPU runs: one chain,
+  the projection outside the loop, the gate-by-gate backward (B = 8 above takes the CPU form).
+  T = 8 with unroll 2: the forward and the backward scan run 2-step blocks."""
+  check_parity(torch.nn.GRU, 1, True, True, rng, batch=5, T=8, unroll=unroll)
 
 
 @pytest.mark.parametrize("bi", [False, True])
@@ -315,6 +325,76 @@ def test_recurrent_dropout_mask_is_fixed_over_time(monkeypatch, rng):
   model = GRU(I, H, recurrent_dropout=0.5, bidirectional=True, rngs=nnx.Rngs(7))
   model(jnp.asarray(rng.standard_normal((B, T, I)), jnp.float32))
   assert drawn == [(2, B, H)]
+
+
+def _gru_loop(p, x_BxTxI, h_BxH, rmask_BxH):
+  """One reset_after=True layer as a plain Python loop in jnp: the recurrent matmul reads h ⊙
+  rmask (variational dropout), the carry update the unmasked h."""
+  H = h_BxH.shape[-1]
+  ys = []
+  for t in range(x_BxTxI.shape[1]):
+    gi = x_BxTxI[:, t] @ p["w_i"] + p["b_i"]
+    gh = (h_BxH * rmask_BxH) @ p["w_h"] + p["b_h"]
+    r, z = jax.nn.sigmoid(gi[:, :H] + gh[:, :H]), jax.nn.sigmoid(gi[:, H:2 * H] + gh[:, H:2 * H])
+    n = jnp.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
+    h_BxH = (1 - z) * n + z * h_BxH
+    ys.append(h_BxH)
+  return jnp.stack(ys, 1), h_BxH
+
+
+@pytest.mark.parametrize("batch", [8, 5])  # the CPU recurrence and every other backend's
+def test_dropout_and_recurrent_dropout_match_a_loop_with_the_drawn_masks(batch, monkeypatch, rng):
+  """Training mode, 2 layers: inter-layer dropout keeps 1 - dropout of the inputs and scales
+  them by 1/(1 - dropout); recurrent dropout keeps 1 - recurrent_dropout of h's units, one mask
+  per sequence, scaled likewise. y, h_n and every gradient against a jnp loop that applies the
+  masks the model drew (nonzero biases, the custom VJP's rmask terms included)."""
+  drawn = []
+  real = jax.random.bernoulli
+
+  def spy(key, p, shape):
+    mask = real(key, p, shape)
+    drawn.append(np.asarray(mask))
+    return mask
+
+  monkeypatch.setattr(jax.random, "bernoulli", spy)
+  drop, rdrop, Tn = 0.4, 0.3, 6
+  model = GRU(I, H, num_layers=2, dropout=drop, recurrent_dropout=rdrop, rngs=nnx.Rngs(3))
+  for layer in model.layers:
+    layer.b_h[...] = jnp.asarray(rng.uniform(-1, 1, layer.b_h.shape), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((batch, Tn, I)), jnp.float32)
+  gy = jnp.asarray(rng.standard_normal((batch, Tn, H)), jnp.float32)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params, x):
+    y, h_n = nnx.merge(graphdef, params, rest)(x, rngs=nnx.Rngs(dropout=11))
+    return (y * gy).sum() + (h_n ** 2).sum(), (y, h_n)
+
+  (_, (y, h_n)), (dparams, dx) = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
+  rmask0, dmask1, rmask1 = drawn[:3]  # drawn per layer: (input dropout,) recurrent dropout
+  assert rmask0.shape == rmask1.shape == (1, batch, H) and dmask1.shape == (Tn, batch, H)
+  for mask, keep in ((rmask0, 1 - rdrop), (rmask1, 1 - rdrop), (dmask1, 1 - drop)):
+    assert abs(mask.mean() - keep) < 0.2, (mask.mean(), keep)  # keep-, not drop-probability
+
+  ref_p = [{k: getattr(layer, k)[...][0] for k in ("w_i", "w_h", "b_i", "b_h")}
+           for layer in model.layers]
+
+  def ref_loss(ref_p, x):
+    y0, h0 = _gru_loop(ref_p[0], x, jnp.zeros((batch, H)), rmask0[0] / (1 - rdrop))
+    x1 = y0 * np.swapaxes(dmask1, 0, 1) / (1 - drop)
+    y1, h1 = _gru_loop(ref_p[1], x1, jnp.zeros((batch, H)), rmask1[0] / (1 - rdrop))
+    h_n = jnp.stack([h0, h1])
+    return (y1 * gy).sum() + (h_n ** 2).sum(), (y1, h_n)
+
+  (_, (y_ref, h_ref)), (dref, dx_ref) = jax.value_and_grad(ref_loss, (0, 1), has_aux=True)(
+      ref_p, x)
+  np.testing.assert_allclose(y, y_ref, **TOL)
+  np.testing.assert_allclose(h_n, h_ref, **TOL)
+  np.testing.assert_allclose(dx, dx_ref, **TOL)
+  dmodel = nnx.merge(graphdef, dparams, rest)
+  for l, layer in enumerate(dmodel.layers):
+    for k in ("w_i", "w_h", "b_i", "b_h"):
+      np.testing.assert_allclose(getattr(layer, k)[...][0], dref[l][k], err_msg=f"d{k} layer {l}",
+                                 **TOL)
 
 
 BAD_CALLS = [

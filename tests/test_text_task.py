@@ -105,3 +105,32 @@ def test_shakespeare_tfds_config_trains_offline(tmp_path, tfds_dir):
   assert meta["task"]["source"] == "tfds:tiny_shakespeare"
   assert len(meta["task"]["tokenizer"]["chars"]) == 65  # tiny_shakespeare's training characters
   assert "step 4 sample: 'ROMEO:" in r.stderr
+
+
+def test_loss_is_next_token_cross_entropy(tmp_path):
+  """The loss scores the logits after tokens[:t+1] against tokens[t+1]: a reference from the
+  prompt-priming path, one prefix at a time. (Scoring a position against its own input token
+  also trains, and the learning test above passed with it.)"""
+  import jax
+  from flax import nnx
+  from gru_tpu.models import lm
+  from gru_tpu.tasks.text import TextTask
+  sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+  import char_pystdlib
+  (tmp_path / "a.txt").write_text("abcdefgh " * 50)
+  c = char_pystdlib.get_config("size=tiny")
+  c.data.source = f"files:{tmp_path}/a.txt"
+  c.seq_len = 6
+  task = TextTask(c)
+  model = task.build_model(nnx.Rngs(0))
+  model.eval()
+  tokens = np.random.default_rng(0).integers(0, task.tokenizer.vocab_size, (2, c.seq_len + 1))
+  loss, aux = task.loss_fn(model, {"tokens": tokens}, jax.random.key(0))
+  want = []
+  for t in range(c.seq_len):
+    logits = np.asarray(lm.prime(model, tokens[:, :t + 1])[1], np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want.append(-logp[np.arange(2), tokens[:, t + 1]])
+  np.testing.assert_allclose(float(loss), np.mean(want), rtol=1e-5)
+  np.testing.assert_allclose(float(aux["bits_per_char"]), np.mean(want) / np.log(2), rtol=1e-5)
