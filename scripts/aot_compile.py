@@ -417,6 +417,10 @@ def _main(argv) -> int:
     topo = topologies.get_topology_desc(FLAGS.topology, "tpu", num_slices=FLAGS.num_slices,
                                         **({"chip_config_name": "megacore"} if megacore else {}))
   except jax.errors.JaxRuntimeError as e:  # libtpu's message names the bad part
+    if "lockfile" in str(e):  # not the topology: another process on this machine holds libtpu
+      raise UserError("another process on this machine holds libtpu (/tmp/libtpu_lockfile): "
+                      "wait for it to end or, if it uses no TPU chips (another aot_compile), "
+                      "rerun with ALLOW_MULTIPLE_LIBTPU_LOAD=1") from None
     raise UserError(f"--topology {FLAGS.topology} (x{FLAGS.num_slices} slices): "
                     f"{str(e).splitlines()[0]}; give one such as v5e:2x2, v6e:2x4 or v4:2x2x1"
                     ) from None

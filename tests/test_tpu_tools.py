@@ -1,6 +1,7 @@
 """TPU readiness without a TPU: AOT compiles of the real train step, and the pod launcher."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,9 +16,15 @@ if sys.platform != "linux":  # libtpu ships for Linux x86-64 only; CI is Linux a
   pytest.skip("libtpu is Linux-only", allow_module_level=True)
 
 
+# libtpu locks /tmp/libtpu_lockfile for the life of a process that opens a topology, and a
+# second one fails: with two test workers, two compiles may overlap. No TPU chip is used.
+LIBTPU_ENV = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+
+
 def aot(*args):
   return subprocess.run([sys.executable, str(ROOT / "scripts" / "aot_compile.py"), "--config",
-                         CONFIG, *args], capture_output=True, text=True, timeout=600)
+                         CONFIG, *args], capture_output=True, text=True, timeout=600,
+                        env=LIBTPU_ENV)
 
 
 @pytest.mark.parametrize("topology,extra,hosts", [
@@ -98,6 +105,26 @@ def test_aot_compile_bad_input_is_one_line(args, message):
   assert "Traceback" not in r.stderr
 
 
+def test_aot_compile_while_another_process_holds_libtpu_says_so():
+  """It said the topology was bad ("give one such as v5e:2x2") when libtpu's lock was held."""
+  env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "from jax.experimental import topologies; "
+       "topologies.get_topology_desc('v5e:2x2', 'tpu'); print('held', flush=True); input()"],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "aot_compile.py"), "--config",
+                        CONFIG, "--topology", "v5e:2x2"], capture_output=True, text=True,
+                       timeout=600, env=env)
+  finally:
+    holder.communicate("\n", timeout=60)
+  assert r.returncode == 2 and r.stderr.strip() == (
+      "aot_compile: another process on this machine holds libtpu (/tmp/libtpu_lockfile): wait "
+      "for it to end or, if it uses no TPU chips (another aot_compile), rerun with "
+      "ALLOW_MULTIPLE_LIBTPU_LOAD=1"), r.stderr[-3000:]
+
+
 # In a child process: libtpu holds a lock for the life of the process that opens a topology,
 # which would fail every later aot_compile subprocess of this session.
 SHARDS = """
@@ -134,7 +161,8 @@ print(json.dumps(out))
 def test_each_process_loads_the_rows_its_devices_hold():
   """sharding.data_shard on real pod layouts, where a host's 'data' positions are scattered
   (v4) or shared with another host (v5e 8x8 with a model axis of 4, 'model' written first)."""
-  r = subprocess.run([sys.executable, "-c", SHARDS], capture_output=True, text=True, timeout=300)
+  r = subprocess.run([sys.executable, "-c", SHARDS], capture_output=True, text=True, timeout=300,
+                     env=LIBTPU_ENV)
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.splitlines()[-1])
   for topology in ("v4:2x2x4", "v5e:8x8", "v5e:4x4"):
