@@ -115,6 +115,29 @@ def test_every_step_and_micro_batch_hands_the_task_its_own_key():
     assert float(step(train.init_state(task, tx, seed=0), batch)[1]["u"]) == draws[0]
 
 
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine():
+  """Step s updates with the rate at c = s - 1 (optax counts updates from 0, so the first
+  step's rate is 0): peak·c/warmup_steps up to c = warmup_steps, then a cosine down to
+  peak·final_lr_fraction at c = num_steps, flat after. Read off AdamW's updates: with a constant
+  gradient, Adam's normalised step is 1, so each update is -rate (no decay on zero params)."""
+  import math
+
+  import jax.numpy as jnp
+  c = tiny(num_steps=12, **{"optimizer.warmup_steps": 4, "optimizer.learning_rate": 0.1,
+                            "optimizer.final_lr_fraction": 0.2})
+  peak, end, w, n = 0.1, 0.02, 4, 12
+  tx = train.make_optimizer(c)
+  params, grads = jnp.zeros(()), jnp.full((), 0.5)
+  opt_state, got = tx.init(params), []
+  for _ in range(n + 2):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    got.append(-float(updates))
+  want = [peak * k / w if k <= w else
+          end + (peak - end) * 0.5 * (1 + math.cos(math.pi * min(k - w, n - w) / (n - w)))
+          for k in range(n + 2)]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+
+
 def run_cli(workdir, *flags, devices=1):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
