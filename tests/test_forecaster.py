@@ -111,3 +111,41 @@ def test_the_input_at_a_step_never_reads_that_step_or_later_targets():
     n = int(j - pos[0])
     np.testing.assert_array_equal(got[:, :n + 1], base[:, :n + 1], err_msg=f"step {j}")
     assert np.abs(got[:, n + 1] - base[:, n + 1]).max() > 1.0  # lag 1 reads step j at j + 1
+
+
+def test_the_input_at_each_step_matches_a_reference_loop_with_past_covariates():
+  """The input at step j, built one step at a time: targets and observed flags at j - lag
+  (window-normalised by the observed context), known features at j, past-only covariates at
+  j - 1 while j - 1 is in the context (else 0), and that flag. A past covariate is observed with
+  the target, so the one at j is no more known than y_j: reading it teacher-forces a leak that
+  forecasting never has (seasonal_frame has no past covariates, so no other test sees this)."""
+  from gru_tpu.models.forecaster import Forecaster
+  lags, L, H, C, K, P = (1, 3), 4, 3, 2, 2, 2
+  model = Forecaster(num_targets=C, num_known=K, num_past=P, lags=lags, context_length=L,
+                     horizon=H, decoder="autoregressive", window_norm="standard", hidden=8,
+                     rngs=nnx.Rngs(0))
+  pad = model.pad
+  W, B = pad + H, 2
+  rng = np.random.default_rng(0)
+  b = {"y": rng.normal(size=(B, W, C)), "observed": (rng.random((B, W, C)) > 0.2) * 1.0,
+       "known": rng.normal(size=(B, W, K)), "past": rng.normal(size=(B, W, P))}
+  b["observed"][0, pad - 1] = 0.0  # a missing context value leaves the normalisation
+  b["y"] = np.where(b["observed"] > 0, b["y"], 50.0)
+  ctx = slice(pad - L, pad)
+  w, y = b["observed"][:, ctx], b["y"][:, ctx]
+  mu = (y * w).sum(1) / w.sum(1)
+  s = np.maximum(np.sqrt((np.square(y - mu[:, None]) * w).sum(1) / w.sum(1)), 0.1)
+  want = []
+  for j in range(pad - L, W):
+    in_ctx = float(j - 1 < pad)
+    want.append(np.concatenate(
+        [np.concatenate([(b["y"][:, j - l] - mu) / s for l in lags], -1),
+         np.concatenate([b["observed"][:, j - l] for l in lags], -1),
+         b["known"][:, j], b["past"][:, j - 1] * in_ctx, np.full((B, 1), in_ctx)], -1))
+  want = np.stack(want, 1)
+  jb = {k: jnp.asarray(v, jnp.float32) for k, v in b.items()}
+  got_mu, got_s = model._norm(jb["y"], jb["observed"])
+  np.testing.assert_allclose(got_mu, mu, rtol=1e-5)
+  np.testing.assert_allclose(got_s, s, rtol=1e-5)
+  got = model._features(jb, got_mu, got_s, jnp.arange(pad - L, W))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

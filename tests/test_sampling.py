@@ -88,6 +88,41 @@ def test_pieced_priming_equals_one_pass_for_every_cell(cell, rng):
   np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
 
 
+def tempered_filtered_softmax(logits, temperature, top_k, top_p):
+  """Reference: logits / temperature, then the top_k largest kept, then the smallest
+  most-likely-first prefix whose probability reaches top_p kept; softmax over what is kept."""
+  z = np.asarray(logits, np.float64) / temperature
+  keep = np.ones(len(z), bool)
+  if top_k is not None:
+    keep &= z >= np.sort(z)[-top_k]
+  if top_p is not None:
+    order = np.argsort(-np.where(keep, z, -np.inf), kind="stable")
+    p = np.where(keep, np.exp(z - z.max()), 0.0)[order]
+    p /= p.sum()
+    keep[order[np.cumsum(p) - p >= top_p]] = False
+  p = np.where(keep, np.exp(z - z.max()), 0.0)
+  return p / p.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,logits", [
+    (0.5, None, None, [2.0, 1.0, 0.0, -1.0, 0.5]),
+    (2.0, 3, None, [2.0, 1.0, 0.0, -1.0, 0.5]),
+    (0.7, None, 0.8, [2.0, 1.0, 0.0, -1.0, 0.5]),
+    (1.0, None, 0.5, [0.0, 0.0, 0.0, 0.0]),  # mass 0.5 exactly after 2: those 2 stay
+    (1.5, 4, 0.7, [0.3, -2.0, 1.0, 0.9, 0.0])])
+def test_sampled_tokens_follow_the_tempered_filtered_softmax(temperature, top_k, top_p, logits):
+  """One token per row of 40000 identical rows: their frequencies against the reference."""
+  V, B = len(logits), 40_000
+  model = lm.SequenceLM(V, embed_dim=4, hidden=4, rngs=nnx.Rngs(0))
+  _, _, toks_Bx1 = lm.sample_tokens(
+      model, model.rnn.initial_carry(B), jnp.tile(jnp.asarray(logits, jnp.float32), (B, 1)),
+      jax.random.split(jax.random.key(0), 1), temperature, top_k, top_p)
+  freq = np.bincount(np.asarray(toks_Bx1[:, 0]), minlength=V) / B
+  want = tempered_filtered_softmax(logits, temperature, top_k, top_p)
+  np.testing.assert_array_equal(freq > 0, want > 0)
+  np.testing.assert_allclose(freq, want, atol=0.012)  # 4.8 sigma of a frequency at p = 0.5
+
+
 def test_new_prompts_lengths_and_temperatures_compile_nothing_new(workdir):
   """A notebook calls generate with ever new prompts, lengths and temperatures. Each new prompt
   length, text length, temperature or top_p compiled anew (and kept the executable: ~3 MB of

@@ -87,6 +87,31 @@ def test_tied_embeddings_and_layer_norm_train_and_load(tmp_path):
   assert m.generate("abc", 6, temperature=0) == "defgh "
 
 
+def test_tied_head_adds_its_output_bias_and_trains_it():
+  """Tied logits are proj(y) @ embedding.T + out_bias (a numpy reference), and out_bias gets
+  the cross entropy's gradient: without it in the logits, it would stay zero untrained."""
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  from gru_tpu.models import lm
+  V, E, H = 7, 4, 6
+  model = lm.SequenceLM(V, embed_dim=E, hidden=H, tie_embeddings=True, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  model.out_bias[...] = jnp.asarray(rng.normal(size=V), jnp.float32)
+  y_BxTxH = rng.normal(size=(2, 3, H)).astype(np.float32)
+  labels = rng.integers(0, V, (2, 3))
+  want = (y_BxTxH.astype(np.float64) @ np.asarray(model.proj.kernel[...], np.float64)
+          @ np.asarray(model.embed.embedding[...], np.float64).T + np.asarray(model.out_bias[...]))
+  np.testing.assert_allclose(model.logits(jnp.asarray(y_BxTxH)), want, rtol=1e-5, atol=1e-5)
+  grads = nnx.jit(nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(
+      m.logits(jnp.asarray(y_BxTxH)), labels).mean()))(model)  # jit: eager ops compile one by one
+  p = np.exp(want - want.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want_grad = (p - np.eye(V)[labels]).reshape(-1, V).mean(0)  # d mean CE / d bias
+  np.testing.assert_allclose(grads.out_bias[...], want_grad, rtol=1e-4, atol=1e-6)
+  assert np.abs(want_grad).max() > 0.05
+
+
 def test_hidden_multiple_is_enforced(tmp_path):
   r = train(tmp_path, "--config.model.hidden_multiple=128", "--config.num_steps=1")
   assert r.returncode == 2
