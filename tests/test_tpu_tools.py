@@ -1,6 +1,7 @@
 """TPU readiness without a TPU: AOT compiles of the real train step, and the pod launcher."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,9 +16,15 @@ if sys.platform != "linux":  # libtpu ships for Linux x86-64 only; CI is Linux a
   pytest.skip("libtpu is Linux-only", allow_module_level=True)
 
 
+# libtpu takes /tmp/libtpu_lockfile for the life of a process that loads it; a second one then
+# aborts ("Internal error when accessing libtpu multi-process lockfile"). Compiling for a
+# topology opens no chip, so the children of two test workers (or of two suites) may overlap.
+ENV = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+
+
 def aot(*args):
   return subprocess.run([sys.executable, str(ROOT / "scripts" / "aot_compile.py"), "--config",
-                         CONFIG, *args], capture_output=True, text=True, timeout=600)
+                         CONFIG, *args], capture_output=True, text=True, timeout=600, env=ENV)
 
 
 @pytest.mark.parametrize("topology,extra,hosts", [
@@ -134,7 +141,8 @@ print(json.dumps(out))
 def test_each_process_loads_the_rows_its_devices_hold():
   """sharding.data_shard on real pod layouts, where a host's 'data' positions are scattered
   (v4) or shared with another host (v5e 8x8 with a model axis of 4, 'model' written first)."""
-  r = subprocess.run([sys.executable, "-c", SHARDS], capture_output=True, text=True, timeout=300)
+  r = subprocess.run([sys.executable, "-c", SHARDS], capture_output=True, text=True, timeout=300,
+                     env=ENV)
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.splitlines()[-1])
   for topology in ("v4:2x2x4", "v5e:8x8", "v5e:4x4"):
