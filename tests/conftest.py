@@ -21,6 +21,27 @@ def rng():
 
 
 @pytest.fixture
+def compiles():
+  """`with compiles(label) as seen:` seen gets label() for each XLA compile inside the block."""
+
+  @contextlib.contextmanager
+  def watch(label=lambda: "compile"):
+    seen = []
+
+    def listener(event, duration, **kwargs):
+      if event == "/jax/core/compile/backend_compile_duration":
+        seen.append(label())
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+      yield seen
+    finally:
+      jax.monitoring.unregister_event_duration_listener(listener)
+
+  return watch
+
+
+@pytest.fixture
 def killed_at(monkeypatch):
   """`with killed_at(n): train_and_evaluate(...)`: the run dies (KeyboardInterrupt) as its n-th
   batch is handed to the devices, like a process killed mid-run; the block expects that."""

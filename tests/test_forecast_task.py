@@ -298,24 +298,15 @@ def untrained_macrodata_model(workdir, **overrides):
   return ForecastModel(workdir, c, task.build_model(nnx.Rngs(0)), task.meta, 0)
 
 
-def test_autoregressive_horizons_share_compiles_and_their_common_steps(tmp_path):
+def test_autoregressive_horizons_share_compiles_and_their_common_steps(tmp_path, compiles):
   """A notebook asks an autoregressive model for one horizon after another: each new horizon
   compiled the decoder's scan anew, and its draws (one key per step, split by the step count)
   differed from another horizon's on the steps both forecast."""
   m = untrained_macrodata_model(tmp_path, **{"model.decoder": "autoregressive"})
   short, long = (m.forecast(None, horizon=h, num_samples=8, seed=3) for h in (5, 8))
-  compiles = []
-
-  def compiled(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(compiled)
-  try:
+  with compiles() as seen:
     mid = m.forecast(None, horizon=7, num_samples=8, seed=3)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(compiled)
-  assert compiles == []
+  assert seen == []
   head = lambda f, h: f.groupby("target", sort=False).head(h).reset_index(drop=True)
   pd.testing.assert_frame_equal(head(mid, 5), short)
   pd.testing.assert_frame_equal(head(long, 7), mid)

@@ -123,26 +123,17 @@ def test_sampled_tokens_follow_the_tempered_filtered_softmax(temperature, top_k,
   np.testing.assert_allclose(freq, want, atol=0.012)  # 4.8 sigma of a frequency at p = 0.5
 
 
-def test_new_prompts_lengths_and_temperatures_compile_nothing_new(workdir):
+def test_new_prompts_lengths_and_temperatures_compile_nothing_new(workdir, compiles):
   """A notebook calls generate with ever new prompts, lengths and temperatures. Each new prompt
   length, text length, temperature or top_p compiled anew (and kept the executable: ~3 MB of
   host memory each for the tiny model), so a session grew with every call."""
   m = gru_tpu.load(workdir)
   m.generate("to", 33, temperature=0.7, top_p=0.9)  # compiles the pieces used below
-  compiles = []
-
-  def compiled(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(compiled)
-  try:
+  with compiles() as seen:
     texts = [m.generate("to be" + " or not" * i, 40 + 3 * i, temperature=0.5 + i / 10,
                         top_p=0.8 + i / 50, seed=i) for i in range(5)]
-  finally:
-    jax.monitoring.unregister_event_duration_listener(compiled)
   assert [len(t) for t in texts] == [40, 43, 46, 49, 52]
-  assert compiles == []
+  assert seen == []
 
 
 def test_bad_sampling_arguments(workdir, tmp_path):

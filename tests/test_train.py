@@ -708,11 +708,12 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path):
   assert snapshot(tmp_path / "checkpoints") == before
 
 
-def test_only_log_eval_and_save_steps_read_metrics_and_nothing_recompiles(tmp_path, monkeypatch):
+def test_only_log_eval_and_save_steps_read_metrics_and_nothing_recompiles(tmp_path, monkeypatch,
+                                                                        compiles):
   """Between log steps the loop only dispatches: a metrics read there (a transfer, and a wait
   for the step) would add to every step of a small model on TPU. After the first step nothing
   compiles again, also after an eval and a checkpoint save; each of those compiles once."""
-  at, reads, compiles = [None], [], []  # at: the step whose batch was handed out last
+  at, reads = [None], []  # at: the step whose batch was handed out last
   real_batches, real_get = train._batches, jax.device_get
 
   def batches(task, split, start, mesh):
@@ -721,20 +722,13 @@ def test_only_log_eval_and_save_steps_read_metrics_and_nothing_recompiles(tmp_pa
         at[0] = step
       yield batch
 
-  def compiled(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(at[0])
-
   monkeypatch.setattr(train, "_batches", batches)
   monkeypatch.setattr(jax, "device_get", lambda x: (reads.append(at[0]), real_get(x))[1])
-  jax.monitoring.register_event_duration_secs_listener(compiled)
-  try:
+  with compiles(lambda: at[0]) as compiled:
     train.train_and_evaluate(tiny(num_steps=24, log_every=6, eval_every=12, checkpoint_every=8),
                              tmp_path)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(compiled)
   assert set(reads) == {6, 8, 12, 16, 18, 24}  # log steps, saves (8, 16, 24), evals (12, 24)
   assert reads.count(16) == 1 and reads.count(18) == 1  # one read for all the steps since
-  assert set(compiles) <= {None, 1, 8, 12}  # init; the step; the first save's checksums; eval
-  assert 1 in compiles and 12 in compiles
+  assert set(compiled) <= {None, 1, 8, 12}  # init; the step; the first save's checksums; eval
+  assert 1 in compiled and 12 in compiled
   assert sorted(losses(tmp_path)) == [6, 12, 18, 24]
