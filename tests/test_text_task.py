@@ -145,7 +145,7 @@ def test_loss_is_next_token_cross_entropy(tmp_path):
   (tmp_path / "a.txt").write_text("abcdefgh " * 50)
   c = char_pystdlib.get_config("size=tiny")
   c.data.source = f"files:{tmp_path}/a.txt"
-  c.seq_len = 6
+  c.seq_len = 3
   task = TextTask(c)
   model = task.build_model(nnx.Rngs(0))
   model.eval()
