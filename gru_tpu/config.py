@@ -7,11 +7,22 @@ Every key is documented in the README's Training section. Tasks add `data.*` (an
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
 from typing import Iterable
 
 import ml_collections
 
 from gru_tpu.errors import UserError
+
+
+def load_file(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:
+  """get_config(arg) of a configs/NAME.py file, as `--config PATH:ARG` gives it (for scripts)."""
+  spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def parse_arg(arg: str | None, **choices: Iterable[str]) -> dict[str, str]:

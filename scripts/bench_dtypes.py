@@ -14,7 +14,6 @@ comparison at init at B·T = 65536 with and without the loss scale.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 from pathlib import Path
@@ -23,22 +22,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gru_tpu import sharding, train
+from gru_tpu import config, sharding, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tiny_shakespeare" / "input.txt"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _module(name: str):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def text_config(data: Path, steps: int, batch_size=64, seq_len=128, hidden=128):
-  c = _module("shakespeare_char").get_config("size=tiny")
+  c = config.load_file(ROOT / "configs" / "shakespeare_char.py", "size=tiny")
   c.data.source = f"files:{data}"
   c.batch_size, c.seq_len, c.model.hidden, c.model.embed_dim = batch_size, seq_len, hidden, 64
   c.num_steps = steps
@@ -46,7 +38,7 @@ def text_config(data: Path, steps: int, batch_size=64, seq_len=128, hidden=128):
 
 
 def forecast_config(steps: int):
-  c = _module("co2_forecast").get_config("size=small")
+  c = config.load_file(ROOT / "configs" / "co2_forecast.py", "size=small")
   c.num_steps = steps
   return c
 

@@ -18,7 +18,6 @@ run's last validation-tail metrics (`validation`): choose settings on those, not
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -33,10 +32,8 @@ FORECASTERS = ("gru_tpu", "seasonal_naive", "ets", "naive")
 
 
 def get_config(name: str, overrides: list[str]):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}_forecast.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("size=small")
+  from gru_tpu.config import load_file
+  c = load_file(ROOT / "configs" / f"{name}_forecast.py", "size=small")
   m = c.data.season_length or {"co2": 52, "sunspots": 11}[name]
   c.data.horizon = c.data.test_length = m
   for kv in overrides:

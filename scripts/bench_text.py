@@ -17,7 +17,6 @@ Each stops at --minutes of its own training or at the step budget.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import math
@@ -30,17 +29,14 @@ import jax
 import numpy as np
 
 from gru_tpu import sharding, train
+from gru_tpu.config import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tiny_shakespeare" / "input.txt"
 
 
 def _config(data: Path, steps: int):
-  spec = importlib.util.spec_from_file_location("shakespeare_char",
-                                                ROOT / "configs" / "shakespeare_char.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("size=small")
+  c = load_file(ROOT / "configs" / "shakespeare_char.py", "size=small")
   c.data.source = f"files:{data}"
   c.num_steps = steps or c.num_steps
   return c
