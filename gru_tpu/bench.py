@@ -6,6 +6,8 @@ All three run the same function: linen and gru_tpu get torch's weights (nonzero 
 largest output difference is recorded so a speed-up can never come from computing something else.
 Reports tokens/s for a train step (forward + backward to parameter gradients, loss = mean(y²)) and
 a forward pass, T-scaling (T=256 -> 1024), and compiled activation memory with and without remat.
+Each shape also times the XLA matmul floor: the five matmuls any GRU train step must run, as bulk
+dots, which bounds what a JAX train step can reach against torch on this machine.
 Ratios are what to quote: absolute numbers move with the machine's load.
 """
 
@@ -67,6 +69,23 @@ def _linen_params(ref, H: int):
   return {"params": {"cell": jax.tree.map(jnp.asarray, cell)}}
 
 
+def matmul_floor(B: int, T: int, H: int, jit=jax.jit):
+  """The five matmuls of every GRU train step to parameter gradients, each as one bulk dot.
+
+  Forward x W_i and h W_h, backward dg_h W_h^T (the carry's gradient), x^T dg_i and h^T dg_h
+  (dW_i, dW_h); each 2·B·T·H·3H FLOPs (I = H). A train step also runs the gates, their
+  gradients and a sequential loop, so its time over this one's is what the loop and the
+  elementwise work cost above XLA's GEMM, and torch's time over this one's is the largest train
+  ratio against torch any JAX implementation could reach here.
+  """
+  rng = np.random.default_rng(1)
+  a = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  x_MxH, g_Mx3H, w_Hx3H, wt_3HxH = a(B * T, H), a(B * T, 3 * H), a(H, 3 * H), a(3 * H, H)
+  # Distinct operands per product so that XLA cannot merge or share any of them.
+  five = jit(lambda x, g, w, wt: (x @ w, (x + 1) @ w, g @ wt, x.T @ g, (x + 1).T @ g))
+  return five, (x_MxH, g_Mx3H, w_Hx3H, wt_3HxH)
+
+
 def bench_shape(B: int, T: int, H: int, repeats: int) -> dict:
   import flax.linen as linen
   import torch
@@ -110,13 +129,24 @@ def bench_shape(B: int, T: int, H: int, repeats: int) -> dict:
                      lambda: block(linen_fwd(lparams, x_j))),
   }
   out = {"B": B, "T": T, "H": H, "max_abs_diff_vs_torch": max_diff}
-  train_s = _timeit({name: train for name, (train, _) in rows.items()}, repeats)
+  floor, floor_args = matmul_floor(B, T, H, jit)
+  # The floor is timed in the train rounds: the same load hits it and the train steps.
+  train_s = _timeit({**{name: train for name, (train, _) in rows.items()},
+                     "matmul_floor": lambda: block(floor(*floor_args))}, repeats)
   fwd_s = _timeit({name: fwd for name, (_, fwd) in rows.items()}, repeats)
   for name in rows:
     out[name] = {"train_tok_s": tokens / train_s[name], "fwd_tok_s": tokens / fwd_s[name]}
   for name in ("torch", "flax_linen"):
     out[f"train_vs_{name}"] = out["gru_tpu"]["train_tok_s"] / out[name]["train_tok_s"]
     out[f"fwd_vs_{name}"] = out["gru_tpu"]["fwd_tok_s"] / out[name]["fwd_tok_s"]
+  floor_s, gflop = train_s["matmul_floor"], 5 * 2 * tokens * H * 3 * H / 1e9
+  out["xla_matmul_floor"] = {
+      "gflop": gflop, "seconds": floor_s, "gflop_s": gflop / floor_s,
+      # What the train ratios would be if everything but these matmuls cost nothing.
+      "train_vs_torch_ceiling": train_s["torch"] / floor_s,
+      "train_vs_flax_linen_ceiling": train_s["flax_linen"] / floor_s,
+      # Share of gru_tpu's train step that these matmuls account for.
+      "gru_tpu_fraction": floor_s / train_s["gru_tpu"]}
   return out
 
 
@@ -180,6 +210,11 @@ def format_table(r: dict) -> str:
     lines.append(f"{'':>14} | {'ratios':>10} | train {s['train_vs_torch']:.2f}x torch, "
                  f"{s['train_vs_flax_linen']:.2f}x linen; fwd {s['fwd_vs_torch']:.2f}x torch, "
                  f"{s['fwd_vs_flax_linen']:.2f}x linen")
+    fl = s["xla_matmul_floor"]
+    lines.append(f"{'':>14} | {'XLA floor':>10} | its 5 train matmuls alone: {fl['gflop_s']:.0f} "
+                 f"GFLOP/s, {fl['gru_tpu_fraction']:.0%} of gru_tpu's step; train ratios "
+                 f"above {fl['train_vs_torch_ceiling']:.2f}x torch, "
+                 f"{fl['train_vs_flax_linen_ceiling']:.2f}x linen are out of reach")
   sc, rm = r["t_scaling"], r["remat"]
   lines.append(f"T-scaling train time T={sc['T'][1]}/T={sc['T'][0]}: {sc['time_ratio']:.2f} "
                f"(linear = {sc['length_ratio']:.0f})")

@@ -18,6 +18,31 @@ def test_quick_bench_runs_the_same_function_in_all_three(tmp_path):
     assert shape[impl]["train_tok_s"] > 0 and shape[impl]["fwd_tok_s"] > 0
   # Remat keeps only chunk-boundary carries: even at this tiny size it must save memory.
   assert r["remat"]["memory_cut"] > 1.5
+  # The floor's ratios come from the same rounds' times: torch's step over the floor's, the
+  # floor's over gru_tpu's.
+  fl, tokens = shape["xla_matmul_floor"], shape["B"] * shape["T"]
+  assert fl["train_vs_torch_ceiling"] == pytest.approx(
+      tokens / shape["torch"]["train_tok_s"] / fl["seconds"])
+  assert fl["train_vs_flax_linen_ceiling"] == pytest.approx(
+      tokens / shape["flax_linen"]["train_tok_s"] / fl["seconds"])
+  assert fl["gru_tpu_fraction"] == pytest.approx(
+      fl["seconds"] / (tokens / shape["gru_tpu"]["train_tok_s"]))
+  assert fl["gflop_s"] == pytest.approx(fl["gflop"] / fl["seconds"])
+
+
+def test_the_matmul_floor_is_five_full_train_step_matmuls():
+  """The floor is only a bound if XLA runs all five products at their full size: none merged
+  away, none a cheaper shape. XLA's own FLOP count of the compiled floor says so."""
+  B, T, H = 4, 16, 32
+  floor, args = bench.matmul_floor(B, T, H)
+  compiled = floor.lower(*args).compile()
+  dots = [line for line in compiled.as_text().splitlines() if " dot(" in line]
+  assert len(dots) == 5, dots
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  matmul_flops = 5 * 2 * B * T * H * 3 * H
+  # + one (x + 1) of B·T·H adds, shared by the two products that stand for h's
+  assert cost["flops"] == pytest.approx(matmul_flops + B * T * H, rel=1e-4)
 
 
 @pytest.mark.parametrize("where,message", [
