@@ -196,7 +196,7 @@ def check_engine_config(config) -> None:
   positive = ["batch_size", "seq_len", "num_steps", "grad_accum", "log_every", "eval_every",
               "checkpoint_every", "keep_checkpoints", "eval_steps", "model.hidden",
               "model.num_layers", "model.unroll"]
-  nonneg = ["seed", "profile_start", "profile_steps"]
+  nonneg = ["seed", "profile_start", "profile_steps", "optimizer.warmup_steps"]
   for keys, low in ((positive, 1), (nonneg, 0)):
     for key in keys:
       value = config
@@ -209,6 +209,20 @@ def check_engine_config(config) -> None:
   # order's [2**32, epoch] as [0, 1, epoch] (seed 0's next epoch), and 2**63 overflowed.
   if (config.get("seed") or 0) >= 2**31:
     raise UserError(f"config.seed={config.seed}: expected an integer in [0, 2**31)")
+  # Each of these trained without a word: a negative learning rate (or grad_clip, or final
+  # fraction) climbs the loss, and its checkpoints rotate the good ones out; b1 or b2 >= 1
+  # never forgets a gradient. NaN fails every comparison, so it is refused too.
+  o = config.get("optimizer") or {}
+  for key, ok, want in (("learning_rate", lambda v: 0 < v < math.inf, "a number > 0"),
+                        ("final_lr_fraction", lambda v: 0 <= v < math.inf, "a number >= 0"),
+                        ("weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0"),
+                        ("grad_clip", lambda v: v > 0, "a number > 0"),
+                        ("b1", lambda v: 0 <= v < 1, "a value in [0, 1)"),
+                        ("b2", lambda v: 0 <= v < 1, "a value in [0, 1)")):
+    value = o.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not ok(value)):
+      raise UserError(f"config.optimizer.{key}={value!r}: expected {want}")
   m = config.model
   for key in ("dropout", "recurrent_dropout"):
     if not 0 <= m.get(key, 0.0) < 1:

@@ -325,6 +325,16 @@ def test_bad_config_override_is_one_clear_line(tmp_path, flag, message):
     ({"mesh": (("dat", -1), ("model", 1))}, r"expected axes \('data', N\)"),
     ({"mesh": (("data", -1, 1),)}, r"expected axes \('data', N\)"),
     ({"mesh": (("data", 0),)}, r"sizes positive or -1"),
+    # These trained without a word: a negative rate or clip norm climbed the loss
+    ({"optimizer.learning_rate": -1e-2}, r"config.optimizer.learning_rate=-0.01: expected a "
+                                          r"number > 0"),
+    ({"optimizer.learning_rate": float("nan")}, r"config.optimizer.learning_rate=nan"),
+    ({"optimizer.grad_clip": -1.0}, r"config.optimizer.grad_clip=-1.0: expected a number > 0"),
+    ({"optimizer.warmup_steps": -5}, r"config.optimizer.warmup_steps=-5: expected an integer >= 0"),
+    ({"optimizer.final_lr_fraction": -0.5}, r"config.optimizer.final_lr_fraction=-0.5"),
+    ({"optimizer.weight_decay": -1e-4}, r"config.optimizer.weight_decay=-0.0001"),
+    ({"optimizer.b1": 1.5}, r"config.optimizer.b1=1.5: expected a value in \[0, 1\)"),
+    ({"optimizer.b2": 1.0}, r"config.optimizer.b2=1.0: expected a value in \[0, 1\)"),
 ])
 def test_bad_engine_values_are_one_clear_error_before_anything_is_written(tmp_path, overrides,
                                                                          message):
