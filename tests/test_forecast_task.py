@@ -207,6 +207,11 @@ def test_bad_task_inputs():
     task_for(df)
   with pytest.raises(UserError, match="config.data.horizon must be >= 1, got 0"):
     task_for(seasonal_frame(), **{"data.horizon": 0})
+  # Tracebacks in the model, the windows or numpy (num_samples=0 only at the first eval).
+  for key, value, low in (("data.season_length", -3, 0), ("data.calendar_terms", -1, 0),
+                          ("eval.num_samples", 0, 1), ("eval.backtest_stride", -2, 0)):
+    with pytest.raises(UserError, match=rf"config.{key} must be >= {low}, got {value}"):
+      task_for(seasonal_frame(), **{key: value})
   with pytest.raises(UserError, match=r"config.model.unroll=0: expected an integer >= 1"):
     train.check_engine_config(config(**{"model.unroll": 0}))  # the engine checks its keys
   with pytest.raises(UserError, match="impl='pallas' needs config.model.cell='gru'"):
