@@ -280,12 +280,26 @@ def _load(workdir: epath.Path, requested: int | None) -> Loaded:
   return cls(workdir, config, model, meta["task"], step)
 
 
+def _image_format(path: str | Path) -> str:
+  """The format a plot is saved in: the path's suffix (png without one); UserError for a suffix
+  matplotlib cannot write."""
+  from matplotlib.backend_bases import FigureCanvasBase
+  fmt = workdir_path(path).suffix[1:].lower() or "png"
+  formats = FigureCanvasBase.get_supported_filetypes()
+  if fmt not in formats:
+    raise UserError(f"{path}: cannot save a plot as .{fmt}; give a file name ending in one of "
+                    f"{', '.join('.' + f for f in sorted(formats))} (e.g. forecast.png)")
+  return fmt
+
+
 def plot_forecast(panel: ts.Panel, frame, path: str | Path, levels: tuple,
                   max_panels: int = 6) -> None:
   """One axis per (series, target), at most max_panels: history, median, quantile bands."""
   # A bare Figure needs no display and leaves pyplot alone: matplotlib.use("Agg") had switched
   # a notebook's backend, which also closed every figure open in it.
   from matplotlib.figure import Figure
+
+  fmt = _image_format(path)  # before the file is opened (and emptied)
 
   keys = [(s, c, t) for s in panel.series for c, t in enumerate(panel.targets)][:max_panels]
   fig = Figure(figsize=(10, 3 * len(keys)))
@@ -310,7 +324,7 @@ def plot_forecast(panel: ts.Panel, frame, path: str | Path, levels: tuple,
   fig.tight_layout()
   path = workdir_path(path)  # a local path or gs:// (through epath), like a workdir
   with path.open("wb") as f:
-    fig.savefig(f, format=path.suffix[1:] or "png", dpi=100)
+    fig.savefig(f, format=fmt, dpi=100)
 
 
 def main(argv: list[str]) -> int:
@@ -387,6 +401,8 @@ def forecast_main(argv: list[str]) -> int:
         raise UserError(f"{path} is a directory; give a file name")
       if not str(path).startswith("gs://") and not path.absolute().parent.is_dir():
         raise UserError(f"{path}: the directory does not exist")  # gs:// has no directories
+    if a.plot:  # matplotlib refused an unknown suffix only after the forecast and the CSV
+      _image_format(a.plot)
     history = m.history(a.data)  # read once: for the forecast and the plot
     frame = m.forecast(history, a.horizon, num_samples=a.num_samples, seed=a.seed)
     with workdir_path(a.output).open("w") as f:

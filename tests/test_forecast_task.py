@@ -348,6 +348,24 @@ def test_plot_leaves_the_callers_matplotlib_alone(tmp_path):
     plt.switch_backend(previous)
 
 
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_forecast(tmp_path,
+                                                                             monkeypatch, capsys):
+  """--plot f.txt was matplotlib's traceback, after the forecast, the CSV and an empty f.txt."""
+  from gru_tpu import api
+  m = untrained_macrodata_model(tmp_path)
+  monkeypatch.setattr(api, "load", lambda workdir, step=None: m)
+  out, plot = tmp_path / "f.csv", tmp_path / "f.txt"
+  assert api.forecast_main(["--workdir", str(tmp_path), "--output", str(out),
+                            "--plot", str(plot)]) == 2
+  assert capsys.readouterr().err.startswith(
+      f"gru-tpu forecast: {plot}: cannot save a plot as .txt; give a file name ending in one of ")
+  assert not out.exists() and not plot.exists()
+  plot.write_text("keep")  # m.plot: refused before the file is opened (and emptied)
+  with pytest.raises(UserError, match=r"cannot save a plot as .txt; .* \(e.g. forecast.png\)"):
+    m.plot(None, None, plot)
+  assert plot.read_text() == "keep"
+
+
 def test_lags_from_config():
   assert task_for(seasonal_frame()).meta["lags"] == [1, 12]               # 1 and the season
   task = task_for(seasonal_frame(), **{"data.lags": "3, 1,24"})
