@@ -93,6 +93,13 @@ class Loaded:
     return ax
 
 
+def _check_seed(seed: int) -> None:
+  """config.seed's range: JAX wraps seeds mod 2**32 (2**32 drew seed 0's samples) and one past
+  int64 was an OverflowError traceback."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+    raise UserError(f"seed must be an integer in [0, 2**31), got {seed!r}")
+
+
 class TextModel(Loaded):
   """A text model: `generate` and `stream`, with its tokenizer."""
 
@@ -107,17 +114,26 @@ class TextModel(Loaded):
   def stream(self, prompt: str, length: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              num_samples: int = 1, chunk: int = 64) -> Iterator[list[str]]:
-    """Yields the next piece of text of every sample, `chunk` tokens at a time."""
+    """Yields the next piece of text of every sample, `chunk` tokens at a time.
+
+    The arguments are checked here, not at the first piece: the CLI had already printed the
+    prompt when a bad one raised."""
     if length < 0:
       raise UserError(f"length must be >= 0, got {length}")
     if not temperature >= 0:  # NaN too; a negative one would sample the least likely tokens
       raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if num_samples < 1:
       raise UserError(f"num_samples must be >= 1, got {num_samples}")
+    _check_seed(seed)
     if top_k is not None and not 1 <= top_k <= self.tokenizer.vocab_size:
       raise UserError(f"top_k must be in [1, {self.tokenizer.vocab_size}], got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
       raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if chunk < 1:
+      raise UserError(f"chunk must be >= 1, got {chunk}")
+    return self._pieces(prompt, length, temperature, top_k, top_p, seed, num_samples, chunk)
+
+  def _pieces(self, prompt, length, temperature, top_k, top_p, seed, num_samples, chunk):
     ids = self.tokenizer.encode(prompt or "\n")
     ids = np.broadcast_to(ids, (num_samples, len(ids)))
     graphdef, state = nnx.split(self.model)
@@ -182,6 +198,7 @@ class ForecastModel(Loaded):
     calibrated=False."""
     if num_samples < 1:
       raise UserError(f"num_samples must be >= 1, got {num_samples}")
+    _check_seed(seed)
     return forecast.forecast_frame(self.model, self.config, self.meta, self.history(history),
                                    self.config.data.horizon if horizon is None else horizon,
                                    num_samples=num_samples, seed=seed, calibrated=calibrated)
@@ -349,13 +366,13 @@ def main(argv: list[str]) -> int:
     m = load(a.workdir, a.step)
     if not isinstance(m, TextModel):
       raise UserError(f"{a.workdir} holds a {m.task!r} model; gru-tpu sample needs a text one")
+    pieces = m.stream(a.prompt, a.length, temperature=a.temperature, top_k=a.top_k,
+                      top_p=a.top_p, seed=a.seed, num_samples=a.num_samples)  # checks them
     if isinstance(m.tokenizer, text.CharTokenizer):
       unknown = sorted({c for c in a.prompt if c not in m.tokenizer.index})
       if unknown:
         print(f"gru-tpu sample: prompt characters not in the vocabulary become <unk>: "
               f"{''.join(unknown)!r}", file=sys.stderr)
-    pieces = m.stream(a.prompt, a.length, temperature=a.temperature, top_k=a.top_k,
-                      top_p=a.top_p, seed=a.seed, num_samples=a.num_samples)
     if a.num_samples == 1:
       sys.stdout.write(a.prompt)
       for piece in pieces:

@@ -366,6 +366,14 @@ def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_forecast(tm
   assert plot.read_text() == "keep"
 
 
+def test_a_seed_outside_the_engines_range_is_refused(tmp_path):
+  """2**70 was an OverflowError traceback in jax.random.key; 2**32 silently seed 0's draws."""
+  m = untrained_macrodata_model(tmp_path)
+  for bad in (2**70, 2**32):
+    with pytest.raises(UserError, match=r"seed must be an integer in \[0, 2\*\*31\)"):
+      m.forecast(None, seed=bad)
+
+
 def test_lags_from_config():
   assert task_for(seasonal_frame()).meta["lags"] == [1, 12]               # 1 and the season
   task = task_for(seasonal_frame(), **{"data.lags": "3, 1,24"})
