@@ -656,6 +656,32 @@ def test_missing_config_file_is_one_clear_line(tmp_path):
   assert r.returncode == 2 and "--config nope.py: no such file" in r.stderr
 
 
+@pytest.mark.parametrize("source,message", [
+    ("def get_config(:\n", "line 1: SyntaxError: invalid syntax; fix the file"),  # traceback
+    ("def get_config(arg=None):\n  raise RuntimeError('boom')\n",
+     "line 2: RuntimeError: boom; fix the file"),  # a traceback
+    ("def get_config(arg=None):\n  raise ValueError('bad size')\n",
+     "line 2: ValueError: bad size; fix the file"),  # ml_collections' traceback on one line
+    ("x = 1\n", "defines no get_config(arg)"),  # "module 'config_config' has no attribute"
+    ("def get_config(arg=None):\n  return {'num_steps': 1}\n",
+     "get_config returned dict, not an ml_collections.ConfigDict"),  # "no attribute 'to_dict'"
+    ("import ml_collections\ndef get_config(arg=None):\n"
+     "  return ml_collections.ConfigDict({'num_steps': 1})\n",
+     "the config lacks task, seed, mesh, sharding and 16 more; start it from "
+     "gru_tpu.config.engine_defaults"),  # an AttributeError traceback at config.mesh
+])
+def test_a_broken_config_file_is_one_line_naming_it(tmp_path, capsys, source, message):
+  """In-process, after another config: a file without get_config ran the previous one's."""
+  assert cli.main(["train", "--config", f"{CONFIG}:size=huge", "--workdir", str(tmp_path)]) == 2
+  capsys.readouterr()
+  path = tmp_path / "mine.py"
+  path.write_text(source)
+  assert cli.main(["train", "--config", str(path), "--workdir", str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
+  assert not (tmp_path / "run").exists()
+
+
 def test_batch_not_divisible_by_data_parallel_size(tmp_path):
   r = run_cli(tmp_path, "--config.batch_size=12", devices=8)
   assert r.returncode == 2
