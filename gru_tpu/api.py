@@ -246,10 +246,19 @@ class _Removed(Exception):
     self.step, self.steps = step, steps
 
 
+def _no_checkpoint(workdir: epath.Path) -> CheckpointError:
+  # A path inside a run (its checkpoints/, a step, config.json) was told to train there.
+  for run in (workdir.parent, workdir.parent.parent):
+    if run != workdir and (run / "checkpoints").is_dir():
+      return CheckpointError(f"{workdir} is inside the run directory {run}; give that: "
+                             f"--workdir {run}")
+  return CheckpointError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
+                         f"{workdir} ...)")
+
+
 def _load(workdir: epath.Path, requested: int | None) -> Loaded:
   if not (workdir / "checkpoints").is_dir():
-    raise CheckpointError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
-                          f"{workdir} ...)")
+    raise _no_checkpoint(workdir)
   try:
     ckpt = Checkpointer(workdir, async_save=False, create=False)
   except FileNotFoundError:  # a step was deleted while orbax listed the steps

@@ -154,6 +154,11 @@ def test_bad_sampling_arguments(workdir, tmp_path):
   with pytest.raises(UserError, match="holds no checkpoint"):
     gru_tpu.load(tmp_path)
   assert not (tmp_path / "checkpoints").exists()
+  # They said "holds no checkpoint; train first (gru-tpu train --workdir .../checkpoints ...)"
+  for inside in (workdir / "checkpoints", workdir / "config.json", workdir / "checkpoints" / "25"):
+    with pytest.raises(UserError, match=f"is inside the run directory {workdir}; give that: "
+                                        f"--workdir {workdir}$"):
+      gru_tpu.load(inside)
 
 
 def test_sample_cli_prints_nothing_for_bad_arguments(workdir, capsys):
