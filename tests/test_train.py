@@ -453,6 +453,19 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
   assert (tmp_path / "run" / "checkpoints").read_text() == "mine"
 
 
+def test_a_workdir_inside_a_runs_checkpoints_is_refused(tmp_path):
+  """--workdir RUN/checkpoints trained a second run among the first's steps (exit 0)."""
+  run = tmp_path / "run"
+  (run / "checkpoints" / "4").mkdir(parents=True)
+  (run / "config.json").write_text("{}")
+  for inside in (run / "checkpoints", run / "checkpoints" / "4", run / "checkpoints" / "new"):
+    with pytest.raises(UserError, match=f"--workdir {inside} is inside the run directory {run}; "
+                                        f"give that to resume it"):
+      train.train_and_evaluate(tiny(num_steps=2), inside)
+  assert sorted(p.relative_to(run) for p in run.rglob("*")) == [
+      Path("checkpoints"), Path("checkpoints/4"), Path("config.json")]
+
+
 def test_a_workdir_another_run_is_training_in_is_refused(tmp_path):
   """A second run on a workdir deleted the first's in-flight save as a cut-off one, failed the
   first's next save ("disk full"), and both wrote every step's metrics. The other run here is
