@@ -93,6 +93,13 @@ class Loaded:
     return ax
 
 
+def _check_seed(seed: int) -> None:
+  """config.seed's range: JAX wraps seeds mod 2**32 (2**32 drew seed 0's samples) and one past
+  int64 was an OverflowError traceback."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+    raise UserError(f"seed must be an integer in [0, 2**31), got {seed!r}")
+
+
 class TextModel(Loaded):
   """A text model: `generate` and `stream`, with its tokenizer."""
 
@@ -107,17 +114,26 @@ class TextModel(Loaded):
   def stream(self, prompt: str, length: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              num_samples: int = 1, chunk: int = 64) -> Iterator[list[str]]:
-    """Yields the next piece of text of every sample, `chunk` tokens at a time."""
+    """Yields the next piece of text of every sample, `chunk` tokens at a time.
+
+    The arguments are checked here, not at the first piece: the CLI had already printed the
+    prompt when a bad one raised."""
     if length < 0:
       raise UserError(f"length must be >= 0, got {length}")
     if not temperature >= 0:  # NaN too; a negative one would sample the least likely tokens
       raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if num_samples < 1:
       raise UserError(f"num_samples must be >= 1, got {num_samples}")
+    _check_seed(seed)
     if top_k is not None and not 1 <= top_k <= self.tokenizer.vocab_size:
       raise UserError(f"top_k must be in [1, {self.tokenizer.vocab_size}], got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
       raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if chunk < 1:
+      raise UserError(f"chunk must be >= 1, got {chunk}")
+    return self._pieces(prompt, length, temperature, top_k, top_p, seed, num_samples, chunk)
+
+  def _pieces(self, prompt, length, temperature, top_k, top_p, seed, num_samples, chunk):
     ids = self.tokenizer.encode(prompt or "\n")
     ids = np.broadcast_to(ids, (num_samples, len(ids)))
     graphdef, state = nnx.split(self.model)
@@ -182,6 +198,7 @@ class ForecastModel(Loaded):
     calibrated=False."""
     if num_samples < 1:
       raise UserError(f"num_samples must be >= 1, got {num_samples}")
+    _check_seed(seed)
     return forecast.forecast_frame(self.model, self.config, self.meta, self.history(history),
                                    self.config.data.horizon if horizon is None else horizon,
                                    num_samples=num_samples, seed=seed, calibrated=calibrated)
@@ -229,10 +246,19 @@ class _Removed(Exception):
     self.step, self.steps = step, steps
 
 
+def _no_checkpoint(workdir: epath.Path) -> CheckpointError:
+  # A path inside a run (its checkpoints/, a step, config.json) was told to train there.
+  for run in (workdir.parent, workdir.parent.parent):
+    if run != workdir and (run / "checkpoints").is_dir():
+      return CheckpointError(f"{workdir} is inside the run directory {run}; give that: "
+                             f"--workdir {run}")
+  return CheckpointError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
+                         f"{workdir} ...)")
+
+
 def _load(workdir: epath.Path, requested: int | None) -> Loaded:
   if not (workdir / "checkpoints").is_dir():
-    raise CheckpointError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
-                          f"{workdir} ...)")
+    raise _no_checkpoint(workdir)
   try:
     ckpt = Checkpointer(workdir, async_save=False, create=False)
   except FileNotFoundError:  # a step was deleted while orbax listed the steps
@@ -280,12 +306,26 @@ def _load(workdir: epath.Path, requested: int | None) -> Loaded:
   return cls(workdir, config, model, meta["task"], step)
 
 
+def _image_format(path: str | Path) -> str:
+  """The format a plot is saved in: the path's suffix (png without one); UserError for a suffix
+  matplotlib cannot write."""
+  from matplotlib.backend_bases import FigureCanvasBase
+  fmt = workdir_path(path).suffix[1:].lower() or "png"
+  formats = FigureCanvasBase.get_supported_filetypes()
+  if fmt not in formats:
+    raise UserError(f"{path}: cannot save a plot as .{fmt}; give a file name ending in one of "
+                    f"{', '.join('.' + f for f in sorted(formats))} (e.g. forecast.png)")
+  return fmt
+
+
 def plot_forecast(panel: ts.Panel, frame, path: str | Path, levels: tuple,
                   max_panels: int = 6) -> None:
   """One axis per (series, target), at most max_panels: history, median, quantile bands."""
   # A bare Figure needs no display and leaves pyplot alone: matplotlib.use("Agg") had switched
   # a notebook's backend, which also closed every figure open in it.
   from matplotlib.figure import Figure
+
+  fmt = _image_format(path)  # before the file is opened (and emptied)
 
   keys = [(s, c, t) for s in panel.series for c, t in enumerate(panel.targets)][:max_panels]
   fig = Figure(figsize=(10, 3 * len(keys)))
@@ -310,7 +350,7 @@ def plot_forecast(panel: ts.Panel, frame, path: str | Path, levels: tuple,
   fig.tight_layout()
   path = workdir_path(path)  # a local path or gs:// (through epath), like a workdir
   with path.open("wb") as f:
-    fig.savefig(f, format=path.suffix[1:] or "png", dpi=100)
+    fig.savefig(f, format=fmt, dpi=100)
 
 
 def main(argv: list[str]) -> int:
@@ -335,13 +375,13 @@ def main(argv: list[str]) -> int:
     m = load(a.workdir, a.step)
     if not isinstance(m, TextModel):
       raise UserError(f"{a.workdir} holds a {m.task!r} model; gru-tpu sample needs a text one")
+    pieces = m.stream(a.prompt, a.length, temperature=a.temperature, top_k=a.top_k,
+                      top_p=a.top_p, seed=a.seed, num_samples=a.num_samples)  # checks them
     if isinstance(m.tokenizer, text.CharTokenizer):
       unknown = sorted({c for c in a.prompt if c not in m.tokenizer.index})
       if unknown:
         print(f"gru-tpu sample: prompt characters not in the vocabulary become <unk>: "
               f"{''.join(unknown)!r}", file=sys.stderr)
-    pieces = m.stream(a.prompt, a.length, temperature=a.temperature, top_k=a.top_k,
-                      top_p=a.top_p, seed=a.seed, num_samples=a.num_samples)
     if a.num_samples == 1:
       sys.stdout.write(a.prompt)
       for piece in pieces:
@@ -387,6 +427,8 @@ def forecast_main(argv: list[str]) -> int:
         raise UserError(f"{path} is a directory; give a file name")
       if not str(path).startswith("gs://") and not path.absolute().parent.is_dir():
         raise UserError(f"{path}: the directory does not exist")  # gs:// has no directories
+    if a.plot:  # matplotlib refused an unknown suffix only after the forecast and the CSV
+      _image_format(a.plot)
     history = m.history(a.data)  # read once: for the forecast and the plot
     frame = m.forecast(history, a.horizon, num_samples=a.num_samples, seed=a.seed)
     with workdir_path(a.output).open("w") as f:

@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
   parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run, for tests)")
   args = parser.parse_args(argv)
+  if args.repeats < 1:  # a StatisticsError traceback after the compiles and warm-ups
+    parser.error(f"--repeats must be >= 1, got {args.repeats}")
   if os.path.isdir(args.json):  # checked before minutes of timing, not after
     parser.error(f"--json {args.json} is a directory; give a file name")
   if not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):

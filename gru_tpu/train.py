@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,12 @@ COMPATIBLE_KEYS = ("task", "model", "data")
 # model keys that leave the parameters (f32 whatever the compute dtype) and optimizer state
 # alone: a run may resume with another value, e.g. remat on after running out of memory.
 RUNTIME_MODEL_KEYS = ("impl", "unroll", "remat", "dtype")
+# Keys the engine reads without a default (the others it reads with config.get).
+REQUIRED_KEYS = ("task", "seed", "mesh", "sharding", "batch_size", "grad_accum", "num_steps",
+                 "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints",
+                 "model", "data", *(f"optimizer.{k}" for k in (
+                     "learning_rate", "warmup_steps", "final_lr_fraction", "weight_decay",
+                     "grad_clip", "b1", "b2")))
 # Steps the host may dispatch before the device has finished them: enough to ride out host
 # hiccups (a log line, garbage collection; on CPU, 1 step ran at 0.65x and 4 at 0.8x the
 # speed of no limit), few enough that the queued steps' batches stay small.
@@ -193,10 +200,19 @@ def _state_shardings(abstract_state: dict, mesh, strategy: str) -> dict:
 
 def check_engine_config(config) -> None:
   """The engine's own keys: one UserError naming the first bad one, before anything runs."""
+  # A config not built on engine_defaults (one's own get_config) was an AttributeError
+  # traceback at the first key the engine read.
+  missing = [k for k in REQUIRED_KEYS
+             if functools.reduce(lambda c, part: c.get(part) if c is not None else None,
+                                 k.split("."), config) is None]
+  if missing:
+    more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+    raise UserError(f"the config lacks {', '.join(missing[:4])}{more}; start it from "
+                    f"gru_tpu.config.engine_defaults(...) as configs/*.py do")
   positive = ["batch_size", "seq_len", "num_steps", "grad_accum", "log_every", "eval_every",
               "checkpoint_every", "keep_checkpoints", "eval_steps", "model.hidden",
               "model.num_layers", "model.unroll"]
-  nonneg = ["seed", "profile_start", "profile_steps"]
+  nonneg = ["seed", "profile_start", "profile_steps", "optimizer.warmup_steps"]
   for keys, low in ((positive, 1), (nonneg, 0)):
     for key in keys:
       value = config
@@ -209,6 +225,20 @@ def check_engine_config(config) -> None:
   # order's [2**32, epoch] as [0, 1, epoch] (seed 0's next epoch), and 2**63 overflowed.
   if (config.get("seed") or 0) >= 2**31:
     raise UserError(f"config.seed={config.seed}: expected an integer in [0, 2**31)")
+  # Each of these trained without a word: a negative learning rate (or grad_clip, or final
+  # fraction) climbs the loss, and its checkpoints rotate the good ones out; b1 or b2 >= 1
+  # never forgets a gradient. NaN fails every comparison, so it is refused too.
+  o = config.get("optimizer") or {}
+  for key, ok, want in (("learning_rate", lambda v: 0 < v < math.inf, "a number > 0"),
+                        ("final_lr_fraction", lambda v: 0 <= v < math.inf, "a number >= 0"),
+                        ("weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0"),
+                        ("grad_clip", lambda v: v > 0, "a number > 0"),
+                        ("b1", lambda v: 0 <= v < 1, "a value in [0, 1)"),
+                        ("b2", lambda v: 0 <= v < 1, "a value in [0, 1)")):
+    value = o.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not ok(value)):
+      raise UserError(f"config.optimizer.{key}={value!r}: expected {want}")
   m = config.model
   for key in ("dropout", "recurrent_dropout"):
     if not 0 <= m.get(key, 0.0) < 1:
@@ -348,10 +378,16 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   Stops early, with a checkpoint at the current step, when `preemption` says so (the CLI's
   listens for SIGTERM; several processes always agree through JAX's preemption service).
   """
+  check_engine_config(config)  # before make_mesh reads config.mesh
   workdir = workdir_path(workdir)  # local or gs://
   preemption = preemption or Preemption()
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir {workdir} is a file; give a directory (new or a run's)")
+  for inside in (workdir, workdir.parent):  # it trained a second run among the first's steps
+    run = inside.parent
+    if inside.name == "checkpoints" and (run / "config.json").exists():
+      raise UserError(f"--workdir {workdir} is inside the run directory {run}; give that to "
+                      f"resume it (or a new directory). Nothing was changed.")
   _check_shared(workdir)
   mesh = sharding.make_mesh(config.mesh)
   s = setup(config, mesh)
@@ -731,7 +767,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
   log.info("process %d of %d", jax.process_index(), jax.process_count())
 
 
-def _check_required(argv: list[str]) -> None:
+def _check_required(argv: list[str]) -> str:
+  """The --config file's path; UserError when it or --workdir is missing."""
   def value(flag):
     for i, a in enumerate(argv):
       if a == flag and i + 1 < len(argv):
@@ -747,6 +784,31 @@ def _check_required(argv: list[str]) -> None:
   if not Path(path).is_file():
     raise UserError(f"--config {path}: no such file (give a config such as "
                     f"configs/synthetic.py:size=tiny)")
+  return path
+
+
+def _config_file_error(e: BaseException, path: str) -> str | None:
+  """One line for an error raised by the config file itself (a SyntaxError, a raise in its
+  get_config), or None for any other. absl and ml_collections wrap it, the latter with its
+  traceback in the message: the original is the innermost of the chain."""
+  chain = [e]
+  while (e := e.__cause__ or e.__context__) is not None and e not in chain:
+    chain.append(e)
+  here = Path(path).resolve()
+  for inner in reversed(chain):
+    if isinstance(inner, UserError):  # a preset check in get_config: its message as is
+      return str(inner)
+    if isinstance(inner, SyntaxError) and inner.filename and Path(inner.filename).resolve() == here:
+      return f"--config {path}: line {inner.lineno}: SyntaxError: {inner.msg}; fix the file"
+    lines = [f.lineno for f in traceback.extract_tb(inner.__traceback__)
+             if Path(f.filename).resolve() == here]
+    if lines:
+      return (f"--config {path}: line {lines[-1]}: {type(inner).__name__}: "
+              f"{' '.join(str(inner).split())}; fix the file")
+    if isinstance(inner, AttributeError) and inner.name == "get_config":
+      return (f"--config {path} defines no get_config(arg); a config file returns its "
+              f"ml_collections.ConfigDict from one (see configs/synthetic.py)")
+  return None
 
 
 USAGE = """usage: gru-tpu train --config configs/NAME.py[:arg] --workdir DIR [--config.KEY=VALUE ...]
@@ -798,6 +860,7 @@ def _log_to_stderr():
 
 def main(argv: list[str]) -> int:
   """`gru-tpu train`: absl config flags; a user error is one line on stderr and exit code 2."""
+  import ml_collections
   from absl import flags
   from ml_collections import config_flags
 
@@ -817,8 +880,18 @@ def main(argv: list[str]) -> int:
     print(USAGE + "\n\n" + fv.get_help(include_special_flags=False))
     return 0
   try:
-    _check_required(argv)
-    rest = fv(["gru-tpu train", *argv])[1:]
+    path = _check_required(argv)
+    # ml_collections loads the file into sys.modules["config_config"] with load_module(), which
+    # executes it into the module a previous in-process run left there: a file without a
+    # get_config of its own ran the previous config's.
+    sys.modules.pop("config_config", None)
+    try:
+      rest = fv(["gru-tpu train", *argv])[1:]
+    except Exception as e:  # the config file is Python: any error of its own is the user's
+      message = _config_file_error(e, path)
+      if message is None:
+        raise
+      raise UserError(message) from None
     if rest:  # e.g. "config.num_steps=5" without its dashes would silently train the default
       raise UserError(f"unexpected argument {rest[0]!r}; overrides are --config.KEY=VALUE")
     n, i = fv.num_processes, fv.process_id
@@ -830,6 +903,9 @@ def main(argv: list[str]) -> int:
       # Ignored, each host would train alone: on gs://, all of them in one workdir.
       raise UserError("--num_processes and --process_id need --coordinator_address HOST:PORT "
                       "(or --distributed, on TPU)")
+    if not isinstance(fv.config, ml_collections.ConfigDict):  # was "'dict' object has no ..."
+      raise UserError(f"--config {path}: get_config returned {type(fv.config).__name__}, not an "
+                      f"ml_collections.ConfigDict (start from gru_tpu.config.engine_defaults)")
     fv.config.to_dict()  # config files load lazily: surface a bad file or key now
   except (flags.Error, UserError, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
     print("gru-tpu train: " + _one_line(e), file=sys.stderr)

@@ -30,6 +30,16 @@ def test_quick_bench_runs_the_same_function_in_all_three(tmp_path):
   assert fl["gflop_s"] == pytest.approx(fl["gflop"] / fl["seconds"])
 
 
+def test_bad_arguments_are_refused_before_any_timing(tmp_path, capsys):
+  """--repeats 0 was a StatisticsError traceback after the compiles and warm-ups."""
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--quick", "--repeats", "0", "--json", str(tmp_path / "b.json")])
+  assert e.value.code == 2
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      "gru-tpu bench: error: --repeats must be >= 1, got 0")
+  assert not (tmp_path / "b.json").exists()
+
+
 def test_the_matmul_floor_is_five_full_train_step_matmuls():
   """The floor is only a bound if XLA runs all five products at their full size: none merged
   away, none a cheaper shape. XLA's own FLOP count of the compiled floor says so."""

@@ -128,6 +128,11 @@ def no_file_created(w: Path, tmp: Path) -> None:
   assert not (tmp / "pwned").exists()
 
 
+def assert_metrics_unchanged(w: Path) -> None:
+  """Nothing of the refused run reached the workdir's log (it used to train 2 steps uphill)."""
+  assert max(r["step"] for r in read_metrics(w)) == 4
+
+
 def nothing_set_aside(w: Path, tmp: Path) -> None:
   assert not (w / "checkpoints_unreadable").exists()
 
@@ -183,6 +188,10 @@ ROWS = [
         2, r"unknown config key 'learning_rat' \(did you mean 'learning_rate'\?\)"),
     Row("train-wrong-type", lambda w, t: train(w, "--config.num_steps=many"), 2,
         r"--config.num_steps=many: .*invalid literal for int\(\)"),
+    Row("train-negative-learning-rate", lambda w, t: train(
+        w, "--config.num_steps=6", "--config.optimizer.learning_rate=-0.01"), 2,
+        r"gru-tpu train: config.optimizer.learning_rate=-0.01: expected a number > 0",
+        after=lambda w, t: assert_metrics_unchanged(w)),
     Row("train-missing-config-file", lambda w, t: cli.main(
         ["train", "--config", str(t / "nope.py"), "--workdir", str(w)]), 2,
         r"--config .*nope.py: no such file"),

@@ -207,6 +207,11 @@ def test_bad_task_inputs():
     task_for(df)
   with pytest.raises(UserError, match="config.data.horizon must be >= 1, got 0"):
     task_for(seasonal_frame(), **{"data.horizon": 0})
+  # Tracebacks in the model, the windows or numpy (num_samples=0 only at the first eval).
+  for key, value, low in (("data.season_length", -3, 0), ("data.calendar_terms", -1, 0),
+                          ("eval.num_samples", 0, 1), ("eval.backtest_stride", -2, 0)):
+    with pytest.raises(UserError, match=rf"config.{key} must be >= {low}, got {value}"):
+      task_for(seasonal_frame(), **{key: value})
   with pytest.raises(UserError, match=r"config.model.unroll=0: expected an integer >= 1"):
     train.check_engine_config(config(**{"model.unroll": 0}))  # the engine checks its keys
   with pytest.raises(UserError, match="impl='pallas' needs config.model.cell='gru'"):
@@ -341,6 +346,32 @@ def test_plot_leaves_the_callers_matplotlib_alone(tmp_path):
   finally:
     plt.close("all")
     plt.switch_backend(previous)
+
+
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_forecast(tmp_path,
+                                                                             monkeypatch, capsys):
+  """--plot f.txt was matplotlib's traceback, after the forecast, the CSV and an empty f.txt."""
+  from gru_tpu import api
+  m = untrained_macrodata_model(tmp_path)
+  monkeypatch.setattr(api, "load", lambda workdir, step=None: m)
+  out, plot = tmp_path / "f.csv", tmp_path / "f.txt"
+  assert api.forecast_main(["--workdir", str(tmp_path), "--output", str(out),
+                            "--plot", str(plot)]) == 2
+  assert capsys.readouterr().err.startswith(
+      f"gru-tpu forecast: {plot}: cannot save a plot as .txt; give a file name ending in one of ")
+  assert not out.exists() and not plot.exists()
+  plot.write_text("keep")  # m.plot: refused before the file is opened (and emptied)
+  with pytest.raises(UserError, match=r"cannot save a plot as .txt; .* \(e.g. forecast.png\)"):
+    m.plot(None, None, plot)
+  assert plot.read_text() == "keep"
+
+
+def test_a_seed_outside_the_engines_range_is_refused(tmp_path):
+  """2**70 was an OverflowError traceback in jax.random.key; 2**32 silently seed 0's draws."""
+  m = untrained_macrodata_model(tmp_path)
+  for bad in (2**70, 2**32):
+    with pytest.raises(UserError, match=r"seed must be an integer in \[0, 2\*\*31\)"):
+      m.forecast(None, seed=bad)
 
 
 def test_lags_from_config():

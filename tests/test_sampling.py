@@ -145,9 +145,30 @@ def test_bad_sampling_arguments(workdir, tmp_path):
       m.generate("x", 5, temperature=bad)
   with pytest.raises(UserError, match="num_samples must be >= 1"):
     next(m.stream("x", 5, num_samples=0))
+  # 2**70: an OverflowError traceback; 2**32: seed 0's samples (JAX wraps seeds mod 2**32).
+  for bad in (2**70, 2**32, -1):
+    with pytest.raises(UserError, match=r"seed must be an integer in \[0, 2\*\*31\)"):
+      m.stream("x", 5, seed=bad)  # raised when called, not at the first piece
+  with pytest.raises(UserError, match="seed must be"):
+    gru_tpu.load(workdir).generate("x", 5, seed=2**70)
   with pytest.raises(UserError, match="holds no checkpoint"):
     gru_tpu.load(tmp_path)
   assert not (tmp_path / "checkpoints").exists()
+  # They said "holds no checkpoint; train first (gru-tpu train --workdir .../checkpoints ...)"
+  for inside in (workdir / "checkpoints", workdir / "config.json", workdir / "checkpoints" / "25"):
+    with pytest.raises(UserError, match=f"is inside the run directory {workdir}; give that: "
+                                        f"--workdir {workdir}$"):
+      gru_tpu.load(inside)
+
+
+def test_sample_cli_prints_nothing_for_bad_arguments(workdir, capsys):
+  """The prompt went to stdout before a bad argument's error (checked at the first piece)."""
+  from gru_tpu import api
+  for flags in (["--top_p", "2"], ["--seed", str(2**70)]):
+    assert api.main(["--workdir", str(workdir), "--prompt", "to Zx", "--length", "3",
+                     *flags]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and len(out.err.splitlines()) == 1, out
 
 
 def test_sample_cli_takes_a_prompt_from_a_non_utf8_terminal(workdir, capsys):

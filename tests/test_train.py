@@ -325,6 +325,16 @@ def test_bad_config_override_is_one_clear_line(tmp_path, flag, message):
     ({"mesh": (("dat", -1), ("model", 1))}, r"expected axes \('data', N\)"),
     ({"mesh": (("data", -1, 1),)}, r"expected axes \('data', N\)"),
     ({"mesh": (("data", 0),)}, r"sizes positive or -1"),
+    # These trained without a word: a negative rate or clip norm climbed the loss
+    ({"optimizer.learning_rate": -1e-2}, r"config.optimizer.learning_rate=-0.01: expected a "
+                                          r"number > 0"),
+    ({"optimizer.learning_rate": float("nan")}, r"config.optimizer.learning_rate=nan"),
+    ({"optimizer.grad_clip": -1.0}, r"config.optimizer.grad_clip=-1.0: expected a number > 0"),
+    ({"optimizer.warmup_steps": -5}, r"config.optimizer.warmup_steps=-5: expected an integer >= 0"),
+    ({"optimizer.final_lr_fraction": -0.5}, r"config.optimizer.final_lr_fraction=-0.5"),
+    ({"optimizer.weight_decay": -1e-4}, r"config.optimizer.weight_decay=-0.0001"),
+    ({"optimizer.b1": 1.5}, r"config.optimizer.b1=1.5: expected a value in \[0, 1\)"),
+    ({"optimizer.b2": 1.0}, r"config.optimizer.b2=1.0: expected a value in \[0, 1\)"),
 ])
 def test_bad_engine_values_are_one_clear_error_before_anything_is_written(tmp_path, overrides,
                                                                          message):
@@ -441,6 +451,19 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
   with pytest.raises(UserError, match=r"run/checkpoints is a file, not a checkpoints directory"):
     train.train_and_evaluate(tiny(), tmp_path / "run")
   assert (tmp_path / "run" / "checkpoints").read_text() == "mine"
+
+
+def test_a_workdir_inside_a_runs_checkpoints_is_refused(tmp_path):
+  """--workdir RUN/checkpoints trained a second run among the first's steps (exit 0)."""
+  run = tmp_path / "run"
+  (run / "checkpoints" / "4").mkdir(parents=True)
+  (run / "config.json").write_text("{}")
+  for inside in (run / "checkpoints", run / "checkpoints" / "4", run / "checkpoints" / "new"):
+    with pytest.raises(UserError, match=f"--workdir {inside} is inside the run directory {run}; "
+                                        f"give that to resume it"):
+      train.train_and_evaluate(tiny(num_steps=2), inside)
+  assert sorted(p.relative_to(run) for p in run.rglob("*")) == [
+      Path("checkpoints"), Path("checkpoints/4"), Path("config.json")]
 
 
 def test_a_workdir_another_run_is_training_in_is_refused(tmp_path):
@@ -644,6 +667,32 @@ def test_missing_config_file_is_one_clear_line(tmp_path):
   r = subprocess.run([sys.executable, "-m", "gru_tpu.cli", "train", "--config", "nope.py",
                       "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=120)
   assert r.returncode == 2 and "--config nope.py: no such file" in r.stderr
+
+
+@pytest.mark.parametrize("source,message", [
+    ("def get_config(:\n", "line 1: SyntaxError: invalid syntax; fix the file"),  # traceback
+    ("def get_config(arg=None):\n  raise RuntimeError('boom')\n",
+     "line 2: RuntimeError: boom; fix the file"),  # a traceback
+    ("def get_config(arg=None):\n  raise ValueError('bad size')\n",
+     "line 2: ValueError: bad size; fix the file"),  # ml_collections' traceback on one line
+    ("x = 1\n", "defines no get_config(arg)"),  # "module 'config_config' has no attribute"
+    ("def get_config(arg=None):\n  return {'num_steps': 1}\n",
+     "get_config returned dict, not an ml_collections.ConfigDict"),  # "no attribute 'to_dict'"
+    ("import ml_collections\ndef get_config(arg=None):\n"
+     "  return ml_collections.ConfigDict({'num_steps': 1})\n",
+     "the config lacks task, seed, mesh, sharding and 16 more; start it from "
+     "gru_tpu.config.engine_defaults"),  # an AttributeError traceback at config.mesh
+])
+def test_a_broken_config_file_is_one_line_naming_it(tmp_path, capsys, source, message):
+  """In-process, after another config: a file without get_config ran the previous one's."""
+  assert cli.main(["train", "--config", f"{CONFIG}:size=huge", "--workdir", str(tmp_path)]) == 2
+  capsys.readouterr()
+  path = tmp_path / "mine.py"
+  path.write_text(source)
+  assert cli.main(["train", "--config", str(path), "--workdir", str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
+  assert not (tmp_path / "run").exists()
 
 
 def test_batch_not_divisible_by_data_parallel_size(tmp_path):

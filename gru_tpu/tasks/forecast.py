@@ -97,6 +97,14 @@ def check_config(config) -> None:
   for key, value in (("data.horizon", d.horizon), ("data.context_length", d.context_length)):
     if value < 1:
       raise UserError(f"config.{key} must be >= 1, got {value}")
+  # Each was a traceback deep in the model, the windows or numpy: num_samples=0 only at the
+  # first eval, after training steps that were then lost.
+  for key, value, low in (("data.season_length", d.season_length, 0),
+                          ("data.calendar_terms", d.calendar_terms, 0),
+                          ("eval.num_samples", config.eval.num_samples, 1),
+                          ("eval.backtest_stride", config.eval.backtest_stride, 0)):
+    if value < low:
+      raise UserError(f"config.{key} must be >= {low}, got {value}")
   for key, value in (("data.val_length", d.val_length), ("data.test_length", d.test_length)):
     if value and value < d.horizon:
       raise UserError(f"config.{key}={value} is shorter than config.data.horizon={d.horizon}; "
