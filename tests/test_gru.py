@@ -466,6 +466,18 @@ def test_jit_of_whole_model_traces_lengths(rng):
     jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, too_long))(params, x)
 
 
+def test_seq_lengths_as_a_list_may_be_traced(rng):
+  """A list of lengths through jit is a list of tracers: the host range check read it with
+  np.asarray (TracerArrayConversionError) where a traced array is let through."""
+  model = GRU(I, H, bidirectional=True, rngs=nnx.Rngs(0))
+  x = jnp.asarray(rng.standard_normal((3, T, I)), jnp.float32)
+  lengths = [T, 0, 2]
+  y_jit, h_jit = jax.jit(lambda x, n: model(x, n))(x, lengths)
+  y, h_n = model(x, lengths)
+  np.testing.assert_allclose(y_jit, y, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(h_jit, h_n, rtol=1e-6, atol=1e-6)
+
+
 def test_cpu_compiler_options_keep_the_numbers(rng):
   """The CPU speed options (legacy fusion emitter) must not change results."""
   from gru_tpu.models import compiler_options

@@ -260,9 +260,10 @@ class RecurrentStack(nnx.Module):
     name = type(self).__name__
     # Range-checked on the host, in numpy, as given: jnp.asarray wraps int64 beyond int32 (x64
     # off), and a jnp.min of a concrete array closed over by a jit is staged and unreadable.
-    # Tracers, and global arrays other processes hold parts of, are not checked here.
-    on_host = (not isinstance(seq_lengths, jax.core.Tracer)
-               and getattr(seq_lengths, "is_fully_addressable", True))
+    # Tracers, and global arrays other processes hold parts of, are not checked here; a list or
+    # tuple passed through jit or vmap holds one tracer per sequence, so every leaf is looked at.
+    on_host = all(not isinstance(v, jax.core.Tracer) and getattr(v, "is_fully_addressable", True)
+                  for v in jax.tree.leaves(seq_lengths))
     values = np.asarray(seq_lengths) if on_host else None
     seq_lengths = jnp.asarray(seq_lengths)
     if seq_lengths.shape != (B,) or not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
