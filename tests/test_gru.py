@@ -440,6 +440,17 @@ def test_bad_constructor_and_step_arguments():
     GRU(I, H, rngs=nnx.Rngs(0)).step(jnp.zeros((2, B, H)), jnp.zeros((B, I)))
   with pytest.raises(ValueError, match=r"initial_carry: batch_size must be an int >= 0, got -1"):
     GRU(I, H, rngs=nnx.Rngs(0)).initial_carry(-1)
+  # A bool is an Integral: True was a batch of 1, as the constructor's sizes no longer allow.
+  with pytest.raises(ValueError, match=r"batch_size must be an int >= 0, got True"):
+    GRU(I, H, rngs=nnx.Rngs(0)).initial_carry(True)
+  # step returned a complex carry (and a y with the imaginary part dropped) where the call
+  # refuses a complex initial_carry.
+  for cls in (GRU, LSTM, MinGRU):
+    model = cls(I, H, rngs=nnx.Rngs(0))
+    carry = jax.tree.map(lambda c: c.astype(jnp.complex64), model.initial_carry(B))
+    with pytest.raises(ValueError, match=f"{cls.__name__}: carry must be real .float., got "
+                                         "complex64"):
+      model.step(carry, jnp.zeros((B, I)))
   # numpy ints (from configs or shapes) are sizes too, stored as Python ints
   model = GRU(np.int64(I), np.int32(H), num_layers=np.int64(1), rngs=nnx.Rngs(0))
   assert type(model.hidden_features) is int and model.initial_carry(np.int64(2)).shape == (1, 2, H)

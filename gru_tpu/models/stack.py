@@ -216,7 +216,8 @@ class RecurrentStack(nnx.Module):
 
   def initial_carry(self, batch_size: int) -> Carry:
     """Zeros in the layout `step` takes: leaves (num_layers, B, H)."""
-    if not isinstance(batch_size, numbers.Integral) or batch_size < 0:
+    if (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)
+        or batch_size < 0):
       raise ValueError(f"{type(self).__name__}.initial_carry: batch_size must be an int >= 0, "
                        f"got {batch_size!r}")
     return self._zero_carry(self.num_layers, int(batch_size))
@@ -232,6 +233,7 @@ class RecurrentStack(nnx.Module):
                        f"{self.in_features}), got {x_BxI.shape}")
     self._check_carry_shape(carry, (self.num_layers, x_BxI.shape[0], self.hidden_features),
                             "carry")
+    carry = self._real_carry(carry, "carry")
     outs = []
     for l, layer in enumerate(self.layers):
       c_l = jax.tree.map(lambda c: c[l:l + 1], carry)
@@ -281,12 +283,16 @@ class RecurrentStack(nnx.Module):
     if initial_carry is None:
       return self._zero_carry(LD, B)
     self._check_carry_shape(initial_carry, (LD, B, self.hidden_features), "initial_carry")
-    for c in jax.tree.leaves(initial_carry):  # a cast to float32 would drop an imaginary part
+    return self._real_carry(initial_carry, "initial_carry")
+
+  def _real_carry(self, carry, arg):
+    """The carry as float32; a complex one is refused (the cast would drop its imaginary part)."""
+    for c in jax.tree.leaves(carry):
       if not jnp.issubdtype(jnp.result_type(c), jnp.floating) and not jnp.issubdtype(
           jnp.result_type(c), jnp.integer):
-        raise ValueError(f"{type(self).__name__}: initial_carry must be real (float), got "
+        raise ValueError(f"{type(self).__name__}: {arg} must be real (float), got "
                          f"{jnp.result_type(c)}")
-    return jax.tree.map(lambda c: jnp.asarray(c, jnp.float32), initial_carry)
+    return jax.tree.map(lambda c: jnp.asarray(c, jnp.float32), carry)
 
   def _check_carry_shape(self, carry, shape, arg):
     want = jax.tree.map(lambda c: shape, self._zero_carry(1, 1))
