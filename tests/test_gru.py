@@ -408,6 +408,8 @@ BAD_CALLS = [
     (dict(seq_lengths=np.array([2**32 + 1, 1, 2, 3, 4, 5, 6, 7], np.int64)),
      r"seq_lengths must lie in \[0, 7\] .* got values in \[1, 4294967297\]"),
     (dict(initial_carry=np.zeros((1, B, H))), r"initial_carry must be \(2, 8, 6\)"),
+    # The imaginary part was dropped silently and y came back complex64 (of the real part).
+    (dict(x=np.zeros((B, T, I), np.complex64)), r"GRU: x_BxTxI must be real .* got complex64"),
 ]
 
 
@@ -451,6 +453,8 @@ def test_bad_constructor_and_step_arguments():
     with pytest.raises(ValueError, match=f"{cls.__name__}: carry must be real .float., got "
                                          "complex64"):
       model.step(carry, jnp.zeros((B, I)))
+    with pytest.raises(ValueError, match=f"{cls.__name__}.step: x_BxI must be real"):
+      model.step(model.initial_carry(B), jnp.zeros((B, I), jnp.complex64))
   # numpy ints (from configs or shapes) are sizes too, stored as Python ints
   model = GRU(np.int64(I), np.int32(H), num_layers=np.int64(1), rngs=nnx.Rngs(0))
   assert type(model.hidden_features) is int and model.initial_carry(np.int64(2)).shape == (1, 2, H)

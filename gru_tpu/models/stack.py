@@ -231,6 +231,7 @@ class RecurrentStack(nnx.Module):
     if x_BxI.ndim != 2 or x_BxI.shape[-1] != self.in_features:
       raise ValueError(f"{type(self).__name__}.step: x_BxI must have shape (batch, "
                        f"{self.in_features}), got {x_BxI.shape}")
+    _check_real(x_BxI, f"{type(self).__name__}.step: x_BxI")
     self._check_carry_shape(carry, (self.num_layers, x_BxI.shape[0], self.hidden_features),
                             "carry")
     carry = self._real_carry(carry, "carry")
@@ -254,6 +255,7 @@ class RecurrentStack(nnx.Module):
                        f"{self.in_features}), got {x.shape}")
     if x.shape[1] == 0:
       raise ValueError(f"{name}: x_BxTxI has no timesteps (shape {x.shape})")
+    _check_real(x, f"{name}: x_BxTxI")
     return x.shape[0], x.shape[1]
 
   def _check_lengths(self, seq_lengths, B, T):
@@ -300,6 +302,13 @@ class RecurrentStack(nnx.Module):
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
       raise ValueError(f"{type(self).__name__}: {arg} must be {want} (num_layers·directions, "
                        f"batch, hidden), got {got}")
+
+
+def _check_real(x: jax.Array, what: str) -> None:
+  """The projection's f32 accumulation would drop a complex input's imaginary part silently
+  (and return a complex y of the real part's function)."""
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise ValueError(f"{what} must be real (float, int or bool), got {x.dtype}")
 
 
 def _split_batch(p, x_TxDxBxI, mask_TxB, carry, rmask):
