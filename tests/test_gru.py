@@ -408,6 +408,8 @@ BAD_CALLS = [
     (dict(seq_lengths=np.array([2**32 + 1, 1, 2, 3, 4, 5, 6, 7], np.int64)),
      r"seq_lengths must lie in \[0, 7\] .* got values in \[1, 4294967297\]"),
     (dict(initial_carry=np.zeros((1, B, H))), r"initial_carry must be \(2, 8, 6\)"),
+    # The imaginary part was dropped silently and y came back complex64 (of the real part).
+    (dict(x=np.zeros((B, T, I), np.complex64)), r"GRU: x_BxTxI must be real .* got complex64"),
 ]
 
 
@@ -440,6 +442,19 @@ def test_bad_constructor_and_step_arguments():
     GRU(I, H, rngs=nnx.Rngs(0)).step(jnp.zeros((2, B, H)), jnp.zeros((B, I)))
   with pytest.raises(ValueError, match=r"initial_carry: batch_size must be an int >= 0, got -1"):
     GRU(I, H, rngs=nnx.Rngs(0)).initial_carry(-1)
+  # A bool is an Integral: True was a batch of 1, as the constructor's sizes no longer allow.
+  with pytest.raises(ValueError, match=r"batch_size must be an int >= 0, got True"):
+    GRU(I, H, rngs=nnx.Rngs(0)).initial_carry(True)
+  # step returned a complex carry (and a y with the imaginary part dropped) where the call
+  # refuses a complex initial_carry.
+  for cls in (GRU, LSTM, MinGRU):
+    model = cls(I, H, rngs=nnx.Rngs(0))
+    carry = jax.tree.map(lambda c: c.astype(jnp.complex64), model.initial_carry(B))
+    with pytest.raises(ValueError, match=f"{cls.__name__}: carry must be real .float., got "
+                                         "complex64"):
+      model.step(carry, jnp.zeros((B, I)))
+    with pytest.raises(ValueError, match=f"{cls.__name__}.step: x_BxI must be real"):
+      model.step(model.initial_carry(B), jnp.zeros((B, I), jnp.complex64))
   # numpy ints (from configs or shapes) are sizes too, stored as Python ints
   model = GRU(np.int64(I), np.int32(H), num_layers=np.int64(1), rngs=nnx.Rngs(0))
   assert type(model.hidden_features) is int and model.initial_carry(np.int64(2)).shape == (1, 2, H)
@@ -464,6 +479,18 @@ def test_jit_of_whole_model_traces_lengths(rng):
   with pytest.raises(ValueError, match=r"seq_lengths must lie in \[0, 7\]"):
     too_long = lengths + 1
     jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, too_long))(params, x)
+
+
+def test_seq_lengths_as_a_list_may_be_traced(rng):
+  """A list of lengths through jit is a list of tracers: the host range check read it with
+  np.asarray (TracerArrayConversionError) where a traced array is let through."""
+  model = GRU(I, H, bidirectional=True, rngs=nnx.Rngs(0))
+  x = jnp.asarray(rng.standard_normal((3, T, I)), jnp.float32)
+  lengths = [T, 0, 2]
+  y_jit, h_jit = jax.jit(lambda x, n: model(x, n))(x, lengths)
+  y, h_n = model(x, lengths)
+  np.testing.assert_allclose(y_jit, y, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(h_jit, h_n, rtol=1e-6, atol=1e-6)
 
 
 def test_cpu_compiler_options_keep_the_numbers(rng):

@@ -216,7 +216,8 @@ class RecurrentStack(nnx.Module):
 
   def initial_carry(self, batch_size: int) -> Carry:
     """Zeros in the layout `step` takes: leaves (num_layers, B, H)."""
-    if not isinstance(batch_size, numbers.Integral) or batch_size < 0:
+    if (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)
+        or batch_size < 0):
       raise ValueError(f"{type(self).__name__}.initial_carry: batch_size must be an int >= 0, "
                        f"got {batch_size!r}")
     return self._zero_carry(self.num_layers, int(batch_size))
@@ -230,8 +231,10 @@ class RecurrentStack(nnx.Module):
     if x_BxI.ndim != 2 or x_BxI.shape[-1] != self.in_features:
       raise ValueError(f"{type(self).__name__}.step: x_BxI must have shape (batch, "
                        f"{self.in_features}), got {x_BxI.shape}")
+    _check_real(x_BxI, f"{type(self).__name__}.step: x_BxI")
     self._check_carry_shape(carry, (self.num_layers, x_BxI.shape[0], self.hidden_features),
                             "carry")
+    carry = self._real_carry(carry, "carry")
     outs = []
     for l, layer in enumerate(self.layers):
       c_l = jax.tree.map(lambda c: c[l:l + 1], carry)
@@ -252,6 +255,7 @@ class RecurrentStack(nnx.Module):
                        f"{self.in_features}), got {x.shape}")
     if x.shape[1] == 0:
       raise ValueError(f"{name}: x_BxTxI has no timesteps (shape {x.shape})")
+    _check_real(x, f"{name}: x_BxTxI")
     return x.shape[0], x.shape[1]
 
   def _check_lengths(self, seq_lengths, B, T):
@@ -260,9 +264,10 @@ class RecurrentStack(nnx.Module):
     name = type(self).__name__
     # Range-checked on the host, in numpy, as given: jnp.asarray wraps int64 beyond int32 (x64
     # off), and a jnp.min of a concrete array closed over by a jit is staged and unreadable.
-    # Tracers, and global arrays other processes hold parts of, are not checked here.
-    on_host = (not isinstance(seq_lengths, jax.core.Tracer)
-               and getattr(seq_lengths, "is_fully_addressable", True))
+    # Tracers, and global arrays other processes hold parts of, are not checked here; a list or
+    # tuple passed through jit or vmap holds one tracer per sequence, so every leaf is looked at.
+    on_host = all(not isinstance(v, jax.core.Tracer) and getattr(v, "is_fully_addressable", True)
+                  for v in jax.tree.leaves(seq_lengths))
     values = np.asarray(seq_lengths) if on_host else None
     seq_lengths = jnp.asarray(seq_lengths)
     if seq_lengths.shape != (B,) or not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
@@ -280,12 +285,16 @@ class RecurrentStack(nnx.Module):
     if initial_carry is None:
       return self._zero_carry(LD, B)
     self._check_carry_shape(initial_carry, (LD, B, self.hidden_features), "initial_carry")
-    for c in jax.tree.leaves(initial_carry):  # a cast to float32 would drop an imaginary part
+    return self._real_carry(initial_carry, "initial_carry")
+
+  def _real_carry(self, carry, arg):
+    """The carry as float32; a complex one is refused (the cast would drop its imaginary part)."""
+    for c in jax.tree.leaves(carry):
       if not jnp.issubdtype(jnp.result_type(c), jnp.floating) and not jnp.issubdtype(
           jnp.result_type(c), jnp.integer):
-        raise ValueError(f"{type(self).__name__}: initial_carry must be real (float), got "
+        raise ValueError(f"{type(self).__name__}: {arg} must be real (float), got "
                          f"{jnp.result_type(c)}")
-    return jax.tree.map(lambda c: jnp.asarray(c, jnp.float32), initial_carry)
+    return jax.tree.map(lambda c: jnp.asarray(c, jnp.float32), carry)
 
   def _check_carry_shape(self, carry, shape, arg):
     want = jax.tree.map(lambda c: shape, self._zero_carry(1, 1))
@@ -293,6 +302,13 @@ class RecurrentStack(nnx.Module):
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
       raise ValueError(f"{type(self).__name__}: {arg} must be {want} (num_layers·directions, "
                        f"batch, hidden), got {got}")
+
+
+def _check_real(x: jax.Array, what: str) -> None:
+  """The projection's f32 accumulation would drop a complex input's imaginary part silently
+  (and return a complex y of the real part's function)."""
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise ValueError(f"{what} must be real (float, int or bool), got {x.dtype}")
 
 
 def _split_batch(p, x_TxDxBxI, mask_TxB, carry, rmask):
