@@ -229,7 +229,7 @@ def check_engine_config(config) -> None:
   # fraction) climbs the loss, and its checkpoints rotate the good ones out; b1 or b2 >= 1
   # never forgets a gradient. NaN fails every comparison, so it is refused too.
   o = config.get("optimizer") or {}
-  for key, ok, want in (("learning_rate", lambda v: 0 < v < math.inf, "a number > 0"),
+  for key, ok, want in (("learning_rate", lambda v: 0 <= v < math.inf, "a number >= 0"),
                         ("final_lr_fraction", lambda v: 0 <= v < math.inf, "a number >= 0"),
                         ("weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0"),
                         ("grad_clip", lambda v: v > 0, "a number > 0"),

@@ -190,7 +190,7 @@ ROWS = [
         r"--config.num_steps=many: .*invalid literal for int\(\)"),
     Row("train-negative-learning-rate", lambda w, t: train(
         w, "--config.num_steps=6", "--config.optimizer.learning_rate=-0.01"), 2,
-        r"gru-tpu train: config.optimizer.learning_rate=-0.01: expected a number > 0",
+        r"gru-tpu train: config.optimizer.learning_rate=-0.01: expected a number >= 0",
         after=lambda w, t: assert_metrics_unchanged(w)),
     Row("train-missing-config-file", lambda w, t: cli.main(
         ["train", "--config", str(t / "nope.py"), "--workdir", str(w)]), 2,

@@ -327,7 +327,7 @@ def test_bad_config_override_is_one_clear_line(tmp_path, flag, message):
     ({"mesh": (("data", 0),)}, r"sizes positive or -1"),
     # These trained without a word: a negative rate or clip norm climbed the loss
     ({"optimizer.learning_rate": -1e-2}, r"config.optimizer.learning_rate=-0.01: expected a "
-                                          r"number > 0"),
+                                          r"number >= 0"),
     ({"optimizer.learning_rate": float("nan")}, r"config.optimizer.learning_rate=nan"),
     ({"optimizer.grad_clip": -1.0}, r"config.optimizer.grad_clip=-1.0: expected a number > 0"),
     ({"optimizer.warmup_steps": -5}, r"config.optimizer.warmup_steps=-5: expected an integer >= 0"),
@@ -451,6 +451,13 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
   with pytest.raises(UserError, match=r"run/checkpoints is a file, not a checkpoints directory"):
     train.train_and_evaluate(tiny(), tmp_path / "run")
   assert (tmp_path / "run" / "checkpoints").read_text() == "mine"
+
+
+def test_a_learning_rate_of_zero_is_allowed():
+  """0 trains nothing, on purpose (timing steps, checking a pipeline); only < 0 climbs the loss."""
+  train.check_engine_config(tiny(**{"optimizer.learning_rate": 0.0}))
+  with pytest.raises(UserError, match="expected a number >= 0"):
+    train.check_engine_config(tiny(**{"optimizer.learning_rate": -1e-9}))
 
 
 def test_a_workdir_inside_a_runs_checkpoints_is_refused(tmp_path):
