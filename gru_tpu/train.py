@@ -198,13 +198,18 @@ def _state_shardings(abstract_state: dict, mesh, strategy: str) -> dict:
   return shardings
 
 
+def _dotted(config, key: str):
+  """config["a"]["b"] for key "a.b"; None where any part is missing."""
+  for part in key.split("."):
+    config = config.get(part) if config is not None else None
+  return config
+
+
 def check_engine_config(config) -> None:
   """The engine's own keys: one UserError naming the first bad one, before anything runs."""
   # A config not built on engine_defaults (one's own get_config) was an AttributeError
   # traceback at the first key the engine read.
-  missing = [k for k in REQUIRED_KEYS
-             if functools.reduce(lambda c, part: c.get(part) if c is not None else None,
-                                 k.split("."), config) is None]
+  missing = [k for k in REQUIRED_KEYS if _dotted(config, k) is None]
   if missing:
     more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
     raise UserError(f"the config lacks {', '.join(missing[:4])}{more}; start it from "
@@ -215,9 +220,7 @@ def check_engine_config(config) -> None:
   nonneg = ["seed", "profile_start", "profile_steps", "optimizer.warmup_steps"]
   for keys, low in ((positive, 1), (nonneg, 0)):
     for key in keys:
-      value = config
-      for part in key.split("."):
-        value = value.get(part) if value is not None else None
+      value = _dotted(config, key)
       if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                 or value < low):
         raise UserError(f"config.{key}={value!r}: expected an integer >= {low}")
