@@ -20,6 +20,19 @@ from gru_tpu.tasks.forecast import (ForecastTask, forecast_frame, predict_window
                                     series_arrays, to_original)
 
 
+def assert_training_ignores_values_from(t: int, df, task, **overrides) -> ForecastTask:
+  """Changing the values from step t on changes neither the scales nor any training window;
+  returns the task built on the changed data."""
+  changed = df.copy()
+  changed.loc[t:, "y"] += 100.0
+  other = task_for(changed, **overrides)
+  assert other.scales == task.scales
+  tr = task.windows["train"]
+  for k, v in task.store.gather(tr[:, 0], tr[:, 1], 6).items():
+    np.testing.assert_array_equal(v, other.store.gather(tr[:, 0], tr[:, 1], 6)[k])
+  return other
+
+
 def test_splits_scales_and_inputs_never_see_the_future():
   df = seasonal_frame()
   task = task_for(df)
@@ -28,13 +41,7 @@ def test_splits_scales_and_inputs_never_see_the_future():
   assert task.windows["train"][:, 1].max() + 6 <= n_train          # targets inside train
   assert task.windows["eval"].tolist() == [[0, n_train]]
   assert task.windows["test"].tolist() == [[0, 144]]
-  changed = df.copy()
-  changed.loc[n_train:, "y"] += 100.0                                # only val + test change
-  other = task_for(changed)
-  assert other.scales == task.scales
-  tr = task.windows["train"]
-  for k, v in task.store.gather(tr[:, 0], tr[:, 1], 6).items():
-    np.testing.assert_array_equal(v, other.store.gather(tr[:, 0], tr[:, 1], 6)[k])
+  other = assert_training_ignores_values_from(n_train, df, task)     # only val + test change
   model = task.build_model(nnx.Rngs(0))
   model.eval()
   for split in ("eval", "test"):
@@ -161,6 +168,47 @@ def test_interval_calibration_reads_the_validation_tail_only():
   assert off.interval_scale(model) is None and off.model_metadata(model) == {}
   point = task_for(df, **{"model.head": "point"})
   assert point.interval_scale(point.build_model(nnx.Rngs(0))) is None
+
+
+@pytest.mark.parametrize("until", ["test", "end"])
+def test_train_until_takes_tails_into_training_and_marks_their_backtests(until):
+  df = seasonal_frame()
+  fixed = {"data.train_until": until, "eval.interval_scale": 1.5}
+  held, task = task_for(df), task_for(df, **fixed)
+  n, end = held.n_train[0], 150                      # validation tail [n, n + 6), test [144, 150)
+  fit = {"test": n + 6, "end": end}[until]
+  assert task.n_fit == [fit] and task.n_train == held.n_train
+  assert task.windows["train"][:, 1].max() + 6 == fit  # the last window ends at the new end
+  for split in ("eval", "calibration", "test"):        # the tails' backtests stay where they were
+    np.testing.assert_array_equal(task.windows[split], held.windows[split])
+  assert task.scales != held.scales                    # fitted on the longer training part
+  assert_training_ignores_values_from(fit, df, task, **fixed)
+  model = task.build_model(nnx.Rngs(0))
+  model.eval()
+  # A tail the model trained on says so; the held-out run's lines have no such key.
+  assert {s: task.evaluate(model, s).get("in_sample") for s in ("eval", "test")} == {
+      "eval": 1.0, "test": 1.0 if until == "end" else None}
+  assert {s: held.evaluate(model, s).get("in_sample") for s in ("eval", "test")} == {
+      "eval": None, "test": None}
+  # The fixed factor from a held-out run replaces calibrating on the tail it trained on.
+  np.testing.assert_array_equal(task.interval_scale(model), [1.5])
+  assert task.model_metadata(model) == {"interval_scale": [1.5]}
+  assert task.evaluate(model, "test")["interval_scale"] == 1.5
+
+
+def test_training_on_the_validation_tail_needs_a_fixed_interval_factor():
+  df = seasonal_frame()
+  with pytest.raises(UserError, match=r"train_until='test' trains on the validation tail, so the "
+                                      r"intervals cannot be calibrated there: set "
+                                      r"config.eval.interval_scale"):
+    task_for(df, **{"data.train_until": "test"})
+  assert task_for(df, **{"data.train_until": "end", "eval.calibrate": False}).in_sample["test"]
+  assert task_for(df, **{"data.train_until": "end", "model.head": "point"}).n_fit == [150]
+  with pytest.raises(UserError, match=r"train_until='valid': expected one of validation, test, "
+                                      r"end"):
+    task_for(df, **{"data.train_until": "valid"})
+  with pytest.raises(UserError, match=r"config.eval.interval_scale must be >= 0"):
+    task_for(df, **{"eval.interval_scale": -1.0})
 
 
 def test_sqrt_transform_feeds_the_model_sqrt_and_forecasts_in_original_units():

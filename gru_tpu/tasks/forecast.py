@@ -3,7 +3,10 @@
 Each series is split by time: the last test_length steps are the test tail, the val_length
 steps before them the validation tail, the rest the training part. Training windows have all
 their targets in the training part; scaling (per series and column) is fitted on the training
-part only and saved with every checkpoint as JSON (task metadata). Validation and test windows
+part only and saved with every checkpoint as JSON (task metadata). `data.train_until` moves the
+training part's end: "validation" (the default, where the validation tail begins), "test" (it
+takes in the validation tail: refit after choosing settings on it) or "end" (the whole history:
+the model to deploy); backtests of a tail it takes in are in-sample and say so (in_sample = 1). Validation and test windows
 start at rolling origins (every backtest_stride steps) inside their tail; their context may
 reach back into earlier parts, never forward.
 
@@ -20,7 +23,8 @@ interval holds 80 % of the validation truth (forecast_eval.interval_scale). Back
 calibrated distribution (and the raw one's crps and coverage_80 with suffix _uncalibrated);
 `model_metadata` saves the factors with every checkpoint (`interval_scale`), computed from that
 checkpoint's parameters, so gru_tpu.load(...).forecast and `gru-tpu forecast` apply the same.
-The test tail is never read.
+The test tail is never read. A model trained on the validation tail cannot calibrate there: it
+takes a fixed factor, `eval.interval_scale`, from a held-out run.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from gru_tpu.models.lm import CELLS
 from gru_tpu.tasks import forecast_eval
 
 HEADS = (*NUM_PARAMS, "quantile")
+TRAIN_UNTIL = ("validation", "test", "end")  # where the training part ends
 
 SIZES = {
     "tiny": dict(batch_size=8, hidden=16, num_layers=1, num_steps=100),
@@ -71,6 +76,7 @@ def default_config(size: str = "small"):
   d.horizon = 52
   d.val_length = 0               # validation tail (0 = one horizon)
   d.test_length = 0              # test tail (0 = one horizon)
+  d.train_until = "validation"   # training part ends at: validation | test (tail) | end
   d.lags = ""                    # target lags fed as inputs, "1,2,52"; "" = 1 and season_length
   d.calendar_terms = 2           # Fourier terms per calendar cycle (year/week/day); 0 = none
   d.transform = "none"           # of nonnegative targets, before scaling: none | sqrt | log1p
@@ -88,6 +94,7 @@ def default_config(size: str = "small"):
   c.eval.num_samples = 200       # forecast samples per window (probabilistic heads)
   c.eval.backtest_stride = 0     # steps between rolling origins in a tail (0 = horizon)
   c.eval.calibrate = True        # conformal interval calibration on the validation tail
+  c.eval.interval_scale = 0.0    # > 0: this fixed factor instead (from a held-out run)
   c.eval.baselines = forecast_eval.BASELINES
   return c
 
@@ -109,6 +116,20 @@ def check_config(config) -> None:
     if value and value < d.horizon:
       raise UserError(f"config.{key}={value} is shorter than config.data.horizon={d.horizon}; "
                       f"a tail holds at least one full horizon (0 = one horizon)")
+  until = d.get("train_until", "validation")
+  if until not in TRAIN_UNTIL:
+    raise UserError(f"config.data.train_until={until!r}: expected one of {', '.join(TRAIN_UNTIL)}")
+  scale = config.eval.get("interval_scale", 0.0)
+  if not scale >= 0:
+    raise UserError(f"config.eval.interval_scale must be >= 0 (0 = calibrate on the validation "
+                    f"tail), got {scale}")
+  if (until != "validation" and not scale and config.eval.get("calibrate", True)
+      and m.head != "point"):
+    # Calibrating on data the model was fitted to would shrink its intervals, not check them.
+    raise UserError(
+        f"config.data.train_until={until!r} trains on the validation tail, so the intervals "
+        f"cannot be calibrated there: set config.eval.interval_scale to the interval_scale of a "
+        f"run with the tail held out (its metrics.jsonl test line), or eval.calibrate=False")
   for key, value, allowed in (("model.decoder", m.decoder, DECODERS),
                               ("model.head", m.head, HEADS),
                               ("model.point_loss", m.point_loss, ("mse", "mae")),
@@ -298,10 +319,15 @@ class ForecastTask:
             f"needs at least context_length + horizon + val_length + test_length = {C} + {H} + "
             f"{V} + {T} = {need}. Lower those config.data keys or give a longer series")
     ts.check_transform(p, d.transform)
-    self.n_train = [end - V - T for end in ends]
+    self.n_train = [end - V - T for end in ends]  # where each series' validation tail begins
     self.val_length = V
+    until = d.get("train_until", "validation")
+    # Where each series' training part ends; tails from there on are out of sample.
+    self.n_fit = [{"validation": n, "test": n + V, "end": end}[until]
+                  for n, end in zip(self.n_train, ends)]
+    self.in_sample = {"eval": until != "validation", "test": until == "end"}
     self.scales = {s.id: fit_scales(s, n, d.scaling, d.transform)
-                   for s, n in zip(p.series, self.n_train)}
+                   for s, n in zip(p.series, self.n_fit)}
     self.meta = {"task": "forecast", "source": p.name, "time_column": p.time_column,
                  "id_column": p.id_column, "targets": p.targets, "known": p.known,
                  "past": p.past, "freq": p.freq, "season_length": self.season, "lags": list(lags),
@@ -311,8 +337,8 @@ class ForecastTask:
                             self.pad)
     stride = config.eval.backtest_stride or H
     self.windows = {"train": [], "eval": [], "calibration": [], "test": []}
-    for i, (end, n) in enumerate(zip(ends, self.n_train)):
-      self.windows["train"] += [(i, o) for o in range(C, n - H + 1)]
+    for i, (end, n, fit) in enumerate(zip(ends, self.n_train, self.n_fit)):
+      self.windows["train"] += [(i, o) for o in range(C, fit - H + 1)]
       self.windows["eval"] += [(i, o) for o in _tail_origins(n, n + V, H, stride)]
       # Every origin with a forecast step inside the validation tail; only those steps count.
       self.windows["calibration"] += [(i, o) for o in range(max(C, n - H + 1), n + V)]
@@ -355,6 +381,8 @@ class ForecastTask:
     windows (scaled units; the factor is unit-free). None when off or for a point model."""
     if not self.config.eval.get("calibrate", True) or model.head == "point":
       return None
+    if self.config.eval.get("interval_scale", 0.0):
+      return np.full(len(self.meta["targets"]), float(self.config.eval.interval_scale))
     # One step's eval, test and checkpoint metadata share the same parameters: compute once.
     arrays = jax.tree.leaves(nnx.state(model))
     seen, scale = self._scale_of
@@ -426,6 +454,8 @@ class ForecastTask:
     for name, (point, samples) in ref["baselines"].items():
       out.update({f"{name}_{k}": v for k, v in forecast_eval.metrics(
           ref["y"], point, ref["scale"], samples_SxNxHxC=samples).items()})
+    if self.in_sample[split]:  # data.train_until took this tail into training
+      out["in_sample"] = 1.0
     return out
 
 
