@@ -3,12 +3,12 @@
 Each series is split by time: the last test_length steps are the test tail, the val_length
 steps before them the validation tail, the rest the training part. Training windows have all
 their targets in the training part; scaling (per series and column) is fitted on the training
-part only and saved with every checkpoint as JSON (task metadata). `data.train_until` moves the
-training part's end: "validation" (the default, where the validation tail begins), "test" (it
-takes in the validation tail: refit after choosing settings on it) or "end" (the whole history:
-the model to deploy); backtests of a tail it takes in are in-sample and say so (in_sample = 1). Validation and test windows
+part only and saved with every checkpoint as JSON (task metadata). Validation and test windows
 start at rolling origins (every backtest_stride steps) inside their tail; their context may
-reach back into earlier parts, never forward.
+reach back into earlier parts, never forward. `data.train_until` moves the training part's end:
+"validation" (the default, where the validation tail begins), "test" (it takes in the
+validation tail: refit after choosing settings on it) or "end" (the whole history: the model to
+deploy); backtests of a tail it takes in are in-sample and say so (in_sample = 1).
 
 At each eval the validation backtest runs (`evaluate(model, "eval")`): the model's forecasts
 (median, samples or quantiles) in original units against naive, seasonal-naive and
