@@ -274,8 +274,28 @@ def _check_batch(config, mesh) -> None:
   sharding.data_shard(mesh)  # the processes' devices split 'data' in a way batches can follow
 
 
+def _task_defaults(name: Any) -> dict:
+  """The JSON of a task's default config (`default_config()` of its module), or {}."""
+  try:
+    module = importlib.import_module(f"gru_tpu.tasks.{name}")
+  except (ImportError, TypeError, ValueError):  # not a task this version has
+    return {}
+  make = getattr(module, "default_config", None)
+  return json.loads(make().to_json_best_effort()) if make else {}
+
+
+def _with_defaults(saved: Any, default: Any) -> Any:
+  """saved, plus the keys of default it lacks (recursively)."""
+  if not isinstance(saved, dict) or not isinstance(default, dict):
+    return saved
+  return {**{k: v for k, v in default.items() if k not in saved},
+          **{k: _with_defaults(v, default.get(k)) for k, v in saved.items()}}
+
+
 def _check_compatible(saved_meta: dict, config, task, step: int, directory: epath.Path) -> None:
-  saved = saved_meta["config"]
+  # A key the task added after this checkpoint was written is missing from its config; that run
+  # behaved as the key's default does (new keys default to the old behaviour).
+  saved = _with_defaults(saved_meta["config"], _task_defaults(saved_meta["config"].get("task")))
   now = json.loads(config.to_json_best_effort())
   saved, now = ({**c, "model": {k: v for k, v in c.get("model", {}).items()
                                 if k not in RUNTIME_MODEL_KEYS}} for c in (saved, now))

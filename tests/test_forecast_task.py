@@ -442,6 +442,23 @@ def test_resume_names_what_changed_in_the_data():
   assert "data gave known = ['price']" in task.resume_mismatch({**task.meta, "known": ["price"]})
 
 
+def test_a_checkpoint_from_before_a_new_config_key_resumes_with_its_default(tmp_path):
+  from etils import epath
+  c = config(f"csv:{tmp_path}/s.csv")
+  task = task_for(seasonal_frame())
+  saved = json.loads(c.to_json_best_effort())
+  del saved["data"]["train_until"], saved["eval"]["interval_scale"]  # written before they were
+  check = lambda now: train._check_compatible({"config": saved}, now, task, 4, epath.Path("/w"))
+  check(c)
+  c.data.train_until, c.eval.interval_scale = "end", 0.8
+  with pytest.raises(UserError, match=r"different config.data.train_until \('validation' vs now "
+                                      r"'end'\)"):
+    check(c)
+  saved["data"]["lags"] = "1,12"  # a key it had still counts
+  with pytest.raises(UserError, match=r"config.data.lags \('1,12' vs now ''\)"):
+    check(config(f"csv:{tmp_path}/s.csv"))
+
+
 def test_grad_accumulation_with_no_past_covariates_and_missing_values(tmp_path):
   """The batch's `past` array is (B, T, 0): splitting it into micro-batches divided by zero
   (every forecast config without past covariates, co2's default included). With missing values
