@@ -113,7 +113,7 @@ def run(name: str, seed: int, overrides: list[str], plot: bool = False,
   return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--json", default=None, help="write the results here")
   p.add_argument("--plot", default=None, help="PNG of the test-tail forecasts")
@@ -122,7 +122,7 @@ def main() -> int:
   p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
   p.add_argument("--refit", action="store_true",
                  help="also refit through the validation tail (gru_tpu_refit)")
-  a = p.parse_args()
+  a = p.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
   results = {"jax": jax.__version__, "backend": jax.default_backend(), "overrides": a.set,
