@@ -31,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("co2", "sunspots")
 METRICS = ("mase", "smape", "crps", "coverage_80")
-FORECASTERS = ("gru_tpu", "gru_tpu_refit", "seasonal_naive", "ets", "naive")
+BASELINES = ("seasonal_naive", "ets", "naive")
+FORECASTERS = ("gru_tpu", "gru_tpu_refit", *BASELINES)
 
 
 def get_config(name: str, overrides: list[str]):
@@ -92,12 +93,11 @@ def run(name: str, seed: int, overrides: list[str], plot: bool = False,
   test, val, seconds, picture = train_once(c, plot)
   out = {"seed": seed, "train_seconds": round(seconds, 1), "num_steps": c.num_steps,
          "picture": picture}
-  for f in (f for f in FORECASTERS if f != "gru_tpu_refit"):
-    prefix = "" if f == "gru_tpu" else f + "_"
-    out[f] = {k: test.get(prefix + k) for k in METRICS}
-  # The interval calibration: its factor and what the raw spread scored (JSON only).
-  out["gru_tpu"].update({k: test.get(k) for k in ("interval_scale", "crps_uncalibrated",
-                                                  "coverage_80_uncalibrated")})
+  # With the interval calibration's factor and what the raw spread scored (JSON only).
+  out["gru_tpu"] = {k: test.get(k) for k in (*METRICS, "interval_scale", "crps_uncalibrated",
+                                             "coverage_80_uncalibrated")}
+  for f in BASELINES:
+    out[f] = {k: test.get(f"{f}_{k}") for k in METRICS}
   # What a user can select on: the same metrics on the validation tail at the end of training.
   out["validation"] = {k: val.get(k) for k in METRICS}
   if refit:
