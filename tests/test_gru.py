@@ -216,12 +216,14 @@ def _outputs_and_grads(model, x, lengths):
   return out, jax.tree.leaves(g)
 
 
-@pytest.mark.parametrize("knobs", [dict(remat=True), dict(unroll=3), dict(remat=True, unroll=2)])
-def test_remat_and_unroll_change_nothing(knobs, rng):
+@pytest.mark.parametrize("knobs,with_lengths", [(dict(remat=True), True), (dict(unroll=3), True),
+                                                (dict(remat=True, unroll=2), False)])
+def test_remat_and_unroll_change_nothing(knobs, with_lengths, rng):
   kw = dict(num_layers=2, bidirectional=True)
   base, other = GRU(I, H, rngs=nnx.Rngs(3), **kw), GRU(I, H, rngs=nnx.Rngs(3), **kw, **knobs)
   x = jnp.asarray(rng.standard_normal((B, 11, I)), jnp.float32)  # 11: not a multiple of chunks
-  lengths = jnp.asarray([11, 4, 9, 1, 2, 11, 10, 3])
+  # Without lengths, remat's padding to whole chunks is the only masked step.
+  lengths = jnp.asarray([11, 4, 9, 1, 2, 11, 10, 3]) if with_lengths else None
   (y0, h0), g0 = _outputs_and_grads(base, x, lengths)
   (y1, h1), g1 = _outputs_and_grads(other, x, lengths)
   np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-6)
@@ -395,6 +397,78 @@ def test_dropout_and_recurrent_dropout_match_a_loop_with_the_drawn_masks(batch, 
     for k in ("w_i", "w_h", "b_i", "b_h"):
       np.testing.assert_allclose(getattr(layer, k)[...][0], dref[l][k], err_msg=f"d{k} layer {l}",
                                  **TOL)
+
+
+def _lstm_loop(p, x_BxTxI, h_BxH, rmask_BxH):
+  """One LSTM layer as a jnp loop: the recurrent matmul reads h ⊙ rmask, the carry is unmasked."""
+  H, c_BxH, ys = h_BxH.shape[-1], jnp.zeros_like(h_BxH), []
+  for t in range(x_BxTxI.shape[1]):
+    g = x_BxTxI[:, t] @ p["w_i"] + p["b_i"] + (h_BxH * rmask_BxH) @ p["w_h"] + p["b_h"]
+    i, f, o = (jax.nn.sigmoid(g[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
+    c_BxH = f * c_BxH + i * jnp.tanh(g[:, 2 * H:3 * H])
+    h_BxH = o * jnp.tanh(c_BxH)
+    ys.append(h_BxH)
+  return jnp.stack(ys, 1), h_BxH
+
+
+def _cho_loop(p, x_BxTxI, h_BxH, rmask_BxH):
+  """One reset_after=False layer as a jnp loop: both recurrent matmuls read h ⊙ rmask."""
+  H, ys = h_BxH.shape[-1], []
+  for t in range(x_BxTxI.shape[1]):
+    gi, hm = x_BxTxI[:, t] @ p["w_i"] + p["b_i"], h_BxH * rmask_BxH
+    rz = jax.nn.sigmoid(gi[:, :2 * H] + hm @ p["w_h"][:, :2 * H] + p["b_h"][:2 * H])
+    r, z = rz[:, :H], rz[:, H:]
+    n = jnp.tanh(gi[:, 2 * H:] + (r * hm) @ p["w_h"][:, 2 * H:] + p["b_h"][2 * H:])
+    h_BxH = (1 - z) * n + z * h_BxH
+    ys.append(h_BxH)
+  return jnp.stack(ys, 1), h_BxH
+
+
+@pytest.mark.parametrize("make,loop", [
+    (lambda **kw: LSTM(I, H, **kw), _lstm_loop),
+    (lambda **kw: GRU(I, H, reset_after=False, **kw), _cho_loop)], ids=["LSTM", "reset_before"])
+def test_recurrent_dropout_of_the_scan_cells_matches_a_loop_with_the_drawn_mask(make, loop,
+                                                                                monkeypatch, rng):
+  """The LSTM's and the reset_after=False GRU's own scans (not the GRU's custom VJP above):
+  y, the final h and every gradient against a jnp loop with the mask the model drew."""
+  drawn, real = [], jax.random.bernoulli
+
+  def spy(key, p, shape):
+    mask = real(key, p, shape)
+    drawn.append(np.asarray(mask))
+    return mask
+
+  monkeypatch.setattr(jax.random, "bernoulli", spy)
+  rdrop = 0.4
+  model = make(recurrent_dropout=rdrop, rngs=nnx.Rngs(5))
+  model.layers[0].b_h[...] = jnp.asarray(rng.uniform(-1, 1, model.layers[0].b_h.shape),
+                                         jnp.float32)
+  x = jnp.asarray(rng.standard_normal((B, T, I)), jnp.float32)
+  gy = jnp.asarray(rng.standard_normal((B, T, H)), jnp.float32)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params, x):
+    y, carry = nnx.merge(graphdef, params, rest)(x, rngs=nnx.Rngs(dropout=2))
+    h_n = carry[0] if isinstance(carry, tuple) else carry
+    return (y * gy).sum() + (h_n ** 2).sum(), (y, h_n[0])
+
+  (_, (y, h_n)), (dparams, dx) = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
+  (rmask,) = drawn
+  assert 0 < rmask.mean() < 1 and rmask.shape == (1, B, H)
+  ref_p = {k: getattr(model.layers[0], k)[...][0] for k in ("w_i", "w_h", "b_i", "b_h")}
+
+  def ref_loss(ref_p, x):
+    y, h = loop(ref_p, x, jnp.zeros((B, H)), rmask[0] / (1 - rdrop))
+    return (y * gy).sum() + (h ** 2).sum(), (y, h)
+
+  (_, (y_ref, h_ref)), (dref, dx_ref) = jax.value_and_grad(ref_loss, (0, 1), has_aux=True)(
+      ref_p, x)
+  np.testing.assert_allclose(y, y_ref, **TOL)
+  np.testing.assert_allclose(h_n, h_ref, **TOL)
+  np.testing.assert_allclose(dx, dx_ref, **TOL)
+  for k in ("w_i", "w_h", "b_i", "b_h"):
+    np.testing.assert_allclose(getattr(nnx.merge(graphdef, dparams, rest).layers[0], k)[...][0],
+                               dref[k], err_msg=f"d{k}", **TOL)
 
 
 BAD_CALLS = [
