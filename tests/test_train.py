@@ -17,12 +17,13 @@ import jax
 import numpy as np
 import pytest
 from etils import epath
+from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
 import synthetic  # noqa: E402
 
 import gru_tpu  # noqa: E402
-from gru_tpu import cli, train  # noqa: E402
+from gru_tpu import cli, sharding, train  # noqa: E402
 from gru_tpu.errors import UserError  # noqa: E402
 from gru_tpu.metrics import read_metrics  # noqa: E402
 from gru_tpu.tasks.synthetic import SyntheticTask  # noqa: E402
@@ -73,6 +74,23 @@ def test_bf16_compute_trains_and_profile_window_is_written(tmp_path):
   loss = losses(tmp_path)
   assert np.mean([loss[s] for s in range(31, 41)]) < 0.7 * loss[1]
   assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+
+
+def test_eval_runs_the_model_without_dropout():
+  """eval_step runs the deterministic model: with recurrent dropout on, its loss is that of the
+  same parameters built without dropout, and a train-mode loss on the same batch is not."""
+  mesh = sharding.make_mesh((("data", 1),))
+  drop, plain = (train.setup(tiny(**{"model.recurrent_dropout": p}), mesh) for p in (0.5, 0.0))
+  state_drop, state_plain = drop.init(), plain.init()
+  for a, b in zip(jax.tree.leaves(state_drop["params"]), jax.tree.leaves(state_plain["params"]),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)  # dropout adds no parameter: same init
+  batch = train._to_global(next(drop.task.batches("eval", 0, 0, 1)), mesh)
+  want = float(plain.eval_step(state_plain, batch)["loss"])
+  assert float(drop.eval_step(state_drop, batch)["loss"]) == pytest.approx(want, rel=1e-6)
+  model = nnx.merge(drop.graphdef, state_drop["params"], state_drop["rest"])  # train mode
+  noisy = float(drop.task.loss_fn(model, batch, jax.random.key(0))[0])
+  assert abs(noisy - want) > 1e-3 * abs(want)
 
 
 def test_grad_accumulation_matches_the_full_batch(tmp_path):
