@@ -46,6 +46,9 @@ def test_point_metrics_by_hand_with_a_missing_value():
   assert m["mase"] == pytest.approx(2.0)                      # 1.0 / 0.5
   assert m["smape"] == pytest.approx(100 * (2 / 3 + 0 + 4 / 6) / 3)
   assert m["crps"] == pytest.approx(1.0) and "coverage_80" not in m
+  # sMAPE counts a point where truth and forecast are both 0 as 0 %, not 0/0
+  z = fe.metrics(np.array([[[0.0], [2.0]]]), np.array([[[0.0], [1.0]]]), np.array([[1.0]]))
+  assert z["smape"] == pytest.approx(100 * (0 + 2 / 3) / 2)
 
 
 def test_mase_scale_interpolates_missing_history_and_averages_per_window():

@@ -101,6 +101,8 @@ def test_engine_end_to_end_beats_naive_and_reports_baselines(tmp_path):
                    calibrated=calibrated)
     y = df["y"].to_numpy()[144:]
     cover[calibrated] = f
+    # The same forecast as the test backtest's (the checkpoint's scales, not the history's)
+    assert np.abs(f["point"] - y).mean() == pytest.approx(test["mae"], rel=1e-5)
     assert ((f["q0.1"] <= y) & (y <= f["q0.9"])).mean() == pytest.approx(
         test["coverage_80" if calibrated else "coverage_80_uncalibrated"])
   np.testing.assert_allclose(cover[True]["point"], cover[False]["point"])
