@@ -1,5 +1,7 @@
 """The Forecaster: forecasts read only the context, masked targets leave the loss, every decoder
-and head learns, the quantile head is monotone and samples from itself."""
+and head learns, the quantile head is monotone and samples from itself; the heads' losses and
+draws against scipy, the window norm inverted exactly, the autoregressive forecast consistent
+with teacher forcing, the direct decoder's known features aligned."""
 
 import jax
 import jax.numpy as jnp
@@ -149,3 +151,107 @@ def test_the_input_at_each_step_matches_a_reference_loop_with_past_covariates():
   np.testing.assert_allclose(got_s, s, rtol=1e-5)
   got = model._features(jb, got_mu, got_s, jnp.arange(pad - L, W))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _forecaster(**kw):
+  from gru_tpu.models.forecaster import Forecaster
+  args = dict(num_targets=2, num_known=2, num_past=1, lags=(1, 3), context_length=5, horizon=4,
+              window_norm="standard", hidden=8, rngs=nnx.Rngs(0)) | kw
+  model = Forecaster(**args)
+  model.eval()
+  return model
+
+
+def _window_batch(model, B=3, seed=0):
+  rng = np.random.default_rng(seed)
+  W, C = model.pad + model.horizon, model.C
+  return {"y": rng.normal(size=(B, W, C)), "observed": np.ones((B, W, C)),
+          "known": rng.normal(size=(B, W, 2)), "past": rng.normal(size=(B, W, 1))}
+
+
+def test_head_losses_are_negative_log_likelihoods_and_pinball(rng):
+  from scipy import stats
+  y, loc, scale, df = (rng.normal(size=50), rng.normal(size=50), rng.uniform(0.2, 3, 50),
+                       rng.uniform(2.1, 30, 50))
+  nll = lambda head, **p: np.asarray(_forecaster(head=head)._elementwise_loss(
+      {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}, jnp.asarray(y, jnp.float32)))
+  np.testing.assert_allclose(nll("gaussian", loc=loc, scale=scale),
+                             -stats.norm.logpdf(y, loc, scale), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(nll("student_t", loc=loc, scale=scale, df=df),
+                             -stats.t.logpdf(y, df, loc, scale), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(nll("point", loc=loc), (y - loc) ** 2, rtol=1e-5)
+  mae = _forecaster(head="point", point_loss="mae")._elementwise_loss(
+      {"loc": jnp.asarray(loc, jnp.float32)}, jnp.asarray(y, jnp.float32))
+  np.testing.assert_allclose(mae, np.abs(y - loc), rtol=1e-5)
+  levels = np.array([0.1, 0.5, 0.9])
+  q = np.sort(rng.normal(size=(50, 3)), -1)
+  got = _forecaster(head="quantile", quantiles=tuple(levels))._elementwise_loss(
+      {"quantiles": jnp.asarray(q, jnp.float32)}, jnp.asarray(y, jnp.float32))
+  e = y[:, None] - q
+  np.testing.assert_allclose(got, np.where(e >= 0, levels * e, (levels - 1) * e).mean(-1),
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["gaussian", "student_t"])
+def test_samples_follow_the_heads_distribution(head):
+  from scipy import stats
+  model = _forecaster(head=head)
+  n = 20000
+  p = {"loc": jnp.full((n,), 1.5), "scale": jnp.full((n,), 2.0), "df": jnp.full((n,), 3.0)}
+  x = np.asarray(model._sample(p, jax.random.key(0)))
+  ref = stats.norm(1.5, 2.0) if head == "gaussian" else stats.t(3.0, 1.5, 2.0)
+  assert stats.kstest(x, ref.cdf).statistic < 0.015  # Gaussian draws for t(3): 0.05
+
+
+def test_quantile_function_is_piecewise_linear_and_flat_beyond_the_levels():
+  from gru_tpu.models.forecaster import quantile_interp
+  u = jnp.asarray([0.0, 0.05, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 1.0])
+  got = quantile_interp(jnp.broadcast_to(jnp.asarray([1.0, 2.0, 4.0]), (9, 3)),
+                        jnp.asarray([0.1, 0.5, 0.9]), u)
+  np.testing.assert_allclose(got, [1, 1, 1, 1.5, 2, 3, 4, 4, 4], rtol=1e-6)
+
+
+@pytest.mark.parametrize("decoder,head", [
+    ("direct", "point"), ("direct", "gaussian"), ("direct", "student_t"), ("direct", "quantile"),
+    ("autoregressive", "gaussian"), ("autoregressive", "student_t")])
+def test_forecasts_follow_an_affine_change_of_the_window(decoder, head):
+  """With the standard window norm the network sees y only as (y - mu)/s: a window a·y + c
+  forecasts a·F + c, samples and quantiles included, so the head's scale is scaled back too."""
+  model = _forecaster(decoder=decoder, head=head)
+  b = _window_batch(model)
+  a, c = 3.0, -7.0
+  moved = dict(b, y=a * b["y"] + c)
+  p, q = (model.predict(x, jax.random.key(1), 6) for x in (b, moved))
+  for k in p:
+    np.testing.assert_allclose(q[k], a * np.asarray(p[k]) + c, rtol=1e-4, atol=1e-4, err_msg=k)
+
+
+def test_autoregressive_forecast_is_a_fixed_point_of_the_teacher_forced_network():
+  """Forecasting feeds the model's own medians back as observed targets: put them in the
+  horizon as observed values and the teacher-forced pass (training's) predicts them again."""
+  model = _forecaster(decoder="autoregressive", head="point")
+  b = _window_batch(model)
+  m = np.asarray(model.predict(b, jax.random.key(0), 1)["median"])     # (B, H, C)
+  pad = model.pad
+  filled = dict(b, y=b["y"].copy(), observed=b["observed"].copy())
+  filled["y"][:, pad:], filled["observed"][:, pad:] = m, 1.0
+  jb = {k: jnp.asarray(v, jnp.float32) for k, v in filled.items()}
+  mu, s = model._norm(jb["y"], jb["observed"])
+  pos = jnp.arange(pad - model.context_length, pad + model.horizon)
+  y, _ = model.rnn(model._features(jb, mu, s, pos))
+  loc = np.asarray(model._dist(model._raw(y), mu, s)["loc"])[:, model.context_length:]
+  np.testing.assert_allclose(loc, m, rtol=1e-5, atol=1e-5)
+
+
+def test_direct_decoder_reads_each_horizon_steps_own_known_features():
+  """Horizon step k's forecast reads the known features at pad + k, and only it does (the
+  encoder reads up to pad, so steps after pad are each read by one forecast step)."""
+  model = _forecaster(decoder="direct", head="point")
+  b = _window_batch(model)
+  base = np.asarray(model.predict(b, jax.random.key(0), 1)["median"])
+  for k in range(1, model.horizon):
+    known = b["known"].copy()
+    known[:, model.pad + k] += 1.0
+    got = np.asarray(model.predict(dict(b, known=known), jax.random.key(0), 1)["median"])
+    changed = np.abs(got - base).max(axis=(0, 2)) > 1e-6
+    assert changed.tolist() == [j == k for j in range(model.horizon)], (k, changed)
