@@ -215,6 +215,14 @@ def test_calendar_features_are_fourier_terms_of_the_year_phase():
   phase = 2 * np.pi * np.array([0, 31, 59]) / 365
   want = np.stack([np.sin(phase), np.cos(phase), np.sin(2 * phase), np.cos(2 * phase)], -1)
   np.testing.assert_allclose(f, want, atol=1e-6)
+  # Hourly data: each cycle's phase counts the hours; a leap year has 366 days.
+  t = np.array(["2020-12-31T18:00", "2021-03-03T06:00"], "datetime64[s]")  # Thu, Wed
+  f = ts.calendar_features(t, ["year", "week", "day"], 1)
+  year = np.array([(365 + 0.75) / 366, (61 + 0.25) / 365])
+  week, day = np.array([(3 + 0.75) / 7, (2 + 0.25) / 7]), np.array([0.75, 0.25])
+  want = np.concatenate([np.stack([np.sin(2 * np.pi * p), np.cos(2 * np.pi * p)], -1)
+                         for p in (year, week, day)], -1)
+  np.testing.assert_allclose(f, want, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["standard", "mean_abs", "none"])

@@ -87,6 +87,11 @@ def test_baselines(rng):
   # step would understate the naive baseline's CRPS and coverage far out).
   sigma = np.sqrt(np.mean(np.diff(h) ** 2))
   np.testing.assert_allclose(samples.std(0), sigma * np.sqrt(np.arange(1, 10)), rtol=0.1)
+  gappy = h.copy()
+  gappy[[20, 58, 59]] = np.nan  # inside and at the end: interpolated, then held constant
+  point, samples = fe.naive(gappy, 3, 100, rng)
+  np.testing.assert_array_equal(point, [h[57]] * 3)
+  assert np.isfinite(samples).all()
   from statsmodels.tsa.holtwinters import ExponentialSmoothing
   want = ExponentialSmoothing(h, trend="add", seasonal="add", seasonal_periods=12).fit()
   point, samples = fe.ets(h, 12, 12, 200, 0)
