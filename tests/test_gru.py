@@ -314,19 +314,25 @@ def test_nan_in_the_padding_reaches_no_gradient(cls, kw, rng):
   np.testing.assert_array_equal(np.asarray(d_x)[~pad], np.asarray(g_x)[~pad])
 
 
-def test_recurrent_dropout_mask_is_fixed_over_time(monkeypatch, rng):
-  """Variational dropout: exactly one (D, B, H) mask per call, drawn outside the scan."""
-  drawn = []
-  real = jax.random.bernoulli
+@pytest.fixture
+def drawn_masks(monkeypatch):
+  """The masks jax.random.bernoulli draws during the test, as numpy arrays, in order."""
+  drawn, real = [], jax.random.bernoulli
 
   def spy(key, p, shape):
-    drawn.append(tuple(shape))
-    return real(key, p, shape)
+    mask = real(key, p, shape)
+    drawn.append(np.asarray(mask))
+    return mask
 
   monkeypatch.setattr(jax.random, "bernoulli", spy)
+  return drawn
+
+
+def test_recurrent_dropout_mask_is_fixed_over_time(drawn_masks, rng):
+  """Variational dropout: exactly one (D, B, H) mask per call, drawn outside the scan."""
   model = GRU(I, H, recurrent_dropout=0.5, bidirectional=True, rngs=nnx.Rngs(7))
   model(jnp.asarray(rng.standard_normal((B, T, I)), jnp.float32))
-  assert drawn == [(2, B, H)]
+  assert [m.shape for m in drawn_masks] == [(2, B, H)]
 
 
 def _gru_loop(p, x_BxTxI, h_BxH, rmask_BxH):
@@ -345,20 +351,12 @@ def _gru_loop(p, x_BxTxI, h_BxH, rmask_BxH):
 
 
 @pytest.mark.parametrize("batch", [8, 5])  # the CPU recurrence and every other backend's
-def test_dropout_and_recurrent_dropout_match_a_loop_with_the_drawn_masks(batch, monkeypatch, rng):
+def test_dropout_and_recurrent_dropout_match_a_loop_with_the_drawn_masks(batch, drawn_masks,
+                                                                         rng):
   """Training mode, 2 layers: inter-layer dropout keeps 1 - dropout of the inputs and scales
   them by 1/(1 - dropout); recurrent dropout keeps 1 - recurrent_dropout of h's units, one mask
   per sequence, scaled likewise. y, h_n and every gradient against a jnp loop that applies the
   masks the model drew (nonzero biases, the custom VJP's rmask terms included)."""
-  drawn = []
-  real = jax.random.bernoulli
-
-  def spy(key, p, shape):
-    mask = real(key, p, shape)
-    drawn.append(np.asarray(mask))
-    return mask
-
-  monkeypatch.setattr(jax.random, "bernoulli", spy)
   drop, rdrop, Tn = 0.4, 0.3, 6
   model = GRU(I, H, num_layers=2, dropout=drop, recurrent_dropout=rdrop, rngs=nnx.Rngs(3))
   for layer in model.layers:
@@ -372,7 +370,7 @@ def test_dropout_and_recurrent_dropout_match_a_loop_with_the_drawn_masks(batch, 
     return (y * gy).sum() + (h_n ** 2).sum(), (y, h_n)
 
   (_, (y, h_n)), (dparams, dx) = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
-  rmask0, dmask1, rmask1 = drawn[:3]  # drawn per layer: (input dropout,) recurrent dropout
+  rmask0, dmask1, rmask1 = drawn_masks[:3]  # drawn per layer: (input dropout,) recurrent dropout
   assert rmask0.shape == rmask1.shape == (1, batch, H) and dmask1.shape == (Tn, batch, H)
   for mask, keep in ((rmask0, 1 - rdrop), (rmask1, 1 - rdrop), (dmask1, 1 - drop)):
     assert abs(mask.mean() - keep) < 0.2, (mask.mean(), keep)  # keep-, not drop-probability
@@ -428,17 +426,9 @@ def _cho_loop(p, x_BxTxI, h_BxH, rmask_BxH):
     (lambda **kw: LSTM(I, H, **kw), _lstm_loop),
     (lambda **kw: GRU(I, H, reset_after=False, **kw), _cho_loop)], ids=["LSTM", "reset_before"])
 def test_recurrent_dropout_of_the_scan_cells_matches_a_loop_with_the_drawn_mask(make, loop,
-                                                                                monkeypatch, rng):
+                                                                                drawn_masks, rng):
   """The LSTM's and the reset_after=False GRU's own scans (not the GRU's custom VJP above):
   y, the final h and every gradient against a jnp loop with the mask the model drew."""
-  drawn, real = [], jax.random.bernoulli
-
-  def spy(key, p, shape):
-    mask = real(key, p, shape)
-    drawn.append(np.asarray(mask))
-    return mask
-
-  monkeypatch.setattr(jax.random, "bernoulli", spy)
   rdrop = 0.4
   model = make(recurrent_dropout=rdrop, rngs=nnx.Rngs(5))
   model.layers[0].b_h[...] = jnp.asarray(rng.uniform(-1, 1, model.layers[0].b_h.shape),
@@ -453,7 +443,7 @@ def test_recurrent_dropout_of_the_scan_cells_matches_a_loop_with_the_drawn_mask(
     return (y * gy).sum() + (h_n ** 2).sum(), (y, h_n[0])
 
   (_, (y, h_n)), (dparams, dx) = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
-  (rmask,) = drawn
+  (rmask,) = drawn_masks
   assert 0 < rmask.mean() < 1 and rmask.shape == (1, B, H)
   ref_p = {k: getattr(model.layers[0], k)[...][0] for k in ("w_i", "w_h", "b_i", "b_h")}
 
