@@ -156,6 +156,45 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
 
 
+def test_optimizer_clips_the_global_norm_then_steps_adamw_with_decoupled_decay():
+  """make_optimizer against AdamW written out in numpy: gradients scaled to global norm
+  grad_clip when above it, Adam moments with b1, b2 and bias correction, and weight decay added
+  to the normalised step (decoupled), all times the scheduled rate. Nonzero parameters, and
+  gradients above and below the clip, so that dropping the clip or the decay shows."""
+  import math
+
+  import jax.numpy as jnp
+  o = {"learning_rate": 0.1, "warmup_steps": 2, "final_lr_fraction": 0.3, "weight_decay": 0.05,
+       "grad_clip": 1.0, "b1": 0.8, "b2": 0.9}
+  c = tiny(num_steps=6, **{f"optimizer.{k}": v for k, v in o.items()})
+  tx = train.make_optimizer(c)
+  rng = np.random.default_rng(0)
+  p = {"w": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)}
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+  opt_state = tx.init(params)
+  m, v = (jax.tree.map(np.zeros_like, p) for _ in range(2))
+  peak, end, w, n = 0.1, 0.03, 2, 6
+  for k, scale in enumerate([3.0, 0.2, 2.0, 0.5, 4.0, 0.1, 1.5]):
+    raw = jax.tree.map(lambda a: scale * rng.standard_normal(a.shape) / 3, p)
+    norm = math.sqrt(sum(float(np.sum(a * a)) for a in jax.tree.leaves(raw)))
+    assert (norm > 1.0) == (scale >= 1.5), norm  # both sides of the clip are exercised
+    g = jax.tree.map(lambda a: a * min(1.0, 1.0 / norm), raw)
+    lr = peak * k / w if k <= w else end + (peak - end) * 0.5 * (
+        1 + math.cos(math.pi * min(k - w, n - w) / (n - w)))
+    m = jax.tree.map(lambda m_, g_: 0.8 * m_ + 0.2 * g_, m, g)
+    v = jax.tree.map(lambda v_, g_: 0.9 * v_ + 0.1 * g_ * g_, v, g)
+    want = jax.tree.map(lambda m_, v_, p_: -lr * (
+        m_ / (1 - 0.8 ** (k + 1)) / (np.sqrt(v_ / (1 - 0.9 ** (k + 1))) + 1e-8) + 0.05 * p_),
+        m, v, p)
+    updates, opt_state = tx.update(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), raw),
+                                   opt_state, params)
+    for name in p:
+      np.testing.assert_allclose(np.asarray(updates[name]), want[name], rtol=2e-4, atol=1e-7,
+                                 err_msg=f"step {k} {name}")
+    p = jax.tree.map(lambda p_, u: p_ + u, p, want)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+
+
 def run_cli(workdir, *flags, devices=1):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
