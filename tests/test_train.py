@@ -839,10 +839,15 @@ def test_only_log_eval_and_save_steps_read_metrics_and_nothing_recompiles(tmp_pa
   monkeypatch.setattr(train, "_batches", batches)
   monkeypatch.setattr(jax, "device_get", lambda x: (reads.append(at[0]), real_get(x))[1])
   with compiles(lambda: at[0]) as compiled:
-    train.train_and_evaluate(tiny(num_steps=24, log_every=6, eval_every=12, checkpoint_every=8),
-                             tmp_path)
-  assert set(reads) == {6, 8, 12, 16, 18, 24}  # log steps, saves (8, 16, 24), evals (12, 24)
+    # 26 steps: the last is none of the multiples, and is logged, evaluated and saved anyway.
+    evals = train.train_and_evaluate(
+        tiny(num_steps=26, log_every=6, eval_every=12, checkpoint_every=8, keep_checkpoints=4),
+        tmp_path)
+  # log steps (6, 12, 18, 24), saves (8, 16, 24), evals (12, 24), and the last step
+  assert set(reads) == {6, 8, 12, 16, 18, 24, 26}
   assert reads.count(16) == 1 and reads.count(18) == 1  # one read for all the steps since
   assert set(compiled) <= {None, 1, 8, 12}  # init; the step; the first save's checksums; eval
   assert 1 in compiled and 12 in compiled
-  assert sorted(losses(tmp_path)) == [6, 12, 18, 24]
+  assert sorted(losses(tmp_path)) == [6, 12, 18, 24, 26]
+  assert [e["step"] for e in evals] == sorted(losses(tmp_path, "eval")) == [12, 24, 26]
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [8, 16, 24, 26]
