@@ -64,6 +64,10 @@ def test_f16_gradients_at_a_large_batch_are_loss_scaled():
     return c
   c16 = make("float16")
   assert train.loss_scale(make("float32")) == 1.0 and train.loss_scale(c16) == 65536.0
+  # A power of two (unscaling is exact) at or below the micro-batch's rows: 40·50/2 = 1000.
+  odd = make("float16")
+  odd.batch_size, odd.seq_len, odd.grad_accum = 40, 50, 2
+  assert train.loss_scale(odd) == 512.0
   task = SyntheticTask(c16)
   batch = {k: jnp.asarray(v) for k, v in next(task.batches("train", 0, 0, 1)).items()}
   want = grads(SyntheticTask(make("float32")), batch)

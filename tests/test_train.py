@@ -372,6 +372,7 @@ def test_bad_config_override_is_one_clear_line(tmp_path, flag, message):
     ({"seed": -1}, r"config.seed=-1: expected an integer >= 0"),
     # Wrapped by JAX (seed 0's model) and numpy (seed 0's batches one epoch on); 2**63: traceback
     ({"seed": 2**32}, r"config.seed=4294967296: expected an integer in \[0, 2\*\*31\)"),
+    ({"seed": 2**31}, r"config.seed=2147483648: expected an integer in \[0, 2\*\*31\)"),
     ({"eval_steps": 0}, r"config.eval_steps=0: expected an integer >= 1"),  # KeyError at eval
     ({"model.num_layers": 0}, r"config.model.num_layers=0"),
     ({"model.cell": "rnn"}, r"config.model.cell='rnn': expected one of gru, lstm, mingru"),
@@ -387,6 +388,7 @@ def test_bad_config_override_is_one_clear_line(tmp_path, flag, message):
                                           r"number >= 0"),
     ({"optimizer.learning_rate": float("nan")}, r"config.optimizer.learning_rate=nan"),
     ({"optimizer.grad_clip": -1.0}, r"config.optimizer.grad_clip=-1.0: expected a number > 0"),
+    ({"optimizer.grad_clip": 0.0}, r"config.optimizer.grad_clip=0.0: expected a number > 0"),
     ({"optimizer.warmup_steps": -5}, r"config.optimizer.warmup_steps=-5: expected an integer >= 0"),
     ({"optimizer.final_lr_fraction": -0.5}, r"config.optimizer.final_lr_fraction=-0.5"),
     ({"optimizer.weight_decay": -1e-4}, r"config.optimizer.weight_decay=-0.0001"),
@@ -763,6 +765,11 @@ def test_batch_not_divisible_by_data_parallel_size(tmp_path):
   r = run_cli(tmp_path, "--config.batch_size=12", devices=8)
   assert r.returncode == 2
   assert "config.batch_size=12 is not divisible by the data-parallel size" in r.stderr
+  # Each micro-batch is split over 'data' too: 16 rows in 4 micro-batches of 4 cannot be.
+  r = run_cli(tmp_path, "--config.batch_size=16", "--config.grad_accum=4", devices=8)
+  assert r.returncode == 2
+  assert ("config.batch_size / config.grad_accum = 4 is not divisible by the data-parallel "
+          "size 8") in r.stderr
 
 
 def test_mesh_not_matching_devices(tmp_path):
