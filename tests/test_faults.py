@@ -92,6 +92,14 @@ def edit_checksum(w: Path) -> None:
   meta.write_text(json.dumps(m))
 
 
+def drop_checksum(w: Path) -> None:
+  """Metadata that no longer lists one array's checksum: that array would load unverified."""
+  meta = w / "checkpoints" / "4" / "meta" / "metadata"
+  m = json.loads(meta.read_text())
+  del m["checksums"][next(k for k in m["checksums"] if k.startswith("params/"))]
+  meta.write_text(json.dumps(m))
+
+
 def drop_data_step(w: Path, step: int) -> None:
   """Valid JSON metadata without a key the engine reads (it was a KeyError traceback)."""
   meta = w / "checkpoints" / str(step) / "meta" / "metadata"
@@ -160,6 +168,9 @@ ROWS = [
         r"checkpoint step 4 in .* is unreadable", damage=lambda w: flip_byte(array_files(w, 4)[0])),
     Row("api-checksum-mismatch", lambda w, t: gru_tpu.load(w), CheckpointError,
         r"checkpoint step 4 .* is unreadable .*checksum mismatch in params/", damage=edit_checksum),
+    Row("api-checksum-missing", lambda w, t: gru_tpu.load(w), CheckpointError,
+        r"checkpoint step 4 .* is unreadable .*checksum mismatch in the array names",
+        damage=drop_checksum),
     Row("api-array-file-missing", lambda w, t: gru_tpu.load(w), CheckpointError,
         r"checkpoint step 4 .* is unreadable", damage=lambda w: array_files(w, 4)[0].unlink()),
     Row("api-metadata-of-another-shape", lambda w, t: gru_tpu.load(w), CheckpointError,
