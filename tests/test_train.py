@@ -44,14 +44,15 @@ def losses(workdir, split="train"):
 
 
 def test_trains_writes_metrics_config_and_checkpoints(tmp_path):
-  evals = train.train_and_evaluate(tiny(num_steps=60, eval_every=60, checkpoint_every=30),
-                                   tmp_path)
+  evals = train.train_and_evaluate(tiny(num_steps=60, eval_every=60, checkpoint_every=20,
+                                        keep_checkpoints=2), tmp_path)
   train_loss = losses(tmp_path)
   assert sorted(train_loss) == list(range(1, 61))
   assert np.mean([train_loss[s] for s in range(51, 61)]) < 0.6 * train_loss[1]
   assert evals[-1]["step"] == 60 and evals[-1]["loss"] < 0.6 * train_loss[1]
   assert json.loads((tmp_path / "config.json").read_text())["task"] == "synthetic"
-  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["30", "60"]
+  # Saved at 20, 40 and 60; keep_checkpoints=2 removed the oldest.
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["40", "60"]
   assert list((tmp_path / "tensorboard").iterdir())
 
 
