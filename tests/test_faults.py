@@ -374,18 +374,20 @@ def test_loading_while_a_run_deletes_the_step_being_read(base, tmp_path, monkeyp
   assert gru_tpu.load(w, step=2).step == 2 and len(calls) == 2
 
 
-def test_setting_aside_the_same_step_twice_keeps_both(base, tmp_path):
-  """A step damaged again after a rerun: the second copy goes beside the first, under a name
-  every process computes alike (they all log it)."""
+def test_setting_aside_the_same_step_again_keeps_every_copy(base, tmp_path):
+  """A step damaged again after a rerun, and again: each copy goes beside the earlier ones,
+  under a name every process computes alike (they all log it)."""
   from gru_tpu.checkpoint import Checkpointer
 
   w = tmp_path / "run"
   shutil.copytree(base, w)
-  first = Checkpointer(w).set_aside(4)
-  shutil.copytree(base / "checkpoints" / "4", w / "checkpoints" / "4")
-  ckpt = Checkpointer(w)
-  second = ckpt.set_aside(4)
-  ckpt.close()
-  assert (first.name, second.name) == ("4", "4_")
-  assert sorted(p.name for p in (w / "checkpoints_unreadable").iterdir()) == ["4", "4_"]
+  names = []
+  for _ in range(3):
+    if not (w / "checkpoints" / "4").exists():
+      shutil.copytree(base / "checkpoints" / "4", w / "checkpoints" / "4")
+    ckpt = Checkpointer(w)
+    names.append(ckpt.set_aside(4).name)
+    ckpt.close()
+  assert names == ["4", "4_", "4__"]
+  assert sorted(p.name for p in (w / "checkpoints_unreadable").iterdir()) == names
   assert not (w / "checkpoints" / "4").exists()
