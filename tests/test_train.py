@@ -520,6 +520,28 @@ def test_a_learning_rate_of_zero_is_allowed():
     train.check_engine_config(tiny(**{"optimizer.learning_rate": -1e-9}))
 
 
+def test_loaded_metrics_keep_the_rows_of_the_run_that_went_on(tmp_path, killed_at):
+  """A run killed after step 7 resumes from step 5 with another learning rate: steps 6 and 7
+  are in metrics.jsonl twice, and m.metrics() keeps the later rows (the run that went on), once
+  each, sorted by split and step."""
+  common = dict(num_steps=10, checkpoint_every=5, eval_every=5, eval_steps=1)
+  with killed_at(9):  # batches: steps 1-5, the eval at 5, steps 6 and 7, then step 8's
+    train.train_and_evaluate(tiny(**common), tmp_path)
+  train.train_and_evaluate(tiny(**common, **{"optimizer.learning_rate": 0.02}), tmp_path)
+  rows = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 6, 7, 8, 9, 10]
+  first_7, later_7 = (r["loss"] for r in rows if r["step"] == 7)
+  assert first_7 != later_7  # step 6 updated with another rate
+  df = gru_tpu.load(tmp_path).metrics()
+  assert list(zip(df["split"], df["step"])) == (
+      [("eval", 5), ("eval", 10)] + [("train", s) for s in range(1, 11)])
+  assert df.set_index(["split", "step"]).loc[("train", 7), "loss"] == later_7
+  ax = gru_tpu.load(tmp_path).plot_metrics("loss")
+  assert sorted(line.get_label() for line in ax.get_lines()) == ["eval loss", "train loss"]
+  assert list(ax.get_lines()[[l.get_label() for l in ax.get_lines()].index("train loss")]
+              .get_xdata()) == list(range(1, 11))
+
+
 def test_a_workdir_inside_a_runs_checkpoints_is_refused(tmp_path):
   """--workdir RUN/checkpoints trained a second run among the first's steps (exit 0)."""
   run = tmp_path / "run"
