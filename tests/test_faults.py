@@ -347,6 +347,19 @@ def test_loading_while_a_run_deletes_the_step_being_read(base, tmp_path, monkeyp
                                             r"loaded, by a run still training there; it now has "
                                             r"steps \[2\]; load again"):
     gru_tpu.load(w, step=4)
+  # The run saved a newer step while step 4 was read, and the read failed (4's cleanup had
+  # begun, its directory still there): the newer step is read, 4 is not reported as corrupt.
+  shutil.rmtree(w)
+  shutil.copytree(base, w)
+
+  def newer_saved_meanwhile(self, step, target):
+    if step == 4:
+      shutil.copytree(w / "checkpoints" / "4", w / "checkpoints" / "6")
+      raise self._unreadable(step, "FileNotFoundError: .../4/state/d/0 not found")
+    return real(self, step, target)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore", newer_saved_meanwhile)
+  assert gru_tpu.load(w).step == 6
   # Really damaged, beside a cut-off save's leftover (not a newer checkpoint): no retry, and
   # the error says what it is.
   shutil.rmtree(w)
