@@ -138,15 +138,22 @@ def test_new_prompts_lengths_and_temperatures_compile_nothing_new(workdir, compi
 
 def test_bad_sampling_arguments(workdir, tmp_path):
   m = gru_tpu.load(workdir)
-  with pytest.raises(UserError, match="top_k must be in"):
-    m.generate("x", 5, top_k=0)
+  V = m.tokenizer.vocab_size
+  for bad in (0, V + 1):
+    with pytest.raises(UserError, match=rf"top_k must be in \[1, {V}\], got {bad}"):
+      m.generate("x", 5, top_k=bad)
+  for bad in (0.0, 1.5):
+    with pytest.raises(UserError, match=r"top_p must be in \(0, 1\]"):
+      m.generate("x", 5, top_p=bad)
+  # The closed ends are valid: every token, all the mass.
+  assert len(m.generate("x", 3, top_k=V, top_p=1.0, seed=2**31 - 1)) == 3
   for bad in (-1.0, float("nan")):  # negative: the least likely tokens first
     with pytest.raises(UserError, match="temperature must be >= 0"):
       m.generate("x", 5, temperature=bad)
   with pytest.raises(UserError, match="num_samples must be >= 1"):
     next(m.stream("x", 5, num_samples=0))
   # 2**70: an OverflowError traceback; 2**32: seed 0's samples (JAX wraps seeds mod 2**32).
-  for bad in (2**70, 2**32, -1):
+  for bad in (2**70, 2**32, 2**31, -1):
     with pytest.raises(UserError, match=r"seed must be an integer in \[0, 2\*\*31\)"):
       m.stream("x", 5, seed=bad)  # raised when called, not at the first piece
   with pytest.raises(UserError, match="seed must be"):
