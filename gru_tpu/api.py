@@ -203,10 +203,11 @@ class ForecastModel(Loaded):
                                    self.config.data.horizon if horizon is None else horizon,
                                    num_samples=num_samples, seed=seed, calibrated=calibrated)
 
-  def plot(self, history: Any, frame, path: str | Path, max_panels: int = 6) -> None:
-    """History (its last few seasons), the point forecast and its quantile bands, as a PNG."""
-    plot_forecast(self.history(history), frame, path, tuple(self.config.model.quantiles),
-                  max_panels)
+  def plot(self, history: Any, frame, path: str | Path, max_panels: int = 6):
+    """History (its last few seasons), the point forecast and its quantile bands, saved to
+    `path` (PNG, or the format its suffix names); returns the matplotlib Figure."""
+    return plot_forecast(self.history(history), frame, path, tuple(self.config.model.quantiles),
+                         max_panels)
 
 
 class SyntheticModel(Loaded):
@@ -319,8 +320,9 @@ def _image_format(path: str | Path) -> str:
 
 
 def plot_forecast(panel: ts.Panel, frame, path: str | Path, levels: tuple,
-                  max_panels: int = 6) -> None:
-  """One axis per (series, target), at most max_panels: history, median, quantile bands."""
+                  max_panels: int = 6):
+  """One axis per (series, target), at most max_panels: history, median, quantile bands; saved
+  to path, and returned (a Figure a notebook displays)."""
   # A bare Figure needs no display and leaves pyplot alone: matplotlib.use("Agg") had switched
   # a notebook's backend, which also closed every figure open in it.
   from matplotlib.figure import Figure
@@ -351,6 +353,7 @@ def plot_forecast(panel: ts.Panel, frame, path: str | Path, levels: tuple,
   path = workdir_path(path)  # a local path or gs:// (through epath), like a workdir
   with path.open("wb") as f:
     fig.savefig(f, format=fmt, dpi=100)
+  return fig
 
 
 def main(argv: list[str]) -> int:

@@ -385,17 +385,33 @@ def test_plot_leaves_the_callers_matplotlib_alone(tmp_path):
   """m.plot in a notebook switched the process to the Agg backend, which closed every figure."""
   import matplotlib
   import matplotlib.pyplot as plt
-  m = untrained_macrodata_model(tmp_path)
+  m = untrained_macrodata_model(tmp_path, **{"model.quantiles": (0.05, 0.1, 0.5, 0.9, 0.95)})
   previous = matplotlib.get_backend()
   plt.switch_backend("svg")
   try:
     mine = plt.figure()
-    m.plot(None, m.forecast(None, num_samples=4), tmp_path / "f.png")
+    fig = m.plot(None, m.forecast(None, num_samples=4), tmp_path / "f.png")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.get_backend() == "svg" and plt.fignum_exists(mine.number)
   finally:
     plt.close("all")
     plt.switch_backend(previous)
+  # One panel per target, each with the history, the median and a band per pair of levels.
+  levels = tuple(m.config.model.quantiles)
+  pairs = [f"{levels[i]:g}-{levels[-1 - i]:g}" for i in range(len(levels) // 2)]
+  assert len(pairs) >= 2 and [ax.get_title() for ax in fig.axes] == m.meta["targets"]
+  for ax in fig.axes:
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sorted(labels) == sorted(["history", "forecast (median)", *pairs]), labels
+    assert len(ax.collections) == len(pairs)
+
+
+def test_a_series_history_needs_a_single_target_model(tmp_path):
+  m = untrained_macrodata_model(tmp_path)
+  series = pd.Series(np.arange(40.0), index=pd.date_range("2000-01-01", periods=40, freq="QS"))
+  with pytest.raises(UserError, match=r"this model forecasts 3 targets \(realgdp, realcons, "
+                                      r"realinv\): pass a DataFrame with those columns"):
+    m.forecast(series)
 
 
 def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_forecast(tmp_path,
