@@ -390,8 +390,11 @@ def test_plot_leaves_the_callers_matplotlib_alone(tmp_path):
   plt.switch_backend("svg")
   try:
     mine = plt.figure()
-    fig = m.plot(None, m.forecast(None, num_samples=4), tmp_path / "f.png")
+    frame = m.forecast(None, num_samples=4)
+    fig = m.plot(None, frame, tmp_path / "f.png")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    m.plot(None, frame, tmp_path / "f.svg")  # the format the suffix names
+    assert b"<svg" in (tmp_path / "f.svg").read_bytes()[:1000]
     assert matplotlib.get_backend() == "svg" and plt.fignum_exists(mine.number)
   finally:
     plt.close("all")

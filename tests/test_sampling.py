@@ -168,6 +168,28 @@ def test_bad_sampling_arguments(workdir, tmp_path):
       gru_tpu.load(inside)
 
 
+def test_a_byte_models_characters_split_between_pieces_come_out_whole(monkeypatch):
+  """A byte model streams a character whose UTF-8 bytes fall in two pieces (or three) as that
+  character, at the piece that completes it, not as replacement characters; bytes of a
+  character the text stops inside of come out as one at the end."""
+  from gru_tpu import api
+  text = "aé€!".encode() + "€".encode()[:2]  # 1, 2, 3 and 1 bytes, and a cut-off 3
+
+  def advance(graphdef, state, carry, logits, key, start, n, *rest):  # the "sampled" bytes
+    toks = np.frombuffer(text, np.uint8)[start:start + n]
+    return carry, logits, np.pad(toks, (0, n - len(toks)))[None].astype(np.int32)
+
+  monkeypatch.setattr(lm, "prime_jit", lambda graphdef, state, ids: (None, None))
+  monkeypatch.setattr(lm, "advance_jit", advance)
+  m = api.TextModel(Path("run"), None, nnx.Linear(1, 1, rngs=nnx.Rngs(0)),
+                    {"tokenizer": {"kind": "byte"}}, 0)
+  # The last piece flushes what the text ends inside of: one replacement character.
+  assert [p[0] for p in m.stream("", len(text), chunk=1)] == [
+      "a", "", "é", "", "", "€", "!", "", "\ufffd"]
+  assert [p[0] for p in m.stream("", len(text), chunk=2)] == ["a", "é", "€", "!", "\ufffd"]
+  assert m.generate("", len(text)) == "aé€!\ufffd"
+
+
 def test_sample_cli_prints_nothing_for_bad_arguments(workdir, capsys):
   """The prompt went to stdout before a bad argument's error (checked at the first piece)."""
   from gru_tpu import api
