@@ -66,6 +66,16 @@ def test_invalid_utf8_is_an_error_for_char_only():
   assert text.make_tokenizer("byte", corpus).encode(corpus.train)[8] == 0xFF
 
 
+def test_files_are_concatenated_in_name_order(tmp_path):
+  """A glob's files in name order, whatever order the directory lists them in (made here in
+  reverse)."""
+  names = [f"part{i:02d}.txt" for i in range(12)]
+  for name in reversed(names):
+    (tmp_path / name).write_text(name[4:6] * 50)
+  c = text.load_corpus(f"files:{tmp_path}/*.txt")
+  assert c.train + c.validation + c.test == "".join(n[4:6] * 50 for n in names).encode()
+
+
 @pytest.mark.parametrize("source,message", [
     ("files:/nonexistent/*.txt", "the glob matches no files"),
     ("ftp:thing", "expected 'pystdlib', 'files:GLOB' or 'tfds:NAME'"),

@@ -72,6 +72,27 @@ def test_bad_text_inputs_exit_2(tmp_path):
   assert r.returncode == 2 and "is longer than the" in r.stderr
 
 
+def test_seq_len_must_leave_a_window_in_the_validation_split(tmp_path):
+  """A window is seq_len + 1 tokens: a validation split of exactly seq_len tokens holds none,
+  refused before training (not at the first eval); one token more is enough."""
+  import pytest
+
+  sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+  import char_pystdlib
+
+  from gru_tpu.errors import UserError
+  from gru_tpu.tasks.text import TextTask
+  (tmp_path / "t.txt").write_text("abcdefghij" * 200)  # 2000 chars: validation 100
+  c = char_pystdlib.get_config("size=tiny")
+  c.data.source = f"files:{tmp_path}/t.txt"
+  c.seq_len = 100
+  with pytest.raises(UserError, match=r"config.seq_len=100 is longer than the validation split "
+                                      r".* \(100 tokens\)"):
+    TextTask(c)
+  c.seq_len = 99
+  assert len(next(TextTask(c).batches("eval", 0, 0, 1))["tokens"][0]) == 100
+
+
 def test_tied_embeddings_and_layer_norm_train_and_load(tmp_path):
   import gru_tpu
   (tmp_path / "a.txt").write_text("abcdefgh " * 500)
