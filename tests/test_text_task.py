@@ -74,7 +74,8 @@ def test_bad_text_inputs_exit_2(tmp_path):
 
 def test_seq_len_must_leave_a_window_in_the_validation_split(tmp_path):
   """A window is seq_len + 1 tokens: a validation split of exactly seq_len tokens holds none,
-  refused before training (not at the first eval); one token more is enough."""
+  refused before training (not at the first eval); one token more is enough, and the eval
+  batches are that window of the validation split."""
   import pytest
 
   sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
@@ -82,7 +83,8 @@ def test_seq_len_must_leave_a_window_in_the_validation_split(tmp_path):
 
   from gru_tpu.errors import UserError
   from gru_tpu.tasks.text import TextTask
-  (tmp_path / "t.txt").write_text("abcdefghij" * 200)  # 2000 chars: validation 100
+  rng = np.random.default_rng(0)  # 2000 chars, no two windows alike: validation is 100
+  (tmp_path / "t.txt").write_text("".join(rng.choice(list("abcdefghij"), 2000)))
   c = char_pystdlib.get_config("size=tiny")
   c.data.source = f"files:{tmp_path}/t.txt"
   c.seq_len = 100
@@ -90,7 +92,9 @@ def test_seq_len_must_leave_a_window_in_the_validation_split(tmp_path):
                                       r".* \(100 tokens\)"):
     TextTask(c)
   c.seq_len = 99
-  assert len(next(TextTask(c).batches("eval", 0, 0, 1))["tokens"][0]) == 100
+  task = TextTask(c)  # the eval batches are the validation split's one window, every row
+  rows = next(task.batches("eval", 0, 0, 1))["tokens"]
+  np.testing.assert_array_equal(rows, np.broadcast_to(task.tokens("validation"), rows.shape))
 
 
 def test_tied_embeddings_and_layer_norm_train_and_load(tmp_path):
