@@ -464,6 +464,7 @@ def test_recurrent_dropout_of_the_scan_cells_matches_a_loop_with_the_drawn_mask(
 BAD_CALLS = [
     (dict(x=np.zeros((B, I))), "x_BxTxI must be rank 3"),
     (dict(x=np.zeros((B, T, I + 1))), "in_features=5"),
+    (dict(x=np.zeros((B, 0, I))), r"x_BxTxI has no timesteps \(shape \(8, 0, 5\)\)"),
     (dict(seq_lengths=np.array([1, 2])), r"seq_lengths must be an int array of shape \(8,\)"),
     (dict(seq_lengths=np.array([1, 2, 3, 4, 5, 6, 7, T + 1])), r"seq_lengths must lie in \[0, 7\]"),
     (dict(seq_lengths=np.array([1, 2, 3, 4, 5, 6, 7, -1])), r"seq_lengths must lie in \[0, 7\]"),
