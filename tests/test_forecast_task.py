@@ -53,6 +53,34 @@ def test_splits_scales_and_inputs_never_see_the_future():
       np.testing.assert_array_equal(pa, pb)
 
 
+@pytest.mark.parametrize("stride", [1, 6])
+def test_backtest_and_calibration_windows_stay_inside_their_tails(stride, monkeypatch):
+  """Every eval window's horizon lies in the validation tail and every test window's in the test
+  tail, for any backtest stride; calibration scores each origin with a step in the validation
+  tail on exactly those steps (not the trained ones before, nor the test tail after)."""
+  from gru_tpu.tasks import forecast_eval
+  task = task_for(seasonal_frame(), **{"data.val_length": 12, "data.test_length": 9,
+                                       "eval.backtest_stride": stride})
+  n, H, end = task.n_train[0], 6, 150
+  assert n == 150 - 12 - 9
+  for split, (lo, hi) in (("eval", (n, n + 12)), ("test", (n + 12, end))):
+    origins = task.windows[split][:, 1]
+    assert origins.tolist() == list(range(lo, hi - H + 1, stride)), split
+  assert task.windows["calibration"][:, 1].tolist() == list(range(n - H + 1, n + 12))
+  seen, real = {}, forecast_eval.interval_scale
+
+  def spy(y, *args):  # the truth the calibration scores against: NaN where a step is not
+    seen["y"] = y
+    return real(y, *args)
+
+  monkeypatch.setattr(forecast_eval, "interval_scale", spy)
+  model = task.build_model(nnx.Rngs(0))
+  task.interval_scale(model)
+  t_WxH = task.windows["calibration"][:, 1:] + np.arange(H)
+  scored = ~np.isnan(seen["y"][..., 0])
+  np.testing.assert_array_equal(scored, (t_WxH >= n) & (t_WxH < n + 12))
+
+
 def test_future_rows_after_the_last_target_value_are_not_a_tail():
   # The CSV layout gives known covariates for the forecast horizon as rows after the last target
   # value; trained on that same file, the tails must still end at the last target value (they
