@@ -42,6 +42,15 @@ def test_splits_scales_and_inputs_never_see_the_future():
   assert task.windows["eval"].tolist() == [[0, n_train]]
   assert task.windows["test"].tolist() == [[0, 144]]
   other = assert_training_ignores_values_from(n_train, df, task)     # only val + test change
+  later = assert_training_ignores_values_from(144, df, task)         # only the test tail
+  # A tail's MASE scales and baseline forecasts come from the history before its origin.
+  for split, changed in (("eval", other), ("test", later)):
+    a, b = task._reference(split), changed._reference(split)
+    assert (a["y"] != b["y"]).all() and set(a["baselines"]) == {"naive", "seasonal_naive"}
+    np.testing.assert_array_equal(a["scale"], b["scale"])
+    for name, (point, samples) in a["baselines"].items():
+      np.testing.assert_array_equal(point, b["baselines"][name][0], err_msg=name)
+      np.testing.assert_array_equal(samples, b["baselines"][name][1], err_msg=name)
   model = task.build_model(nnx.Rngs(0))
   model.eval()
   for split in ("eval", "test"):
@@ -79,6 +88,18 @@ def test_backtest_and_calibration_windows_stay_inside_their_tails(stride, monkey
   t_WxH = task.windows["calibration"][:, 1:] + np.arange(H)
   scored = ~np.isnan(seen["y"][..., 0])
   np.testing.assert_array_equal(scored, (t_WxH >= n) & (t_WxH < n + 12))
+
+
+def test_a_series_history_ends_at_the_last_step_any_target_was_observed():
+  """With several targets a step counts while any one of them is observed: the tails of a series
+  whose last value of one target is missing still end at the series' last step."""
+  from gru_tpu.tasks.forecast import history_length
+  df = seasonal_frame().rename(columns={"y": "a"})
+  df["b"] = df["a"] * 2
+  df.loc[149, "b"] = np.nan
+  df.loc[148, ["a", "b"]] = np.nan
+  s = ts.panel_from_frame(df, time_column="date", targets=["a", "b"], name="two").series[0]
+  assert history_length(s) == 150
 
 
 def test_future_rows_after_the_last_target_value_are_not_a_tail():
@@ -338,6 +359,14 @@ def test_panel_with_covariates_and_a_multivariate_source():
                               past=["visits"], name="panel")
   task = ForecastTask(c, panel)
   assert set(task.scales) == {"a", "b"} and task.scales["b"]["y"][0]["loc"] > 90
+  for i, s in enumerate(panel.series):  # a window reads its own series' rows, pad zeros first
+    arrays = series_arrays(s, task.scales[s.id], task.meta)
+    for key in ("y", "observed", "known", "past"):
+      padded = np.concatenate([np.zeros((task.pad, arrays[key].shape[1])), arrays[key]])
+      for o in (30, 77):
+        got = task.store.gather(np.array([i]), np.array([o]), 3)[key][0]
+        np.testing.assert_array_equal(got, padded[o:o + task.pad + 3].astype(np.float32),
+                                      err_msg=f"{s.id} {key} {o}")
   assert task.meta["cycles"] == ["year"] and task.store.known.shape[1] == 4 + 1
   model = task.build_model(nnx.Rngs(0))
   model.eval()
@@ -489,6 +518,11 @@ def test_resume_names_what_changed_in_the_data():
       "data gave lags = [1, 24], the data now gives [1, 12] (same frequency 'MS': this "
       "version reads it as season 12, the checkpoint's as 24)")
   assert "data gave known = ['price']" in task.resume_mismatch({**task.meta, "known": ["price"]})
+  # The calendar features' layout: another sampling step gives other cycles (the input width).
+  assert task.resume_mismatch({**task.meta, "cycles": ["week", "year"]}).startswith(
+      "data gave cycles = ['week', 'year'], the data now gives ['year']")
+  assert task.resume_mismatch({**task.meta, "calendar_terms": 1}).startswith(
+      "data gave calendar_terms = 1")
 
 
 def test_a_checkpoint_from_before_a_new_config_key_resumes_with_its_default(tmp_path):
