@@ -6,8 +6,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from gru_tpu.metrics import read_metrics
+sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+import char_pystdlib  # noqa: E402
+
+from gru_tpu.errors import UserError  # noqa: E402
+from gru_tpu.metrics import read_metrics  # noqa: E402
+from gru_tpu.tasks.text import TextTask  # noqa: E402
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "char_pystdlib.py") + ":size=tiny"
 
@@ -76,13 +82,6 @@ def test_seq_len_must_leave_a_window_in_the_validation_split(tmp_path):
   """A window is seq_len + 1 tokens: a validation split of exactly seq_len tokens holds none,
   refused before training (not at the first eval); one token more is enough, and the eval
   batches are that window of the validation split."""
-  import pytest
-
-  sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-  import char_pystdlib
-
-  from gru_tpu.errors import UserError
-  from gru_tpu.tasks.text import TextTask
   rng = np.random.default_rng(0)  # 2000 chars, no two windows alike: validation is 100
   (tmp_path / "t.txt").write_text("".join(rng.choice(list("abcdefghij"), 2000)))
   c = char_pystdlib.get_config("size=tiny")
@@ -164,9 +163,6 @@ def test_loss_is_next_token_cross_entropy(tmp_path):
   import jax
   from flax import nnx
   from gru_tpu.models import lm
-  from gru_tpu.tasks.text import TextTask
-  sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-  import char_pystdlib
   (tmp_path / "a.txt").write_text("abcdefgh " * 50)
   c = char_pystdlib.get_config("size=tiny")
   c.data.source = f"files:{tmp_path}/a.txt"

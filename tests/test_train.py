@@ -536,10 +536,12 @@ def test_loaded_metrics_keep_the_rows_of_the_run_that_went_on(tmp_path, killed_a
   assert list(zip(df["split"], df["step"])) == (
       [("eval", 5), ("eval", 10)] + [("train", s) for s in range(1, 11)])
   assert df.set_index(["split", "step"]).loc[("train", 7), "loss"] == later_7
+  import matplotlib.pyplot as plt
   ax = gru_tpu.load(tmp_path).plot_metrics("loss")
-  assert sorted(line.get_label() for line in ax.get_lines()) == ["eval loss", "train loss"]
-  assert list(ax.get_lines()[[l.get_label() for l in ax.get_lines()].index("train loss")]
-              .get_xdata()) == list(range(1, 11))
+  lines = {line.get_label(): line for line in ax.get_lines()}
+  plt.close(ax.figure)
+  assert sorted(lines) == ["eval loss", "train loss"]
+  assert list(lines["train loss"].get_xdata()) == list(range(1, 11))
 
 
 def test_a_workdir_inside_a_runs_checkpoints_is_refused(tmp_path):
