@@ -350,6 +350,17 @@ def _gru_loop(p, x_BxTxI, h_BxH, rmask_BxH):
   return jnp.stack(ys, 1), h_BxH
 
 
+def _assert_matches_reference(ref_loss, ref_p, x, y, h_n, dx):
+  """y, h_n and dx against ref_loss(ref_p, x)'s aux (y, h_n) and its x-gradient; returns its
+  parameter gradients."""
+  (_, (y_ref, h_ref)), (dref, dx_ref) = jax.value_and_grad(ref_loss, (0, 1), has_aux=True)(
+      ref_p, x)
+  np.testing.assert_allclose(y, y_ref, **TOL)
+  np.testing.assert_allclose(h_n, h_ref, **TOL)
+  np.testing.assert_allclose(dx, dx_ref, **TOL)
+  return dref
+
+
 @pytest.mark.parametrize("batch", [8, 5])  # the CPU recurrence and every other backend's
 def test_dropout_and_recurrent_dropout_match_a_loop_with_the_drawn_masks(batch, drawn_masks,
                                                                          rng):
@@ -385,11 +396,7 @@ def test_dropout_and_recurrent_dropout_match_a_loop_with_the_drawn_masks(batch, 
     h_n = jnp.stack([h0, h1])
     return (y1 * gy).sum() + (h_n ** 2).sum(), (y1, h_n)
 
-  (_, (y_ref, h_ref)), (dref, dx_ref) = jax.value_and_grad(ref_loss, (0, 1), has_aux=True)(
-      ref_p, x)
-  np.testing.assert_allclose(y, y_ref, **TOL)
-  np.testing.assert_allclose(h_n, h_ref, **TOL)
-  np.testing.assert_allclose(dx, dx_ref, **TOL)
+  dref = _assert_matches_reference(ref_loss, ref_p, x, y, h_n, dx)
   dmodel = nnx.merge(graphdef, dparams, rest)
   for l, layer in enumerate(dmodel.layers):
     for k in ("w_i", "w_h", "b_i", "b_h"):
@@ -451,11 +458,7 @@ def test_recurrent_dropout_of_the_scan_cells_matches_a_loop_with_the_drawn_mask(
     y, h = loop(ref_p, x, jnp.zeros((B, H)), rmask[0] / (1 - rdrop))
     return (y * gy).sum() + (h ** 2).sum(), (y, h)
 
-  (_, (y_ref, h_ref)), (dref, dx_ref) = jax.value_and_grad(ref_loss, (0, 1), has_aux=True)(
-      ref_p, x)
-  np.testing.assert_allclose(y, y_ref, **TOL)
-  np.testing.assert_allclose(h_n, h_ref, **TOL)
-  np.testing.assert_allclose(dx, dx_ref, **TOL)
+  dref = _assert_matches_reference(ref_loss, ref_p, x, y, h_n, dx)
   for k in ("w_i", "w_h", "b_i", "b_h"):
     np.testing.assert_allclose(getattr(nnx.merge(graphdef, dparams, rest).layers[0], k)[...][0],
                                dref[k], err_msg=f"d{k}", **TOL)
