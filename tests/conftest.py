@@ -6,13 +6,14 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# Tests use tiny shapes: compile time dominates, so trade run-time speed for compile speed. Set
+# in the environment, so the processes tests start (CLI runs, restarts, multi-host pairs) get it
+# too: a tiny train step with 8 CPU devices compiles in 2 s instead of 12.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-# Tests use tiny shapes: compile time dominates, so trade run-time speed for compile speed.
-jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture

@@ -18,7 +18,9 @@ if sys.platform != "linux":  # libtpu ships for Linux x86-64 only; CI is Linux a
 
 # libtpu locks /tmp/libtpu_lockfile for the life of a process that opens a topology, and a
 # second one fails: with two test workers, two compiles may overlap. No TPU chip is used.
-LIBTPU_ENV = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+# The TPU programs are compiled as a real run would (conftest lowers optimization for CPU ones).
+TPU_ENV = {k: v for k, v in os.environ.items() if k != "JAX_DISABLE_MOST_OPTIMIZATIONS"}
+LIBTPU_ENV = dict(TPU_ENV, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
 
 
 def aot(*args):
@@ -107,7 +109,7 @@ def test_aot_compile_bad_input_is_one_line(args, message):
 
 def test_aot_compile_while_another_process_holds_libtpu_says_so():
   """It said the topology was bad ("give one such as v5e:2x2") when libtpu's lock was held."""
-  env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+  env = {k: v for k, v in TPU_ENV.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
   holder = subprocess.Popen(
       [sys.executable, "-c", "from jax.experimental import topologies; "
        "topologies.get_topology_desc('v5e:2x2', 'tpu'); print('held', flush=True); input()"],
