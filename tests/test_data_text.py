@@ -125,7 +125,7 @@ def test_every_epoch_is_a_permutation_and_a_process_computes_only_its_rows(n, ba
 
 
 def test_seq_len_longer_than_the_split_is_an_error():
-  with pytest.raises(UserError, match="config.seq_len=64 is longer than the validation split"):
+  with pytest.raises(UserError, match="config.seq_len=64 leaves no window in the validation split"):
     text.window_batches(np.arange(50), seq_len=64, batch_size=4, seed=0, split="validation")
 
 

@@ -216,7 +216,8 @@ ROWS = [
         w, f"--config.data.source=files:{t}/x.txt; touch {t}/pwned $(touch {t}/pwned)",
         keep_source=False), 2, r"the glob matches no files", after=no_file_created),
     Row("text-seq-len-longer-than-validation", lambda w, t: train(w, "--config.seq_len=400"), 2,
-        r"config.seq_len=400 is longer than the validation split of files:.* \(315 tokens\)"),
+        r"config.seq_len=400 leaves no window in the validation split of files:.* \(315 tokens; "
+        r"a window is seq_len \+ 1 tokens\): lower config.seq_len to 314 or less"),
     Row("sample-no-checkpoint", lambda w, t: sample(t / "empty_workdir"), 2,
         r"empty_workdir holds no checkpoint; train first"),
     Row("sample-prompt-outside-vocab-is-unk", lambda w, t: sample(w, "--prompt", "to Zx"), 0,

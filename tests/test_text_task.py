@@ -75,7 +75,7 @@ def test_bad_text_inputs_exit_2(tmp_path):
   (tmp_path / "short.txt").write_text("x" * 100)
   r = train(tmp_path / "b", f"--config.data.source=files:{tmp_path}/short.txt",
             "--config.num_steps=2")
-  assert r.returncode == 2 and "is longer than the" in r.stderr
+  assert r.returncode == 2 and "leaves no window in the" in r.stderr
 
 
 def test_seq_len_must_leave_a_window_in_the_validation_split(tmp_path):
@@ -87,8 +87,8 @@ def test_seq_len_must_leave_a_window_in_the_validation_split(tmp_path):
   c = char_pystdlib.get_config("size=tiny")
   c.data.source = f"files:{tmp_path}/t.txt"
   c.seq_len = 100
-  with pytest.raises(UserError, match=r"config.seq_len=100 is longer than the validation split "
-                                      r".* \(100 tokens\)"):
+  with pytest.raises(UserError, match=r"config.seq_len=100 leaves no window in the validation "
+                                      r"split .* \(100 tokens; .*\): lower config.seq_len to 99 "):
     TextTask(c)
   c.seq_len = 99
   task = TextTask(c)  # the eval batches are the validation split's one window, every row

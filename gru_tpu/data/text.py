@@ -243,6 +243,14 @@ def tokenizer_from_json(meta: dict) -> ByteTokenizer | CharTokenizer:
   return ByteTokenizer() if meta["kind"] == "byte" else CharTokenizer(meta["chars"])
 
 
+def no_window_message(seq_len: int, n_tokens: int, where: str) -> str:
+  """A window is seq_len + 1 tokens (inputs and next-token targets): where has none."""
+  fix = (f"lower config.seq_len to {n_tokens - 1} or less, or use more text" if n_tokens > 1
+         else "use more text")
+  return (f"config.seq_len={seq_len} leaves no window in {where} ({n_tokens} tokens; a window "
+          f"is seq_len + 1 tokens): {fix}")
+
+
 def window_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
                    start_step: int = 0, shard: int = 0, num_shards: int = 1,
                    shuffle: bool = True, split: str = "train"):
@@ -255,8 +263,7 @@ def window_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: i
   """
   n_windows = (len(tokens) - 1) // seq_len
   if n_windows < 1:
-    raise UserError(f"config.seq_len={seq_len} is longer than the {split} split "
-                    f"({len(tokens)} tokens); lower config.seq_len")
+    raise UserError(no_window_message(seq_len, len(tokens), f"the {split} split"))
   offsets = np.arange(seq_len + 1)
   return order.endless(lambda idx_R: tokens[idx_R[:, None] * seq_len + offsets],
                        order.WindowOrder(n_windows, batch_size, seed, shuffle), start_step,

@@ -33,8 +33,8 @@ class TextTask:
     for split in ("train", "validation"):  # before training, not at the first eval
       n = len(self.tokens(split))
       if n <= config.seq_len:
-        raise UserError(f"config.seq_len={config.seq_len} is longer than the {split} split of "
-                        f"{self.corpus.name} ({n} tokens); lower config.seq_len or use more text")
+        raise UserError(text.no_window_message(config.seq_len, n,
+                                               f"the {split} split of {self.corpus.name}"))
 
   def tokens(self, split: str) -> np.ndarray:
     if split not in self._tokens:
