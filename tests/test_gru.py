@@ -1,7 +1,10 @@
 """GRU parity with torch.nn.GRU (outputs, h_n, gradients), masks, step API, knobs, bad input."""
 
 import itertools
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -618,3 +621,32 @@ def test_tpu_lowering_has_one_recurrent_dot_per_step_and_a_hoisted_projection(tr
   loops = [n for n in loops if n]
   assert loops == [1] * (4 if train else 2)  # per layer: forward loop (+ backward loop)
   assert total - len(loops) >= 2  # the projections (and weight gradients) are outside the loops
+
+
+SPLIT_BATCH = """
+import re, jax, jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from gru_tpu.models import GRU
+graphdef, params = nnx.split(GRU(8, 16, rngs=nnx.Rngs(0)))
+loss = lambda p, x: (nnx.merge(graphdef, p)(x)[0] ** 2).sum()
+mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+x = jax.device_put(jnp.ones((16, 12, 8)), NamedSharding(mesh, P("data")))
+def collectives(hlo):
+  return sorted(set(re.findall(r"\\b(all-gather|collective-permute|all-to-all|all-reduce)", hlo)))
+with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as the engine traces its steps
+  print(collectives(jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()))
+print(collectives(jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()))  # no mesh
+"""
+
+
+def test_a_batch_split_over_cpu_devices_is_not_gathered_or_permuted():
+  """8 CPU devices, 16 rows on 'data': the CPU form's two half-batch chains and (T·B)-flat
+  matmuls would make the partitioner gather the batch and permute rows inside the time loops
+  (a tiny train step took 110 ms instead of 7); the gradient is one all-reduce."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", SPLIT_BATCH], capture_output=True, text=True, env=env,
+                     timeout=300, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.split("\n")[-3:] == ["['all-reduce']", "['all-reduce']", ""], r.stdout

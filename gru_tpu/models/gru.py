@@ -255,21 +255,29 @@ def gru_recurrence(x_TxDxBxI, w_i_DxIx3H, b_i_Dx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxB
   outputs are f32. The input projection x W_i for the whole sequence is one matmul before the
   loop, and inside it one recurrent matmul per step (per direction).
 
-  On CPU (batch even and >= 8) three things differ, chosen at lowering time
-  (lax.platform_dependent, so AOT compiles for TPU from a CPU host get the form above): the batch
-  is split into two independent recurrences, whose half-batch matmuls XLA:CPU runs concurrently
-  on two cores (a loop body of few ops runs sequentially, one core per dot); at least
-  CPU_MIN_UNROLL steps run per loop iteration; and when not differentiated, each block of steps
-  is projected inside the loop (a fresh (T, D, B, 3H) buffer costs more in page faults there
-  than the matmul itself).
+  On CPU (batch even and >= 8, and not split over devices: see _may_split_batch) three things
+  differ, chosen at lowering time (lax.platform_dependent, so AOT compiles for TPU from a CPU
+  host get the form above): the batch is split into two independent recurrences, whose
+  half-batch matmuls XLA:CPU runs concurrently on two cores (a loop body of few ops runs
+  sequentially, one core per dot); at least CPU_MIN_UNROLL steps run per loop iteration; and
+  when not differentiated, each block of steps is projected inside the loop (a fresh
+  (T, D, B, 3H) buffer costs more in page faults there than the matmul itself).
   """
   B = h0_DxBxH.shape[1]
   args = (x_TxDxBxI, w_i_DxIx3H, b_i_Dx3H, w_h_DxHx3H, b_h_Dx3H, h0_DxBxH, mask_TxB, rmask_DxBxH)
-  if B % 2 or B < 8:
+  if B % 2 or B < 8 or _may_split_batch():
     return _recurrence(*args, unroll, 1, False)
   return jax.lax.platform_dependent(
       *args, cpu=lambda *a: _recurrence(*a, max(unroll, CPU_MIN_UNROLL), 2, True),
       default=lambda *a: _recurrence(*a, unroll, 1, False))
+
+
+def _may_split_batch() -> bool:
+  """Whether the batch may be split over devices: the CPU form's chains and (T·B)-flat matmuls
+  would then make the partitioner gather the batch and permute rows inside the time loops (a
+  tiny train step on 8 CPU devices took 110–130 ms instead of 7)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.size > 1 if not mesh.empty else jax.device_count() > 1
 
 
 def _reset_before_scan(gi_TxDxBx3H, w_h, b_h, h0, mask_TxB, rmask, unroll):

@@ -342,7 +342,7 @@ def direction_dot(a_TxDxBxK: jax.Array, w_DxKxN: jax.Array, out_dtype=jnp.float3
   XLA:CPU lays out the equivalent d-batched einsum with a transposed output and relayout copies.
   T and B stay separate axes: merging T with a sharded B would make the SPMD partitioner gather
   the batch and project it whole on every device. flat (the GRU's CPU path) reshapes to a 2-D
-  (T·B, K) matmul, as fast there and unsharded in practice.
+  (T·B, K) matmul, as fast there; the GRU takes it only on a batch not split over devices.
   """
   T, D, B, K = a_TxDxBxK.shape
   if flat:
