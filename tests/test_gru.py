@@ -643,7 +643,7 @@ print(collectives(jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()))
 def test_a_batch_split_over_cpu_devices_is_not_gathered_or_permuted():
   """8 CPU devices, 16 rows on 'data': the CPU form's two half-batch chains and (T·B)-flat
   matmuls would make the partitioner gather the batch and permute rows inside the time loops
-  (a tiny train step took 110 ms instead of 7); the gradient is one all-reduce."""
+  (a tiny train step took 110–130 ms instead of 7); the gradient is one all-reduce."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", SPLIT_BATCH], capture_output=True, text=True, env=env,
