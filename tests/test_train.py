@@ -532,12 +532,13 @@ def test_loaded_metrics_keep_the_rows_of_the_run_that_went_on(tmp_path, killed_a
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 6, 7, 8, 9, 10]
   first_7, later_7 = (r["loss"] for r in rows if r["step"] == 7)
   assert first_7 != later_7  # step 6 updated with another rate
-  df = gru_tpu.load(tmp_path).metrics()
+  m = gru_tpu.load(tmp_path)
+  df = m.metrics()
   assert list(zip(df["split"], df["step"])) == (
       [("eval", 5), ("eval", 10)] + [("train", s) for s in range(1, 11)])
   assert df.set_index(["split", "step"]).loc[("train", 7), "loss"] == later_7
   import matplotlib.pyplot as plt
-  ax = gru_tpu.load(tmp_path).plot_metrics("loss")
+  ax = m.plot_metrics("loss")
   lines = {line.get_label(): line for line in ax.get_lines()}
   plt.close(ax.figure)
   assert sorted(lines) == ["eval loss", "train loss"]
