@@ -196,8 +196,6 @@ class ForecastModel(Loaded):
     original units: a DataFrame with [id column], time column, target, point, q<level>...
     The intervals carry the checkpoint's validation calibration (meta["interval_scale"]) unless
     calibrated=False."""
-    if num_samples < 1:
-      raise UserError(f"num_samples must be >= 1, got {num_samples}")
     _check_seed(seed)
     return forecast.forecast_frame(self.model, self.config, self.meta, self.history(history),
                                    self.config.data.horizon if horizon is None else horizon,

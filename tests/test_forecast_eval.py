@@ -55,6 +55,13 @@ def test_mase_scale_interpolates_missing_history_and_averages_per_window():
   h = np.array([0.0, 1, 2, np.nan, 4, 5, 6])                  # interpolated: 0..6
   assert fe.mase_scale(h, 2) == pytest.approx(2.0)
   assert fe.mase_scale(h[:2], 2) == pytest.approx(1.0)       # too short for m: lag 1
+  # Empty steps before a series starts (a panel CSV on a common grid) are no history: held
+  # constant they would halve this scale and pass for a perfect seasonal-naive fit.
+  late = np.concatenate([np.full(7, np.nan), h])
+  assert fe.mase_scale(late, 2) == pytest.approx(2.0)
+  for name in ("naive", "seasonal_naive"):
+    np.testing.assert_array_equal(fe.baseline_forecasts(name, late, 3, 2, 5, 0)[1],
+                                  fe.baseline_forecasts(name, h, 3, 2, 5, 0)[1], err_msg=name)
   y = np.zeros((2, 3, 1))
   f = np.stack([np.full((3, 1), 1.0), np.full((3, 1), 3.0)])
   assert fe.metrics(y, f, np.array([[1.0], [2.0]]))["mase"] == pytest.approx((1 + 1.5) / 2)

@@ -180,8 +180,38 @@ def test_engine_end_to_end_beats_naive_and_reports_baselines(tmp_path):
     m.forecast(hist, 7)
   with pytest.raises(UserError, match="horizon must be >= 1"):
     m.forecast(hist, 0)
+  with pytest.raises(UserError, match=r"horizon must be an integer, got 3.0"):
+    m.forecast(hist, 3.0)
+  assert len(m.forecast(hist, np.int64(2), num_samples=2)) == 2
+  with pytest.raises(UserError, match=r"num_samples must be >= 2, got 1 \(a student_t head"):
+    m.forecast(hist, 2, num_samples=1)  # was a frame without its quantile columns
   with pytest.raises(UserError, match="context_length=24"):
     m.forecast(hist.iloc[:10], 3)
+
+
+def test_a_transformed_tail_is_scored_with_the_intervals_its_forecasts_get(monkeypatch):
+  """Under a log1p/sqrt transform, the calibration factor stretches the spread in model space
+  (where it was fitted) in the test line as in forecast_frame; it used to stretch after the
+  transform was undone, so the line scored other intervals than a forecast gets."""
+  from gru_tpu.tasks import forecast_eval
+  df = seasonal_frame()
+  task = task_for(df, **{"data.transform": "log1p"})
+  model = task.build_model(nnx.Rngs(0))
+  model.eval()
+  scored, real = [], forecast_eval.metrics
+  monkeypatch.setattr(forecast_eval, "metrics",
+                      lambda *a, **k: scored.append(k.get("samples_SxNxHxC")) or real(*a, **k))
+  out = task.evaluate(model, "test")
+  meta = dict(task.meta, **task.model_metadata(model))
+  assert meta["interval_scale"][0] != 1.0 and task.windows["test"].tolist() == [[0, 144]]
+  panel = ts.panel_from_frame(df.iloc[:144], time_column="date", targets=["y"], name="test")
+  f = forecast_frame(model, task.config, meta, panel, 6, num_samples=task.config.eval.num_samples,
+                     seed=task.config.seed)
+  lo, hi = np.quantile(scored[1][:, 0, :, 0], [0.1, 0.9], axis=0)  # [0]: raw, [1]: calibrated
+  np.testing.assert_allclose(lo, f["q0.1"], rtol=1e-5)
+  np.testing.assert_allclose(hi, f["q0.9"], rtol=1e-5)
+  y = df["y"].to_numpy()[144:]
+  assert out["coverage_80"] == pytest.approx(((f["q0.1"] <= y) & (y <= f["q0.9"])).mean())
 
 
 def test_resume_is_exact(tmp_path, killed_at):
@@ -310,7 +340,11 @@ def test_bad_task_inputs():
   for key, value, low in (("data.season_length", -3, 0), ("data.calendar_terms", -1, 0),
                           ("eval.num_samples", 0, 1), ("eval.backtest_stride", -2, 0)):
     with pytest.raises(UserError, match=rf"config.{key} must be >= {low}, got {value}"):
-      task_for(seasonal_frame(), **{key: value})
+      task_for(seasonal_frame(), **{key: value, "model.head": "point"})
+  # One draw has no spread: an AxisError in the first eval's calibration, training lost.
+  with pytest.raises(UserError, match=r"config.eval.num_samples must be >= 2, got 1 \(a "
+                                      r"student_t head's intervals come from its samples"):
+    task_for(seasonal_frame(), **{"eval.num_samples": 1})
   with pytest.raises(UserError, match=r"config.model.unroll=0: expected an integer >= 1"):
     train.check_engine_config(config(**{"model.unroll": 0}))  # the engine checks its keys
   with pytest.raises(UserError, match="impl='pallas' needs config.model.cell='gru'"):

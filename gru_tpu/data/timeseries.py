@@ -528,13 +528,15 @@ def fill_forward(x_TxC: np.ndarray) -> np.ndarray:
   return np.where(idx >= 0, out, 0.0)
 
 
-def interpolate(x_T: np.ndarray) -> np.ndarray:
-  """Linear interpolation of missing values, constant at the ends (for baselines, MASE scale)."""
+def observed_history(x_T: np.ndarray) -> np.ndarray:
+  """A history for baselines and the MASE scale: from its first observed value on (steps before
+  it are no history: a panel CSV on a common grid leaves them empty), linearly interpolated
+  where missing, the last value held to the end (so the end stays at the origin)."""
   ok = ~np.isnan(x_T)
   if ok.all() or not ok.any():
     return x_T
   i = np.arange(len(x_T))
-  return np.interp(i, i[ok], x_T[ok])
+  return np.interp(i, i[ok], x_T[ok])[np.argmax(ok):]
 
 
 # -- windows --------------------------------------------------------------------------------------

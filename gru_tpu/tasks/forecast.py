@@ -30,6 +30,7 @@ takes a fixed factor, `eval.interval_scale`, from a held-out run.
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,14 @@ def default_config(size: str = "small"):
   return c
 
 
+def check_samples(head: str, num_samples: int, name: str = "num_samples") -> None:
+  """A probabilistic head's quantiles, CRPS and calibration are read off its samples."""
+  low = 1 if head == "point" else 2
+  if num_samples < low:
+    why = "" if low == 1 else f" (a {head} head's intervals come from its samples: one has none)"
+    raise UserError(f"{name} must be >= {low}, got {num_samples}{why}")
+
+
 def check_config(config) -> None:
   d, m = config.data, config.model
   for key, value in (("data.horizon", d.horizon), ("data.context_length", d.context_length)):
@@ -108,10 +117,10 @@ def check_config(config) -> None:
   # first eval, after training steps that were then lost.
   for key, value, low in (("data.season_length", d.season_length, 0),
                           ("data.calendar_terms", d.calendar_terms, 0),
-                          ("eval.num_samples", config.eval.num_samples, 1),
                           ("eval.backtest_stride", config.eval.backtest_stride, 0)):
     if value < low:
       raise UserError(f"config.{key} must be >= {low}, got {value}")
+  check_samples(m.head, config.eval.num_samples, "config.eval.num_samples")
   for key, value in (("data.val_length", d.val_length), ("data.test_length", d.test_length)):
     if value and value < d.horizon:
       raise UserError(f"config.{key}={value} is shorter than config.data.horizon={d.horizon}; "
@@ -437,17 +446,21 @@ class ForecastTask:
     their names, the baselines' (e.g. mase, seasonal_naive_mase, ets_mase)."""
     ref = self._reference(split)
     e = self.config.eval
-    pred = to_original(predict_windows(model, self.store, self.windows[split], self.horizon,
-                                       e.num_samples, self.config.seed), ref["loc"], ref["unit"],
-                       self.meta["transform"])
-    score = lambda p: forecast_eval.metrics(ref["y"], p["median"], ref["scale"],
-                                            samples_SxNxHxC=p.get("samples"),
-                                            quantiles_NxHxCxQ=p.get("quantiles"),
-                                            levels=model.quantiles)
+    pred = predict_windows(model, self.store, self.windows[split], self.horizon, e.num_samples,
+                           self.config.seed)
+
+    def score(p):  # p in model space
+      p = to_original(p, ref["loc"], ref["unit"], self.meta["transform"])
+      return forecast_eval.metrics(ref["y"], p["median"], ref["scale"],
+                                   samples_SxNxHxC=p.get("samples"),
+                                   quantiles_NxHxCxQ=p.get("quantiles"), levels=model.quantiles)
+
     out = score(pred)
     scale = self.interval_scale(model)
     if scale is not None and out:  # out is {} when the tail has no observed target
       raw = out
+      # In model space, where the factor was fitted and where forecast_frame applies it: after
+      # a sqrt/log1p transform is undone, stretching would give other intervals than users get.
       out = score(forecast_eval.scale_spread(pred, scale))
       out.update({f"{k}_uncalibrated": raw[k] for k in ("crps", "coverage_80")},
                  interval_scale=float(scale.mean()))
@@ -477,8 +490,13 @@ def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horiz
   """
   import pandas as pd
   d = config.data
+  try:
+    horizon = operator.index(horizon)  # numpy integers too; 3.0 or "3" are a caller's slip
+  except TypeError:
+    raise UserError(f"horizon must be an integer, got {horizon!r}") from None
   if horizon < 1:
     raise UserError(f"horizon must be >= 1, got {horizon}")
+  check_samples(model.head, num_samples)
   if model.decoder == "direct" and horizon > d.horizon:
     raise UserError(f"this model forecasts at most {d.horizon} steps (direct decoder, "
                     f"data.horizon={d.horizon}); ask for fewer, or retrain with a longer "

@@ -5,7 +5,8 @@ Arrays are in original units, windows × horizon × targets, NaN where the truth
 points count in no metric). Definitions:
   mae, rmse      over all observed points
   mase           per window and target: MAE / the in-sample seasonal-naive MAE of the history
-                 before the origin (linearly interpolated where missing), then averaged
+                 before the origin (from its first observed value, linearly interpolated
+                 where missing), then averaged
   smape          100 · mean of 2|y - f| / (|y| + |f|)  (0 where both are 0), in percent
   crps           mean CRPS: from samples, E|X - y| - E|X - X'| / 2; from quantile levels,
                  2 · the mean pinball loss over the levels (exact for many uniform levels)
@@ -25,14 +26,14 @@ import warnings
 
 import numpy as np
 
-from gru_tpu.data.timeseries import interpolate
+from gru_tpu.data.timeseries import observed_history
 
 BASELINES = ("naive", "seasonal_naive", "ets")
 
 
 def mase_scale(history_T: np.ndarray, m: int) -> float:
   """In-sample MAE of the seasonal naive forecast (lag m; lag 1 if the history is too short)."""
-  h = interpolate(np.asarray(history_T, np.float64))
+  h = observed_history(np.asarray(history_T, np.float64))
   h = h[~np.isnan(h)]
   m = m if len(h) > m else 1
   if len(h) <= m:
@@ -162,7 +163,7 @@ def _gaussian_samples(point_H, sigma_H, num_samples: int, rng) -> np.ndarray:
 
 def naive(history_T, horizon: int, num_samples: int, rng):
   """The last value; intervals from the lag-1 residuals, σ√k (Hyndman & Athanasopoulos)."""
-  h = interpolate(np.asarray(history_T, np.float64))
+  h = observed_history(np.asarray(history_T, np.float64))
   point = np.full(horizon, h[-1])
   sigma = np.sqrt(np.mean(np.diff(h) ** 2)) if len(h) > 1 else 0.0
   return point, _gaussian_samples(point, sigma * np.sqrt(np.arange(1, horizon + 1)),
@@ -171,7 +172,7 @@ def naive(history_T, horizon: int, num_samples: int, rng):
 
 def seasonal_naive(history_T, horizon: int, m: int, num_samples: int, rng):
   """The value one season back; σ√(⌊(k - 1)/m⌋ + 1) from the lag-m residuals."""
-  h = interpolate(np.asarray(history_T, np.float64))
+  h = observed_history(np.asarray(history_T, np.float64))
   if m <= 1 or len(h) <= m:
     return naive(h, horizon, num_samples, rng)
   k = np.arange(horizon)
@@ -184,7 +185,7 @@ def ets(history_T, horizon: int, m: int, num_samples: int, seed: int):
   """statsmodels Holt-Winters, additive trend and (when 2 seasons fit) additive season; samples
   by simulating additive errors. None where it does not fit (too short, or fitting fails)."""
   from statsmodels.tsa.holtwinters import ExponentialSmoothing
-  h = interpolate(np.asarray(history_T, np.float64))
+  h = observed_history(np.asarray(history_T, np.float64))
   if len(h) < 10 or np.isnan(h).any():
     return None
   seasonal = m > 1 and len(h) >= 2 * m + 2
