@@ -51,6 +51,12 @@ def test_csv_panel_with_covariates(tmp_path):
   assert [s.id for s in p.series] == ["a", "b"] and p.freq == "D" and p.season_length == 7
   assert p.series[0].y[:, 0].tolist() == [1, 2, 3, 4, 5]
   assert p.series[1].known.shape == (5, 1) and np.isnan(p.series[0].past[2, 0])
+  # Whole-number float ids (a DataFrame's, or "1.0" in a file) name series "1", as integer ids
+  # do: a series keeps its name, and its checkpoint scales, from file to file.
+  floats = pd.DataFrame({"date": pd.date_range("2024-01-01", periods=2).repeat(2),
+                         "store": [1.0, 2.0] * 2, "sales": [1.0, 2, 3, 4]})
+  p = ts.panel_from_frame(floats, time_column="date", targets=["sales"], id_column="store")
+  assert [s.id for s in p.series] == ["1", "2"]
   assert ts.calendar_cycles("D") == ["year", "week"] and ts.calendar_cycles("h") == [
       "year", "week", "day"]
 
@@ -71,6 +77,15 @@ def test_csv_panel_with_covariates(tmp_path):
      r"no known covariate column 'price' .* fix config.data.known_covariates or the file"),
     ("date,y\n2024-01-01,1\n", dict(id_column="store"),
      r"no id column 'store' .* fix config.data.id_column or the file"),
+    # The future target as an input: trained "well", then no forecast (its future is empty).
+    ("date,y\n2024-01-01,1\n", dict(known=["y"]),
+     r"column 'y' is both a target column and a known covariate column \(config.data.target "
+     r"and config.data.known_covariates\)"),
+    ("date,y\n2024-01-01,1\n", dict(target="y,y"), r"column 'y' is listed twice in "
+                                                    r"config.data.target"),
+    # pandas kept the empty id as NaN: "series nan has no values", naming no line
+    ("date,s,y\n2024-01-01,a,1\n2024-01-01,,2\n", dict(id_column="s"),
+     r"line 3: id column 's' is empty; give every row the id of its series"),
 ])
 def test_bad_csv_is_one_clear_error(tmp_path, text, kw, message):
   src = write(tmp_path, text)

@@ -148,6 +148,20 @@ def _numeric(df, col: str, what: str, where) -> np.ndarray:
   return values
 
 
+def _ids(df, col: str, where) -> np.ndarray:
+  """The id column as strings; whole numbers read as floats (a column with an empty cell) keep
+  their integer spelling, so "1" names the same series in every file."""
+  import pandas as pd
+  s = df[col]
+  empty = s.isna() | (s.astype(str).str.strip() == "")
+  if empty.any():
+    raise UserError(f"{where(int(np.flatnonzero(empty.to_numpy())[0]))}: id column {col!r} is "
+                    f"empty; give every row the id of its series")
+  if pd.api.types.is_float_dtype(s) and (s == s.round()).all():
+    s = s.astype(np.int64)
+  return s.astype(str).to_numpy()
+
+
 def _times(df, col: str, where):
   """(times, tz): datetime64[ns] (UTC if the column had offsets) or int64/float64, and the
   column's timezone (None if naive), which forecasts are written back in."""
@@ -365,6 +379,15 @@ def panel_from_frame(df, *, time_column: str, targets: list[str], id_column: str
       raise UserError(f"{name}: no {role} column {col!r} (columns: {', '.join(have)}); {fix}")
   if not targets:
     raise UserError(f"{name}: no target column; set config.data.target")
+  roles = {}
+  for role, col, key in wanted:  # a target also given as a known covariate leaks the future
+    if col in roles and roles[col][1] == key:
+      raise UserError(f"{name}: column {col!r} is listed twice in config.data.{key}")
+    if col in roles:
+      raise UserError(f"{name}: column {col!r} is both a {roles[col][0]} column and a {role} "
+                      f"column (config.data.{roles[col][1]} and config.data.{key}); a column "
+                      f"has one role: drop it from one (past targets are inputs already, as lags)")
+    roles[col] = (role, key)
   df = df.reset_index(drop=True)
   t_all, tz = _times(df, time_column, where)
   y_all = np.stack([_numeric(df, c, "target", where) for c in targets], -1)
@@ -373,7 +396,7 @@ def panel_from_frame(df, *, time_column: str, targets: list[str], id_column: str
   pa_all = np.stack([_numeric(df, c, "past covariate", where) for c in past], -1) if past \
       else np.zeros((len(df), 0))
   if id_column:
-    ids = df[id_column].astype(str).to_numpy()
+    ids = _ids(df, id_column, where)
     groups = [(i, np.flatnonzero(ids == i)) for i in dict.fromkeys(ids)]  # first-seen order
   else:
     groups = [(targets[0] if len(targets) == 1 else "series", np.arange(len(df)))]
