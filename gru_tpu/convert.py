@@ -44,7 +44,8 @@ def _torch_layers(module, num_layers: int, directions: int):
 def _reset_after_only(source: str, kwargs: dict) -> None:
   """torch and linen GRUs apply r after the recurrent matmul: reset_after=False would build
   another function from the same weights."""
-  if kwargs.get("reset_after", True) is not True:
+  flag = kwargs.get("reset_after", True)
+  if not isinstance(flag, (bool, np.bool_)) or not flag:  # np.True_ from a config is True too
     raise ValueError(f"{source} GRUs are reset_after=True; reset_after="
                      f"{kwargs['reset_after']!r} would compute another function from its weights")
 

@@ -74,6 +74,11 @@ def test_reset_after_false_is_refused_for_torch_and_linen():
   with pytest.raises(ValueError, match=r"linen GRUs are reset_after=True"):
     convert.gru_from_linen(params, reset_after=False)
   assert convert.gru_from_linen(params, reset_after=True).reset_after
+  # A flag from a config or numpy (np.True_) is True too; it was refused as "another function".
+  assert convert.gru_from_linen(params, reset_after=np.True_).reset_after
+  assert convert.gru_from_torch(torch.nn.GRU(I, H), reset_after=np.True_).reset_after
+  with pytest.raises(ValueError, match=r"torch GRUs are reset_after=True; reset_after=0"):
+    convert.gru_from_torch(torch.nn.GRU(I, H), reset_after=0)
 
 
 def nonzero(tree, key):

@@ -475,6 +475,9 @@ BAD_CALLS = [
     (dict(seq_lengths=np.array([1, 2, 3, 4, 5, 6, 7, T + 1])), r"seq_lengths must lie in \[0, 7\]"),
     (dict(seq_lengths=np.array([1, 2, 3, 4, 5, 6, 7, -1])), r"seq_lengths must lie in \[0, 7\]"),
     (dict(seq_lengths=np.ones(B, np.float32)), "seq_lengths must be an int array"),
+    # Lengths read from a file: a TypeError/ValueError from jnp.asarray that named no argument.
+    (dict(seq_lengths=[str(t) for t in range(B)]), r"seq_lengths must be an int array .* <U1"),
+    (dict(seq_lengths=[None] + [1] * (B - 1)), r"seq_lengths must be an int array .* object"),
     # int64 beyond int32 wrapped to 1 in jnp.asarray (x64 off) and passed the range check
     (dict(seq_lengths=np.array([2**32 + 1, 1, 2, 3, 4, 5, 6, 7], np.int64)),
      r"seq_lengths must lie in \[0, 7\] .* got values in \[1, 4294967297\]"),

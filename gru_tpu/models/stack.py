@@ -269,10 +269,12 @@ class RecurrentStack(nnx.Module):
     on_host = all(not isinstance(v, jax.core.Tracer) and getattr(v, "is_fully_addressable", True)
                   for v in jax.tree.leaves(seq_lengths))
     values = np.asarray(seq_lengths) if on_host else None
-    seq_lengths = jnp.asarray(seq_lengths)
-    if seq_lengths.shape != (B,) or not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
+    # Strings or None (lengths read from a file) would fail in jnp.asarray, naming no argument.
+    got = values if values is not None else jnp.asarray(seq_lengths)
+    if got.shape != (B,) or not np.issubdtype(got.dtype, np.integer):
       raise ValueError(f"{name}: seq_lengths must be an int array of shape ({B},) (one length per "
-                       f"sequence), got {seq_lengths.dtype} {seq_lengths.shape}")
+                       f"sequence), got {got.dtype} {got.shape}")
+    seq_lengths = jnp.asarray(seq_lengths)
     if values is not None and B:
       lo, hi = int(values.min()), int(values.max())
       if lo < 0 or hi > T:
