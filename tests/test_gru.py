@@ -514,6 +514,16 @@ def test_bad_constructor_and_step_arguments():
     GRU(I, H, bidirectional=True, rngs=nnx.Rngs(0)).step(jnp.zeros((2, B, H)), jnp.zeros((B, I)))
   with pytest.raises(ValueError, match=r"carry must be \(1, 8, 6\)"):
     GRU(I, H, rngs=nnx.Rngs(0)).step(jnp.zeros((2, B, H)), jnp.zeros((B, I)))
+  # It was (num_layers, B, H) for a bidirectional stack too, a carry its call refused.
+  bi = GRU(I, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
+  assert bi(np.zeros((B, T, I), np.float32), initial_carry=bi.initial_carry(B))[1].shape == (
+      4, B, H)
+  # Call-time rngs without a dropout stream: a KeyError / "PRNGKeyArray is not callable".
+  drop = GRU(I, H, num_layers=2, dropout=0.3, rngs=nnx.Rngs(params=0))
+  with pytest.raises(ValueError, match=r"GRU: the rngs given have no 'dropout' \(or 'default'\)"):
+    drop(np.zeros((B, T, I), np.float32), rngs=nnx.Rngs(params=1))
+  with pytest.raises(ValueError, match=r"GRU: rngs must be an nnx.Rngs .* got PRNGKeyArray"):
+    drop(np.zeros((B, T, I), np.float32), rngs=jax.random.key(1))
   with pytest.raises(ValueError, match=r"initial_carry: batch_size must be an int >= 0, got -1"):
     GRU(I, H, rngs=nnx.Rngs(0)).initial_carry(-1)
   # A bool is an Integral: True was a batch of 1, as the constructor's sizes no longer allow.

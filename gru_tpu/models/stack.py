@@ -157,7 +157,14 @@ class RecurrentStack(nnx.Module):
       raise ValueError(f"{type(self).__name__}: dropout is on but no rngs were given; pass "
                        "rngs=nnx.Rngs(dropout=...) to the constructor or the call, or use .eval()")
     if isinstance(stream, nnx.Rngs):
-      stream = stream["dropout"]
+      try:
+        stream = stream["dropout"]  # or its "default" stream
+      except (KeyError, AttributeError):
+        raise ValueError(f"{type(self).__name__}: the rngs given have no 'dropout' (or 'default')"
+                         " stream for dropout; pass rngs=nnx.Rngs(dropout=...)") from None
+    elif stream is not None and not isinstance(stream, nnx.RngStream):
+      raise ValueError(f"{type(self).__name__}: rngs must be an nnx.Rngs (e.g. "
+                       f"nnx.Rngs(dropout=key)), got {type(stream).__name__}")
 
     mask_TxB = None if seq_lengths is None else jnp.arange(T)[:, None] < seq_lengths[None, :]
     x_TxBxI = jnp.swapaxes(x_BxTxI, 0, 1)
@@ -215,12 +222,13 @@ class RecurrentStack(nnx.Module):
     return ys.reshape(n * K, *ys.shape[2:])[:T], carry
 
   def initial_carry(self, batch_size: int) -> Carry:
-    """Zeros in the layout `step` takes: leaves (num_layers, B, H)."""
+    """Zeros in the layout the call's initial_carry (and, unidirectional, `step`) takes: leaves
+    (num_layers·D, B, H)."""
     if (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)
         or batch_size < 0):
       raise ValueError(f"{type(self).__name__}.initial_carry: batch_size must be an int >= 0, "
                        f"got {batch_size!r}")
-    return self._zero_carry(self.num_layers, int(batch_size))
+    return self._zero_carry(self.num_layers * self.num_directions, int(batch_size))
 
   def step(self, carry: Carry, x_BxI: jax.Array) -> tuple[Carry, jax.Array]:
     """One timestep through all layers (unidirectional, deterministic): for decoding."""
