@@ -50,10 +50,20 @@ def _reset_after_only(source: str, kwargs: dict) -> None:
                      f"{kwargs['reset_after']!r} would compute another function from its weights")
 
 
+def _sizes_from_weights(source: str, kwargs: dict) -> None:
+  """The converted weights fix these; passed again they were a raw 'multiple values' TypeError."""
+  given = [k for k in ("in_features", "hidden_features", "num_layers", "bidirectional")
+           if k in kwargs]
+  if given:
+    raise ValueError(f"{source}: {', '.join(given)} come(s) from the converted weights; drop "
+                     f"the argument(s) (kwargs are for GRU options such as unroll, remat, dtype)")
+
+
 def _from_torch(cls, module, kwargs):
   # batch_first only changes the call layout, not the weights; gru_tpu is always batch-major.
   if not module.bias or getattr(module, "proj_size", 0):
     raise ValueError(f"{type(module).__name__}: bias=False and proj_size are not supported")
+  _sizes_from_weights(f"{cls.__name__.lower()}_from_torch", kwargs)
   if cls is GRU:
     _reset_after_only("torch", kwargs)
   model = cls(module.input_size, module.hidden_size, num_layers=module.num_layers,
@@ -82,6 +92,7 @@ def gru_from_linen(params: Any, **kwargs) -> GRU:
   list of those for a multi-layer stack. linen has no b_hr/b_hz (they are folded into b_ir/b_iz),
   so those become zeros.
   """
+  _sizes_from_weights("gru_from_linen", kwargs)
   _reset_after_only("linen", kwargs)
   cells = params if isinstance(params, (list, tuple)) else [params]
   layers = []
@@ -107,6 +118,7 @@ def gru_from_keras(weights: Sequence[Any], *, reset_after: bool = True, **kwargs
   Keras orders gates z|r|h; bias is (2, 3H) [input; recurrent] when reset_after=True, else (3H,)
   on the input side only. `weights` may also be a list of such lists, one per layer.
   """
+  _sizes_from_weights("gru_from_keras", kwargs)
   stack = weights if isinstance(weights[0], (list, tuple)) else [weights]
   layers = []
   for w in stack:

@@ -79,6 +79,12 @@ def test_reset_after_false_is_refused_for_torch_and_linen():
   assert convert.gru_from_torch(torch.nn.GRU(I, H), reset_after=np.True_).reset_after
   with pytest.raises(ValueError, match=r"torch GRUs are reset_after=True; reset_after=0"):
     convert.gru_from_torch(torch.nn.GRU(I, H), reset_after=0)
+  # Sizes come from the weights ("GRU() got multiple values for keyword argument" before).
+  with pytest.raises(ValueError, match=r"lstm_from_torch: num_layers, bidirectional come\(s\) "
+                                       r"from the converted weights"):
+    convert.lstm_from_torch(torch.nn.LSTM(I, H), num_layers=2, bidirectional=True)
+  with pytest.raises(ValueError, match=r"gru_from_linen: hidden_features come"):
+    convert.gru_from_linen(params, hidden_features=H)
 
 
 def nonzero(tree, key):
