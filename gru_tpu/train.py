@@ -55,6 +55,9 @@ COMPATIBLE_KEYS = ("task", "model", "data")
 # model keys that leave the parameters (f32 whatever the compute dtype) and optimizer state
 # alone: a run may resume with another value, e.g. remat on after running out of memory.
 RUNTIME_MODEL_KEYS = ("impl", "unroll", "remat", "dtype")
+# data keys that say where the same data is or what to log, not what it is: a run moved to
+# another machine resumes (a changed text is caught by its vocabulary, task.resume_mismatch).
+RUNTIME_DATA_KEYS = ("tfds_data_dir", "tfds_manual_dir", "sample_prompt", "sample_length")
 # Keys the engine reads without a default (the others it reads with config.get).
 REQUIRED_KEYS = ("task", "seed", "mesh", "sharding", "batch_size", "grad_accum", "num_steps",
                  "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints",
@@ -76,6 +79,13 @@ def load_task(config) -> Any:
     module = importlib.import_module(f"gru_tpu.tasks.{config.task}")
   except ModuleNotFoundError as e:
     raise UserError(f"config.task={config.task!r}: no module gru_tpu.tasks.{config.task}") from e
+  defaults = getattr(module, "data_defaults", None)
+  missing = [k for k in defaults().keys() if k not in config.data] if defaults else []
+  if missing:  # --config.task=forecast on a text config was a KeyError traceback
+    more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+    raise UserError(f"config.task={config.task!r} reads config.data.{', '.join(missing[:4])}"
+                    f"{more}, which this config lacks: is it a config for another task? Start "
+                    f"from one of that task's configs (configs/*.py)")
   return module.make_task(config)
 
 
@@ -215,7 +225,7 @@ def check_engine_config(config) -> None:
     raise UserError(f"the config lacks {', '.join(missing[:4])}{more}; start it from "
                     f"gru_tpu.config.engine_defaults(...) as configs/*.py do")
   positive = ["batch_size", "seq_len", "num_steps", "grad_accum", "log_every", "eval_every",
-              "checkpoint_every", "keep_checkpoints", "eval_steps", "model.hidden",
+              "checkpoint_every", "keep_checkpoints", "eval_steps", "model.hidden", "model.embed_dim",
               "model.num_layers", "model.unroll"]
   nonneg = ["seed", "profile_start", "profile_steps", "optimizer.warmup_steps"]
   for keys, low in ((positive, 1), (nonneg, 0)):
@@ -275,13 +285,17 @@ def _check_batch(config, mesh) -> None:
 
 
 def _task_defaults(name: Any) -> dict:
-  """The JSON of a task's default config (`default_config()` of its module), or {}."""
+  """The JSON of a task's default config (`default_config()` of its module, else its
+  `data_defaults()` as config.data), or {}."""
   try:
     module = importlib.import_module(f"gru_tpu.tasks.{name}")
   except (ImportError, TypeError, ValueError):  # not a task this version has
     return {}
   make = getattr(module, "default_config", None)
-  return json.loads(make().to_json_best_effort()) if make else {}
+  if make:
+    return json.loads(make().to_json_best_effort())
+  data = getattr(module, "data_defaults", None)
+  return {"data": json.loads(data().to_json_best_effort())} if data else {}
 
 
 def _with_defaults(saved: Any, default: Any) -> Any:
@@ -297,8 +311,10 @@ def _check_compatible(saved_meta: dict, config, task, step: int, directory: epat
   # behaved as the key's default does (new keys default to the old behaviour).
   saved = _with_defaults(saved_meta["config"], _task_defaults(saved_meta["config"].get("task")))
   now = json.loads(config.to_json_best_effort())
-  saved, now = ({**c, "model": {k: v for k, v in c.get("model", {}).items()
-                                if k not in RUNTIME_MODEL_KEYS}} for c in (saved, now))
+  saved, now = ({**c, **{part: {k: v for k, v in c.get(part, {}).items() if k not in runtime}
+                          for part, runtime in (("model", RUNTIME_MODEL_KEYS),
+                                                ("data", RUNTIME_DATA_KEYS))}}
+                for c in (saved, now))
   diffs = [d for key in COMPATIBLE_KEYS for d in _differences(saved.get(key), now.get(key),
                                                                 f"config.{key}")]
   if diffs:

@@ -395,6 +395,16 @@ def test_bad_config_override_is_one_clear_line(tmp_path, flag, message):
     ({"optimizer.weight_decay": -1e-4}, r"config.optimizer.weight_decay=-0.0001"),
     ({"optimizer.b1": 1.5}, r"config.optimizer.b1=1.5: expected a value in \[0, 1\)"),
     ({"optimizer.b2": 1.0}, r"config.optimizer.b2=1.0: expected a value in \[0, 1\)"),
+    # Tracebacks (GRU in_features, ZeroDivisionError, numpy at the first batch) or a degenerate
+    # task trained without a word.
+    ({"model.embed_dim": 0}, r"config.model.embed_dim=0: expected an integer >= 1"),
+    ({"data.vocab_size": 0}, r"config.data.vocab_size=0: expected an integer >= 2"),
+    ({"data.lag": 0}, r"config.data.lag=0: expected an integer >= 1"),
+    ({"data.noise": -1.0}, r"config.data.noise=-1.0: expected a fraction in \[0, 1\]"),
+    # Another task's config: a KeyError traceback in the task
+    ({"task": "forecast"}, r"config.task='forecast' reads config.data.calendar_terms, "
+                           r"context_length, horizon, id_column and \d+ more, which this config "
+                           r"lacks: is it a config for another task\?"),
 ])
 def test_bad_engine_values_are_one_clear_error_before_anything_is_written(tmp_path, overrides,
                                                                          message):
@@ -829,6 +839,27 @@ def test_resuming_with_another_length_optimizer_or_data_order_says_it_is_not_exa
       f"config.{key} differs from the checkpoint's ({a} vs now {b}): the batches from step 20 on "
       f"are not the ones the first run would have seen, so this run will not equal one trained "
       f"with it from the start" for key, a, b in (("seed", 0, 1), ("batch_size", 16, 8))]
+
+
+def test_a_text_run_resumes_with_keys_added_since_and_its_data_moved(tmp_path):
+  """A checkpoint from before data.tfds_* existed ran as their defaults; where the data lies
+  (tfds dirs) or what is logged (sample_*) is no change of data, so it resumes (it was refused
+  as "a different config.data.tfds_data_dir (None vs now '')")."""
+  sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+  import char_pystdlib
+  now = char_pystdlib.get_config("size=tiny")
+  old = json.loads(now.to_json_best_effort())
+  for key in ("tfds_data_dir", "tfds_manual_dir", "tfds_text_key"):
+    del old["data"][key]
+  train._check_compatible({"config": old, "task": {}}, now, None, 20, tmp_path)
+  moved = json.loads(now.to_json_best_effort())
+  moved["data"].update(tfds_manual_dir="/elsewhere", sample_prompt="x", sample_length=9)
+  train._check_compatible({"config": moved, "task": {}}, now, None, 20, tmp_path)
+  other = json.loads(now.to_json_best_effort())
+  other["data"].update(tokenizer="byte", tfds_text_key="content")
+  with pytest.raises(UserError, match=r"different config.data.tfds_text_key \('content' vs now "
+                                      r"'text'\), config.data.tokenizer \('byte' vs now 'char'\)"):
+    train._check_compatible({"config": other, "task": {}}, now, None, 20, tmp_path)
 
 
 def test_incompatible_workdir_is_refused_untouched(tmp_path, monkeypatch):

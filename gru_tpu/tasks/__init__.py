@@ -19,6 +19,10 @@ split "eval" and written once more on split "test" after the last step; model_me
 merged into metadata() for each checkpoint from the parameters saved in it;
 resume_mismatch(saved metadata) -> str | None: why a checkpoint cannot resume this run although
 its config matches (the data now gives another vocabulary or other features).
+A module may also define data_defaults() -> ConfigDict, its config.data keys and their defaults:
+a config lacking one is refused as one for another task, and a checkpoint whose config lacks one
+(written before the key existed) resumes as if it had the default; default_config() -> ConfigDict
+does the same for every key.
 """
 
 import jax.numpy as jnp

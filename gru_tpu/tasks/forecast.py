@@ -472,6 +472,10 @@ class ForecastTask:
     return out
 
 
+def data_defaults():
+  return default_config().data
+
+
 def make_task(config) -> ForecastTask:
   return ForecastTask(config)
 

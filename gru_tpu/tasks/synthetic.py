@@ -13,17 +13,33 @@ import numpy as np
 import optax
 from flax import nnx
 
+from gru_tpu.errors import UserError
 from gru_tpu.models.lm import SequenceLM
 from gru_tpu.tasks import sequence_lm
 
 SPLITS = {"train": 0, "eval": 1}
 
 
+def data_defaults():
+  """config.data of the synthetic task."""
+  import ml_collections
+  return ml_collections.ConfigDict(dict(vocab_size=16, lag=1, noise=0.05))
+
+
 class SyntheticTask:
 
   def __init__(self, config):
     self.config = config
-    self.vocab_size = config.data.vocab_size
+    d = config.data
+    # A ZeroDivisionError, or a numpy error at the first batch after the workdir was created;
+    # lag 0 or noise outside [0, 1] trained on a degenerate sequence.
+    for key, ok, want in (
+        ("vocab_size", _int(d.vocab_size) and d.vocab_size >= 2, "an integer >= 2"),
+        ("lag", _int(d.lag) and d.lag >= 1, "an integer >= 1"),
+        ("noise", 0 <= d.noise <= 1, "a fraction in [0, 1]")):
+      if not ok:
+        raise UserError(f"config.data.{key}={getattr(d, key)!r}: expected {want}")
+    self.vocab_size = d.vocab_size
 
   def build_model(self, rngs: nnx.Rngs) -> SequenceLM:
     return sequence_lm(self.vocab_size, self.config.model, rngs)
@@ -58,6 +74,10 @@ class SyntheticTask:
 
   def metadata(self) -> dict:
     return {"task": "synthetic", "vocab_size": self.vocab_size}
+
+
+def _int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
 
 
 def make_task(config) -> SyntheticTask:

@@ -86,5 +86,9 @@ class TextTask:
     return None
 
 
+def data_defaults():
+  return text.data_config()
+
+
 def make_task(config) -> TextTask:
   return TextTask(config)
