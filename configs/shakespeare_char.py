@@ -41,7 +41,7 @@ def get_config(arg: str | None = None):
   c.optimizer.weight_decay = 0.1
   c.optimizer.final_lr_fraction = 0.05
   c.eval_every = 50
-  c.eval_steps = 6  # the whole validation split at batch 64, seq_len 128
+  c.eval_steps = 6  # 384 of the validation split's 435 windows (88 %) at batch 64, seq_len 128
   if size == "base":
     c.model.hidden_multiple = 128  # MXU tiles
     # bf16 matmuls, f32 params, gates and carry: the MXU's native input type. At this preset on

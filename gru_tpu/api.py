@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,8 @@ class TextModel(Loaded):
 
   def stream(self, prompt: str, length: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             num_samples: int = 1, chunk: int = 64) -> Iterator[list[str]]:
+             num_samples: int = 1, chunk: int = 64, _stacklevel: int = 2
+             ) -> Iterator[list[str]]:
     """Yields the next piece of text of every sample, `chunk` tokens at a time.
 
     The arguments are checked here, not at the first piece: the CLI had already printed the
@@ -125,12 +127,19 @@ class TextModel(Loaded):
     if num_samples < 1:
       raise UserError(f"num_samples must be >= 1, got {num_samples}")
     _check_seed(seed)
-    if top_k is not None and not 1 <= top_k <= self.tokenizer.vocab_size:
-      raise UserError(f"top_k must be in [1, {self.tokenizer.vocab_size}], got {top_k}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                              or not 1 <= top_k <= self.tokenizer.vocab_size):
+      raise UserError(f"top_k must be an integer in [1, {self.tokenizer.vocab_size}], got "
+                      f"{top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
       raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if chunk < 1:
       raise UserError(f"chunk must be >= 1, got {chunk}")
+    if isinstance(self.tokenizer, text.CharTokenizer):
+      unknown = sorted({c for c in prompt if c not in self.tokenizer.index})
+      if unknown:  # a notebook's prompt too, not only the CLI's
+        warnings.warn(f"prompt characters not in the vocabulary become <unk>: "
+                      f"{''.join(unknown)!r}", stacklevel=_stacklevel)
     return self._pieces(prompt, length, temperature, top_k, top_p, seed, num_samples, chunk)
 
   def _pieces(self, prompt, length, temperature, top_k, top_p, seed, num_samples, chunk):
@@ -154,7 +163,8 @@ class TextModel(Loaded):
                top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
     """`length` new tokens after `prompt` (characters outside the vocabulary become <unk>)."""
     return "".join(piece[0] for piece in self.stream(prompt, length, temperature=temperature,
-                                                     top_k=top_k, top_p=top_p, seed=seed))
+                                                     top_k=top_k, top_p=top_p, seed=seed,
+                                                     _stacklevel=3))
 
 
 class ForecastModel(Loaded):
@@ -226,6 +236,10 @@ def load(workdir: str | os.PathLike, step: int | None = None) -> Loaded:
   A run may still be training there and delete old checkpoints (keep_checkpoints) while one is
   read: the latest is then read again, and an explicit `step` that went away is an error."""
   workdir = workdir_path(workdir)
+  if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
+    # "20" was "has no checkpoint at step 20; it has steps [20, ...]"
+    raise UserError(f"step must be an integer (a checkpoint step), got {step!r}")
+  step = None if step is None else int(step)
   attempts = 3
   for attempt in range(attempts):
     try:
@@ -376,13 +390,12 @@ def main(argv: list[str]) -> int:
     m = load(a.workdir, a.step)
     if not isinstance(m, TextModel):
       raise UserError(f"{a.workdir} holds a {m.task!r} model; gru-tpu sample needs a text one")
-    pieces = m.stream(a.prompt, a.length, temperature=a.temperature, top_k=a.top_k,
-                      top_p=a.top_p, seed=a.seed, num_samples=a.num_samples)  # checks them
-    if isinstance(m.tokenizer, text.CharTokenizer):
-      unknown = sorted({c for c in a.prompt if c not in m.tokenizer.index})
-      if unknown:
-        print(f"gru-tpu sample: prompt characters not in the vocabulary become <unk>: "
-              f"{''.join(unknown)!r}", file=sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:  # as one line of this command
+      warnings.simplefilter("always")
+      pieces = m.stream(a.prompt, a.length, temperature=a.temperature, top_k=a.top_k,
+                        top_p=a.top_p, seed=a.seed, num_samples=a.num_samples)  # checks them
+    for w in caught:
+      print(f"gru-tpu sample: {w.message}", file=sys.stderr)
     if a.num_samples == 1:
       sys.stdout.write(a.prompt)
       for piece in pieces:
@@ -398,6 +411,9 @@ def main(argv: list[str]) -> int:
   except UserError as e:
     print(f"gru-tpu sample: {e}", file=sys.stderr)
     return 2
+  except BrokenPipeError:  # `gru-tpu sample ... | head`: the reader is gone; stop, quietly
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+    return 1
   return 0
 
 

@@ -123,6 +123,16 @@ def test_sampled_tokens_follow_the_tempered_filtered_softmax(temperature, top_k,
   np.testing.assert_allclose(freq, want, atol=0.012)  # 4.8 sigma of a frequency at p = 0.5
 
 
+def test_a_tiny_temperature_is_the_most_likely_token():
+  """logits / 1e-38 overflowed to +inf for every token, and the tie went to token 0."""
+  model = lm.SequenceLM(3, embed_dim=4, hidden=4, rngs=nnx.Rngs(0))
+  logits = jnp.array([[5.0, 6.0, 1.0]])
+  for t, top_p in ((1e-38, None), (1e-38, 0.9), (1e-30, None)):  # top_p: softmax of inf, NaN
+    _, _, toks = lm.sample_tokens(model, model.rnn.initial_carry(1), logits,
+                                  jax.random.split(jax.random.key(0), 1), t, None, top_p)
+    assert int(toks[0, 0]) == 1, (t, top_p)
+
+
 def test_new_prompts_lengths_and_temperatures_compile_nothing_new(workdir, compiles):
   """A notebook calls generate with ever new prompts, lengths and temperatures. Each new prompt
   length, text length, temperature or top_p compiled anew (and kept the executable: ~3 MB of
@@ -139,14 +149,24 @@ def test_new_prompts_lengths_and_temperatures_compile_nothing_new(workdir, compi
 def test_bad_sampling_arguments(workdir, tmp_path):
   m = gru_tpu.load(workdir)
   V = m.tokenizer.vocab_size
-  for bad in (0, V + 1):
-    with pytest.raises(UserError, match=rf"top_k must be in \[1, {V}\], got {bad}"):
+  for bad in (0, V + 1, 2.5):  # 2.5: a JAX TypeError inside the sampler
+    with pytest.raises(UserError, match=rf"top_k must be an integer in \[1, {V}\], got {bad}"):
       m.generate("x", 5, top_k=bad)
+  # A notebook's prompt outside the vocabulary is said, as the CLI says it.
+  with pytest.warns(UserWarning, match=r"prompt characters not in the vocabulary become <unk>: "
+                                       r"'Zx'"):
+    m.generate("to Zx", 2)
+  # The step as text or float: "no checkpoint at step 20; it has steps [20, ...]" or "changed
+  # while being loaded".
+  for bad in ("25", 25.0):
+    with pytest.raises(UserError, match=r"step must be an integer \(a checkpoint step\), got "):
+      gru_tpu.load(workdir, step=bad)
+  assert gru_tpu.load(workdir, step=np.int64(m.step)).step == m.step
   for bad in (0.0, 1.5):
     with pytest.raises(UserError, match=r"top_p must be in \(0, 1\]"):
       m.generate("x", 5, top_p=bad)
   # The closed ends are valid: every token, all the mass.
-  assert len(m.generate("x", 3, top_k=V, top_p=1.0, seed=2**31 - 1)) == 3
+  assert len(m.generate("t", 3, top_k=V, top_p=1.0, seed=2**31 - 1)) == 3
   for bad in (-1.0, float("nan")):  # negative: the least likely tokens first
     with pytest.raises(UserError, match="temperature must be >= 0"):
       m.generate("x", 5, temperature=bad)
@@ -218,3 +238,11 @@ def test_sample_cli(workdir, tmp_path):
              "--seed", "4").stdout == r.stdout
   r = run("--workdir", str(tmp_path), "--length", "5")
   assert r.returncode == 2 and "holds no checkpoint" in r.stderr
+  # `| head`: the reader leaves (more text than a pipe buffers, so a write must meet it gone);
+  # it was a BrokenPipeError traceback.
+  p = subprocess.Popen([sys.executable, "-m", "gru_tpu.cli", "sample", "--workdir", str(workdir),
+                        "--length", "200000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  assert len(p.stdout.read(20)) == 20
+  p.stdout.close()
+  err = p.stderr.read().decode()
+  assert p.wait(timeout=300) == 1 and "Traceback" not in err, err[-2000:]

@@ -106,7 +106,10 @@ def sample_tokens(model: SequenceLM, carry, last_logits_BxV: jax.Array, keys_N: 
   def pick(logits, k):
     # Greedy is picked at run time: advance_jit traces temperature (one compile for any value).
     t = jnp.asarray(temperature, jnp.float32)
-    sampled = jax.random.categorical(k, _filter_logits(logits / jnp.where(t > 0, t, 1.0), top_k,
+    # Shifted to a max of 0 first: a tiny t sent every logit to +inf, and the tie went to the
+    # first token, not the most likely one.
+    shifted = logits - logits.max(-1, keepdims=True)
+    sampled = jax.random.categorical(k, _filter_logits(shifted / jnp.where(t > 0, t, 1.0), top_k,
                                                        top_p))
     return jnp.where(t > 0, sampled, jnp.argmax(logits, axis=-1))
 
