@@ -149,8 +149,8 @@ def _numeric(df, col: str, what: str, where) -> np.ndarray:
 
 
 def _ids(df, col: str, where) -> np.ndarray:
-  """The id column as strings; whole numbers read as floats (a column with an empty cell) keep
-  their integer spelling, so "1" names the same series in every file."""
+  """The id column as strings, every row one; whole-number floats (a DataFrame's 1.0, or "1.0" in
+  a file) keep their integer spelling, so "1" names the same series in every file."""
   import pandas as pd
   s = df[col]
   empty = s.isna() | (s.astype(str).str.strip() == "")
