@@ -22,6 +22,7 @@ def get_config(arg: str | None = None):
   c = default_config(parse_arg(arg, size=SIZES).get("size", "small"))
   c.data.source = "csv:data.csv"
   c.data.time_column = "date"
+  c.data.time_format = ""          # "" = inferred; e.g. "%d/%m/%Y" for day-first dates
   c.data.target = "value"          # one or more columns: "sales,returns"
   c.data.id_column = ""            # e.g. "store" for a panel of series
   c.data.known_covariates = ""     # e.g. "price,holiday"

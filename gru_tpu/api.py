@@ -198,7 +198,8 @@ class ForecastModel(Loaded):
     return ts.panel_from_frame(data, time_column=meta["time_column"], targets=meta["targets"],
                                id_column=meta["id_column"], known=meta["known"],
                                past=meta["past"], season_length=meta["season_length"],
-                               name="history", freq=meta["freq"])
+                               name="history", freq=meta["freq"],
+                               time_format=self.config.data.get("time_format", ""))
 
   def forecast(self, history: Any = None, horizon: int | None = None, *, num_samples: int = 200,
                seed: int = 0, calibrated: bool = True):

@@ -94,6 +94,33 @@ def test_bad_csv_is_one_clear_error(tmp_path, text, kw, message):
     load(src, **kw)
 
 
+def test_day_month_order_comes_from_the_column_or_config_data_time_format():
+  """pandas read 01/02/2018 month first and 13/02/2018 day first, row by row: monthly data on
+  the 1st in day/month order became 12 consecutive days a year (a "daily" series, silently)."""
+  def times(dates, **kw):
+    df = pd.DataFrame({"date": dates, "y": np.arange(len(dates), dtype=float)})
+    p = ts.panel_from_frame(df, time_column="date", targets=["y"], **kw)
+    return p.freq, pd.DatetimeIndex(p.series[0].time)
+  monthly = pd.date_range("2018-01-01", periods=36, freq="MS")
+  daily = pd.date_range("2018-01-01", periods=40, freq="D")
+  for fmt, dates in (("%d/%m/%Y", monthly), ("%m/%d/%Y", monthly), ("%d.%m.%Y", monthly),
+                     ("%d/%m/%Y", daily), ("%m/%d/%Y", daily), ("%d-%m-%Y", daily)):
+    freq, got = times(list(dates.strftime(fmt)))
+    assert freq == dates.freqstr and (got == dates).all(), fmt
+  hourly = pd.date_range("2018-01-01", periods=40, freq="h")  # 01/01 and 02/01 only
+  with pytest.raises(UserError, match=r"row 24: '02/01/2018 00:00' in time column 'date' reads "
+                                      r"as day/month and as month/day alike.*time_format"):
+    times(list(hourly.strftime("%d/%m/%Y %H:%M")))
+  assert (times(list(hourly.strftime("%d/%m/%Y %H:%M")), time_format="%d/%m/%Y %H:%M")[1]
+          == hourly).all()
+  with pytest.raises(UserError, match=r"mixes day/month \(row 3: '13/01/2018'\) and month/day "
+                                      r"\(row 1: '01/14/2018'\)"):
+    times(["01/01/2018", "01/14/2018", "01/15/2018", "13/01/2018"])
+  with pytest.raises(UserError, match=r"row 1: cannot parse timestamp '2018-01-02' .* does not "
+                                      r"match config.data.time_format='%d/%m/%Y'"):
+    times(["01/01/2018", "2018-01-02"], time_format="%d/%m/%Y")
+
+
 def test_unreadable_or_missing_csv(tmp_path):
   with pytest.raises(UserError, match="no such file"):
     ts.load_frame(f"csv:{tmp_path}/nope.csv", "date", "y")

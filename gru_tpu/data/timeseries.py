@@ -162,9 +162,41 @@ def _ids(df, col: str, where) -> np.ndarray:
   return s.astype(str).to_numpy()
 
 
-def _times(df, col: str, where):
+def _day_first(raw, col: str, where) -> bool:
+  """Whether numeric dates such as 01/02/2024 (or 01.02.2024, 01-02-2024) put the day first.
+
+  pandas reads them month first wherever the day is <= 12 and day first elsewhere, row by row:
+  monthly data on the 1st in day/month order became twelve consecutive days a year, silently.
+  The column's own values decide: a field above 12 is a day; else, in dates without a time, a
+  field that never changes while the other does is the day (monthly data). When nothing
+  settles it, both readings are valid and the column is refused."""
+  parts = raw.str.extract(r"^\s*(\d{1,2})[/.\-](\d{1,2})[/.\-]\d{2,4}((?:[\sT].*)?)$")
+  if parts.isna().any(axis=None):
+    return False  # not all such dates (ISO, names, ...): pandas' own reading
+  a, b = parts[0].astype(int).to_numpy(), parts[1].astype(int).to_numpy()
+  if (a > 12).any() and (b > 12).any():
+    i, j = int(np.argmax(a > 12)), int(np.argmax(b > 12))
+    raise UserError(f"time column {col!r} mixes day/month ({where(i)}: {raw.iloc[i]!r}) and "
+                    f"month/day ({where(j)}: {raw.iloc[j]!r}) dates; write one order, or ISO "
+                    f"dates such as 2024-01-31")
+  if (a > 12).any() or (b > 12).any():
+    return bool((a > 12).any())
+  dates_only = (parts[2].str.strip() == "").all()  # hourly data of two days: 01/01, 02/01
+  if dates_only and len(set(a)) != len(set(b)) and min(len(set(a)), len(set(b))) == 1:
+    return len(set(a)) == 1
+  if (a != b).any():
+    i = int(np.argmax(a != b))
+    raise UserError(f"{where(i)}: {raw.iloc[i]!r} in time column {col!r} reads as day/month and "
+                    f"as month/day alike, and no date in the column settles which; set "
+                    f"config.data.time_format ('%d/%m/%Y' or '%m/%d/%Y', plus the time if any: "
+                    f"'%d/%m/%Y %H:%M'), or write ISO dates such as 2024-01-31")
+  return False
+
+
+def _times(df, col: str, where, time_format: str = ""):
   """(times, tz): datetime64[ns] (UTC if the column had offsets) or int64/float64, and the
-  column's timezone (None if naive), which forecasts are written back in."""
+  column's timezone (None if naive), which forecasts are written back in. `time_format`: a
+  strftime format for the column ("" = inferred)."""
   import pandas as pd
   s = df[col]
   if s.isna().any():
@@ -178,14 +210,18 @@ def _times(df, col: str, where):
     t = pd.DatetimeIndex(s)
   else:
     raw = s.astype(str)
+    how = (dict(format=time_format) if time_format else
+           dict(format="mixed", dayfirst=_day_first(raw, col, where)))
     try:  # pandas 2 returns offsets that change as an object Index; DatetimeIndex refuses it
-      t = pd.DatetimeIndex(pd.to_datetime(raw, errors="coerce", format="mixed"))
+      t = pd.DatetimeIndex(pd.to_datetime(raw, errors="coerce", **how))
     except ValueError:  # UTC offsets that change within the column (daylight saving)
-      t = pd.to_datetime(raw, errors="coerce", format="mixed", utc=True)
+      t = pd.to_datetime(raw, errors="coerce", utc=True, **how)
     if t.isna().any():
       i = int(np.flatnonzero(t.isna())[0])
-      raise UserError(f"{where(i)}: cannot parse timestamp {s.iloc[i]!r} in time column {col!r};"
-                      f" use ISO dates such as 2024-01-31 or 2024-01-31 13:00, or plain numbers")
+      fix = (f"it does not match config.data.time_format={time_format!r}" if time_format else
+             "use ISO dates such as 2024-01-31 or 2024-01-31 13:00, or plain numbers")
+      raise UserError(f"{where(i)}: cannot parse timestamp {s.iloc[i]!r} in time column "
+                      f"{col!r}; {fix}")
     t = pd.DatetimeIndex(t)
   tz = t.tz
   if tz is not None:
@@ -360,7 +396,7 @@ def _every(freq: str | float) -> str:
 def panel_from_frame(df, *, time_column: str, targets: list[str], id_column: str | None = None,
                      known: list[str] = (), past: list[str] = (), season_length: int = 0,
                      name: str = "data", where=lambda i: f"row {i}",
-                     freq: str | float | None = None) -> Panel:
+                     freq: str | float | None = None, time_format: str = "") -> Panel:
   """Validates a DataFrame and splits it into series; every bad input is one UserError.
 
   `freq`: the frequency a model was trained on; the data must have it (dates vs numbers, about
@@ -389,7 +425,7 @@ def panel_from_frame(df, *, time_column: str, targets: list[str], id_column: str
                       f"has one role: drop it from one (past targets are inputs already, as lags)")
     roles[col] = (role, key)
   df = df.reset_index(drop=True)
-  t_all, tz = _times(df, time_column, where)
+  t_all, tz = _times(df, time_column, where, time_format)
   y_all = np.stack([_numeric(df, c, "target", where) for c in targets], -1)
   kn_all = np.stack([_numeric(df, c, "known covariate", where) for c in known], -1) if known \
       else np.zeros((len(df), 0))

@@ -68,6 +68,7 @@ def default_config(size: str = "small"):
   d = c.data
   d.source = "statsmodels:co2"   # statsmodels:NAME or csv:PATH
   d.time_column = ""             # "" = the source's (statsmodels); required for csv
+  d.time_format = ""             # strftime format of its dates, e.g. "%d/%m/%Y"; "" = inferred
   d.target = ""                  # column(s), "a,b"; "" = the source's
   d.id_column = ""               # a column naming the series of a panel ("" = one series)
   d.known_covariates = ""        # columns known in advance (also over the horizon)
@@ -187,7 +188,8 @@ def load_panel(d, source: str | None = None, freq: str | float | None = None) ->
   return ts.panel_from_frame(df, time_column=time_column, targets=targets,
                              id_column=d.id_column or None,
                              known=ts.names(d.known_covariates), past=ts.names(d.past_covariates),
-                             season_length=season, name=source, where=where, freq=freq)
+                             season_length=season, name=source, where=where, freq=freq,
+                             time_format=d.get("time_format", ""))
 
 
 def build_forecaster(config, meta: dict, rngs: nnx.Rngs) -> Forecaster:
