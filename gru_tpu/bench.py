@@ -225,6 +225,18 @@ def format_table(r: dict) -> str:
   return "\n".join(lines)
 
 
+def check_outputs(parser: argparse.ArgumentParser, **paths) -> None:
+  """parser.error for an output file that cannot be written (a directory, or in a directory that
+  does not exist): before minutes of benchmarking, not after them. Used by scripts/*.py too."""
+  for flag, path in paths.items():
+    if path is None:
+      continue
+    if os.path.isdir(path):
+      parser.error(f"--{flag} {path} is a directory; give a file name")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+      parser.error(f"--{flag} {path}: its directory does not exist")
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="gru-tpu bench", description=__doc__.splitlines()[0])
   parser.add_argument("--json", default="bench.json", help="where to write the results")
@@ -233,10 +245,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.repeats < 1:  # a StatisticsError traceback after the compiles and warm-ups
     parser.error(f"--repeats must be >= 1, got {args.repeats}")
-  if os.path.isdir(args.json):  # checked before minutes of timing, not after
-    parser.error(f"--json {args.json} is a directory; give a file name")
-  if not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-    parser.error(f"--json {args.json}: its directory does not exist")
+  check_outputs(parser, json=args.json)
   result = run(quick=args.quick, repeats=args.repeats)
   print(format_table(result))
   with open(args.json, "w") as f:

@@ -94,9 +94,17 @@ def _collectives(comps: dict, name: str) -> list[tuple[str, tuple[int, ...]]]:
 LOOP_MATMULS = {"gru": {1}, "lstm": {1, 2}, "mingru": set()}
 
 
+def _outer_whiles(comps: dict, name: str) -> list[tuple[str, str]]:
+  """(condition, body) of the whiles a computation reaches without entering another while."""
+  body = comps.get(name, "")
+  pairs = re.findall(r"while\(.*?condition=%?([\w.\-]+), body=%?([\w.\-]+)", body)
+  inner = {c for pair in pairs for c in pair}
+  return pairs + [w for c in _called(body) if c not in inner for w in _outer_whiles(comps, c)]
+
+
 def check_loops(hlo: str, data_parallel: bool, single_slice: bool = True,
-                gatherable: frozenset = frozenset(),
-                cell: str = "gru") -> tuple[list[int], int, list[str]]:
+                gatherable: frozenset = frozenset(), cell: str = "gru",
+                grad_accum: int = 1) -> tuple[list[int], int, list[str]]:
   """Per time loop its matmuls, the matmuls outside loops, and what is wrong. A recurrence is
   either a while loop with one matmul (the GRU's scan; see LOOP_MATMULS for the other cells)
   or a Mosaic kernel (the Pallas GRU).
@@ -106,9 +114,13 @@ def check_loops(hlo: str, data_parallel: bool, single_slice: bool = True,
   comps = computations(hlo)
   entry = re.search(r"^ENTRY %?([\w.\-]+)", hlo, re.M).group(1)
   # Time loops are the innermost whiles; one holding others is config.grad_accum's loop over
-  # micro-batches, whose projections count as outside the time loops.
+  # micro-batches, whose projections count as outside the time loops. With no time loop (the
+  # Pallas kernels, minGRU) that loop is innermost itself: the outermost whiles that run
+  # grad_accum times are it.
+  accum = {b for c, b in _outer_whiles(comps, entry) if grad_accum > 1 and max(
+      map(int, re.findall(r"constant\((\d+)\)", comps.get(c, ""))), default=0) == grad_accum}
   loop_bodies = [b for b in re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
-                 if not count(comps, b, WHILE)]
+                 if not count(comps, b, WHILE) and b not in accum]
   per_loop = [count(comps, b, MATMUL) for b in loop_bodies]
   problems = []
   recurrent = [n for n in per_loop if n]
@@ -344,6 +356,12 @@ def loop_matmul_flops(hlo: str) -> float:
 def compare_impls(config, mesh) -> None:
   """HBM traffic and roofline step time of the train step with the scan and the Pallas GRU."""
   m, dtype = config.model, jnp.dtype(config.model.dtype)
+  if m.get("cell", "gru") != "gru":  # it said "impl='pallas' needs cell='gru'", set by us
+    raise UserError(f"--compare_impls compares the GRU's scan with its Pallas kernels; "
+                    f"config.model.cell={m.cell!r} has no kernel")
+  if "seq_len" not in config:  # an AttributeError traceback on forecast configs
+    raise UserError("--compare_impls needs config.seq_len (a text or synthetic config); a "
+                    "forecast config's GRU length comes from its windows")
   rows_per_device = kernel.local_rows(mesh.abstract_mesh, config.batch_size, dtype)[2]
   chip = kernel.DEVICE_KINDS.get(mesh.devices.flat[0].device_kind, kernel.DEFAULT_CHIP)
   p = kernel.plan(config.seq_len, rows_per_device, m.hidden, dtype, chip)
@@ -448,7 +466,8 @@ def _main(argv) -> int:
                                             single_slice=FLAGS.num_slices == 1,
                                             gatherable=params if config.sharding == "fsdp"
                                             or mesh.shape.get("model", 1) > 1 else frozenset(),
-                                            cell=config.model.get("cell", "gru"))
+                                            cell=config.model.get("cell", "gru"),
+                                            grad_accum=config.grad_accum)
   print(f"matmuls per time loop: {per_loop}; outside loops: {outside}")
   print(f"Mosaic kernels (Pallas GRU, forward and backward): {mosaic_kernels(hlo)}")
   for p in problems:

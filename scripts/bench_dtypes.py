@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import jax
@@ -23,6 +24,8 @@ import numpy as np
 from flax import nnx
 
 from gru_tpu import config, sharding, train
+from gru_tpu.bench import check_outputs
+from gru_tpu.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tiny_shakespeare" / "input.txt"
@@ -78,8 +81,10 @@ def runs(make_config, steps: int, eval_split: str, mesh) -> dict:
   batch = jax.device_put(next(setups["float32"].task.batches("train", steps, 0, 1)),
                          setups["float32"].batch_sharding)
   rest = jax.jit(setups["float32"].init)()["rest"]
-  g = {dt: grads(setups[dt], final["float32"], rest, batch, train.loss_scale(make_config())
-                 if dt == "float16" else 1.0) for dt in DTYPES}
+  # Each dtype's own loss scale (float16's; 1 otherwise), as its train step used: the scale of
+  # make_config(), a float32 config, was 1 for float16 too.
+  g = {dt: grads(setups[dt], final["float32"], rest, batch, out[dt]["loss_scale"])
+       for dt in DTYPES}
   for dt in DTYPES[1:]:
     out[dt]["grads_at_trained_vs_f32"] = compare(g[dt], g["float32"])
   return out
@@ -108,12 +113,21 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--data", type=Path, default=DEFAULT_DATA)
   a = p.parse_args(argv)
+  if a.steps < 10:  # the train loss is the mean of the last 10
+    p.error(f"--steps must be >= 10, got {a.steps}")
+  if not a.data.is_file():
+    p.error(f"--data {a.data} is not a file: pass tiny_shakespeare's input.txt")
+  check_outputs(p, json=a.json)
   mesh = sharding.make_mesh((("data", -1), ("model", 1)))
   result = {"jax": jax.__version__, "backend": jax.default_backend(),
             "machine": platform.machine(), "steps": a.steps}
-  result["text"] = runs(lambda: text_config(a.data, a.steps), a.steps, "validation", mesh)
-  result["forecast"] = runs(lambda: forecast_config(a.steps), a.steps, "eval", mesh)
-  result["text_f16_BxT_65536_at_init"] = large_batch_f16(a.data, mesh)
+  try:
+    result["text"] = runs(lambda: text_config(a.data, a.steps), a.steps, "validation", mesh)
+    result["forecast"] = runs(lambda: forecast_config(a.steps), a.steps, "eval", mesh)
+    result["text_f16_BxT_65536_at_init"] = large_batch_f16(a.data, mesh)
+  except UserError as e:  # e.g. a --data file that is no text corpus
+    print(f"bench_dtypes: {e}", file=sys.stderr)
+    return 2
   a.json.write_text(json.dumps(result, indent=1) + "\n")
   return 0
 

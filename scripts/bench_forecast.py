@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                  help="also refit through the validation tail (gru_tpu_refit)")
   a = p.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from gru_tpu.bench import check_outputs
+  check_outputs(p, json=a.json, plot=a.plot)
   import jax
   results = {"jax": jax.__version__, "backend": jax.default_backend(), "overrides": a.set,
              "datasets": {}}

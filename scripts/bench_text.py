@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from gru_tpu import sharding, train
+from gru_tpu.bench import check_outputs
 from gru_tpu.config import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
   if not args.data.is_file():
     p.error(f"--data {args.data} is not a file: pass tiny_shakespeare's input.txt")
+  check_outputs(p, json=args.json, plot=args.plot)
 
   config = _config(args.data.resolve(), args.steps)
   if args.eval_every:

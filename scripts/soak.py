@@ -33,11 +33,21 @@ def main() -> None:
   from ml_collections import config_flags
 
   from gru_tpu import metrics, train
+  from gru_tpu.bench import check_outputs
+  from gru_tpu.errors import UserError
 
+  check_outputs(p, json=a.json)  # not after a 30000-step run
   fv = flags.FlagValues()
   argv = ["soak", *[f for f in train_flags if f != "--"]]
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
-  fv(argv)
+  try:  # a bad config or override is one line, as for gru-tpu train
+    fv(argv)
+    if fv.config is None:
+      raise UserError("--config configs/NAME.py[:arg] is required (after --)")
+    fv.config.to_dict()
+  except (flags.Error, UserError, KeyError, AttributeError, TypeError, ValueError) as e:
+    print("soak: " + train._one_line(e), file=sys.stderr)
+    sys.exit(2)
   at, compiles, rows, t0 = [0], [], [], time.perf_counter()
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, secs, **_: compiles.append(at[0])
@@ -53,7 +63,11 @@ def main() -> None:
                      "fds": len(os.listdir("/proc/self/fd")), "compiles": len(compiles)})
 
   train.MetricsWriter = Writer
-  train.train_and_evaluate(fv.config, a.workdir)
+  try:
+    train.train_and_evaluate(fv.config, a.workdir)
+  except UserError as e:
+    print(f"soak: {e}", file=sys.stderr)
+    sys.exit(2)
   out = {"rows": rows, "compiled_after_step": sorted(set(compiles))}
   with open(a.json, "w") as f:
     json.dump(out, f)

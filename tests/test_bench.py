@@ -63,3 +63,36 @@ def test_a_bad_json_path_is_refused_before_timing(tmp_path, capsys, where, messa
   with pytest.raises(SystemExit) as e:
     bench.main(["--quick", "--json", where.format(tmp=tmp_path)])
   assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_every_benchmark_script_refuses_an_unwritable_output_before_its_work(tmp_path, capsys):
+  """bench_dtypes, bench_text, bench_forecast and soak wrote their --json/--plot after minutes
+  (a soak, hours) of work, and a path in a missing directory lost it all in a traceback."""
+  import subprocess
+  import sys
+  from pathlib import Path
+  scripts = Path(__file__).parents[1] / "scripts"
+  sys.path.insert(0, str(scripts))
+  import bench_dtypes
+  import bench_forecast
+  import bench_text
+  gone = str(tmp_path / "missing" / "out")
+  for main, argv, flag in ((bench_dtypes.main, ["--json", gone], "json"),
+                           (bench_forecast.main, ["--plot", gone], "plot"),
+                           (bench_text.main, ["--json", gone], "json")):
+    with pytest.raises(SystemExit) as e:
+      main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: --{flag} {gone}: its directory does not exist")
+  soak = lambda *a: subprocess.run([sys.executable, str(scripts / "soak.py"), *a],
+                                   capture_output=True, text=True, timeout=300)
+  r = soak("--json", gone, "--workdir", str(tmp_path / "w"), "--", "--config",
+           str(scripts.parent / "configs" / "synthetic.py"))
+  assert r.returncode == 2 and "--json " + gone + ": its directory does not exist" in r.stderr
+  # A misspelt override was an AttributeError traceback.
+  r = soak("--json", str(tmp_path / "s.json"), "--workdir", str(tmp_path / "w"), "--",
+           "--config", str(scripts.parent / "configs" / "synthetic.py"), "--config.num_stepz=2")
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1].startswith("soak: ") and "num_stepz" in r.stderr
+  assert not (tmp_path / "w").exists()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gru_tpu.errors import UserError
+
 ROOT = Path(__file__).parents[1]
 CONFIG = f"{ROOT / 'configs' / 'synthetic.py'}:size=tiny"
 
@@ -223,6 +225,41 @@ ENTRY %main (p: f32[2]) -> f32[2] {
   # fsdp: gathering a parameter (here of 8 elements) is what it should do
   assert not any("all-gather" in p for p in aot_compile.check_loops(
       hlo, data_parallel=True, gatherable=frozenset({8}))[2])
+  # grad_accum's micro-batch loop around Pallas kernels (or minGRU): no time loop at all. It was
+  # checked as one: "time loops must hold 1 matmul(s) each, found [1]", "not hoisted", and its
+  # gradient all-reduce "inside a time loop".
+  accum = """HloModule m
+
+%cond (p: s32[]) -> pred[] {
+  %n = s32[] constant(2)
+  %lt = pred[] compare(s32[] %p, s32[] %n), direction=LT
+}
+
+%micro (p: f32[2]) -> f32[2] {
+  %a = f32[2,2]{1,0} dot(f32[2,2]{1,0} %x, f32[2,2]{1,0} %w)
+  %k = f32[2,2]{1,0} custom-call(f32[2,2]{1,0} %a), custom_call_target="tpu_custom_call"
+  %c = f32[2]{0} all-reduce(f32[2]{0} %p), to_apply=%sum
+}
+
+ENTRY %main (p: f32[2]) -> f32[2] {
+  %w = (f32[2]) while(%t), condition=%cond, body=%micro
+}
+"""
+  assert aot_compile.check_loops(accum, data_parallel=True, grad_accum=2) == ([], 1, [])
+  wrong = aot_compile.check_loops(accum, data_parallel=True)[2]  # a loop of 1 matmul, as a GRU's
+  assert wrong == ["no matmul outside the loops: the input projection is not hoisted",
+                   "1 collective(s) inside a time loop (all-reduce)"]
+  assert "mingru has no sequential time loop" in aot_compile.check_loops(
+      accum, data_parallel=True, grad_accum=3, cell="mingru")[2][0]  # runs twice: not it
+  # --compare_impls on a config it cannot compare: tracebacks (forecast: no seq_len) or a
+  # message about impl='pallas', which the user never set (LSTM).
+  from gru_tpu.config import load_file
+  for name, cell, message in (("co2_forecast", "gru", "needs config.seq_len"),
+                              ("synthetic", "lstm", "config.model.cell='lstm' has no kernel")):
+    c = load_file(ROOT / "configs" / f"{name}.py", "size=tiny")
+    c.model.cell = cell
+    with pytest.raises(UserError, match=message):
+      aot_compile.compare_impls(c, None)
 
 
 def test_launcher_dry_run_prints_the_pod_commands():
