@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 COMMANDS = {
@@ -25,7 +26,13 @@ def main(argv: list[str] | None = None) -> int:
   import importlib
   module, _, function = COMMANDS[argv[0]][0].partition(":")
   try:
-    return getattr(importlib.import_module(module), function or "main")(argv[1:])
+    code = getattr(importlib.import_module(module), function or "main")(argv[1:])
+    if code:
+      # The failure is reported, in one line. An unreadable checkpoint also fails orbax's other
+      # pending reads, whose futures asyncio logs as tracebacks when they are garbage-collected,
+      # often at exit: sometimes 80-150 lines after that one.
+      logging.getLogger("asyncio").disabled = True
+    return code
   except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (train saves on the first one)
     hint = "; run the same command to resume from the latest checkpoint" * (argv[0] == "train")
     print(f"gru-tpu {argv[0]}: interrupted{hint}", file=sys.stderr)
