@@ -225,8 +225,8 @@ def check_engine_config(config) -> None:
     raise UserError(f"the config lacks {', '.join(missing[:4])}{more}; start it from "
                     f"gru_tpu.config.engine_defaults(...) as configs/*.py do")
   positive = ["batch_size", "seq_len", "num_steps", "grad_accum", "log_every", "eval_every",
-              "checkpoint_every", "keep_checkpoints", "eval_steps", "model.hidden", "model.embed_dim",
-              "model.num_layers", "model.unroll"]
+              "checkpoint_every", "keep_checkpoints", "eval_steps", "model.hidden",
+              "model.embed_dim", "model.num_layers", "model.unroll"]
   nonneg = ["seed", "profile_start", "profile_steps", "optimizer.warmup_steps"]
   for keys, low in ((positive, 1), (nonneg, 0)):
     for key in keys:
