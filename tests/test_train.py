@@ -845,8 +845,7 @@ def test_a_text_run_resumes_with_keys_added_since_and_its_data_moved(tmp_path):
   """A checkpoint from before data.tfds_* existed ran as their defaults; where the data lies
   (tfds dirs) or what is logged (sample_*) is no change of data, so it resumes (it was refused
   as "a different config.data.tfds_data_dir (None vs now '')")."""
-  sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-  import char_pystdlib
+  import char_pystdlib  # configs/ is on sys.path (top of this file)
   now = char_pystdlib.get_config("size=tiny")
   old = json.loads(now.to_json_best_effort())
   for key in ("tfds_data_dir", "tfds_manual_dir", "tfds_text_key"):
