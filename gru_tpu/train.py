@@ -471,7 +471,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
     # step (a transfer, and a wait for the step) adds straight to every step.
     pending: list[tuple[int, Any]] = []  # (step done, metrics) not yet read
     t_last, step_last, compile_logged = time.perf_counter(), start, False
-    tokens_per_step = config.batch_size * config.get("seq_len", 1)
+    # Text and synthetic batches are token sequences; a forecast batch is windows.
+    per_step, unit = ((config.batch_size * config.seq_len, "tokens") if "seq_len" in config
+                      else (config.batch_size, "windows"))
 
     def finish() -> None:
       """Reads the pending metrics: stops at the first non-finite step (before anything is
@@ -492,9 +494,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
         if step_done % config.log_every == 0 or step_done == config.num_steps:
           now = time.perf_counter()
           writer.write(step_done, "train", m)
-          rate = (step_done - step_last) / max(now - t_last, 1e-9)  # the first has the compile
-          log.info("step %d/%d loss %.4f | %.2f steps/s, %.0f tokens/s | ETA %.0fs", step_done,
-                   config.num_steps, m["loss"], rate, rate * tokens_per_step,
+          rate = (step_done - step_last) / max(now - t_last, 1e-9)
+          log.info("step %d/%d loss %.4f | %.2f steps/s, %.0f %s/s | ETA %.0fs", step_done,
+                   config.num_steps, m["loss"], rate, rate * per_step, unit,
                    (config.num_steps - step_done) / rate)
           t_last, step_last = now, step_done
       pending.clear()
@@ -509,7 +511,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       t0 = time.perf_counter()
       state, metrics = step_fn(state, batch)
       if not compile_logged:
-        log.info("first step (compile + run) took %.1fs", time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        log.info("first step (compile + run) took %.1fs", took)
+        t_last += took  # the rates logged are training's: compiling is not part of them
         compile_logged = True
       done = step + 1
       pending.append((done, metrics))
@@ -521,6 +525,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       save = done % config.checkpoint_every == 0 or done == config.num_steps or preempted
       if done % config.log_every == 0 or evaluate or save:
         finish()
+      t_aside = time.perf_counter()
       if evaluate:
         evals.append(_evaluate(config, s, state, mesh, writer, done,
                                final=done == config.num_steps))
@@ -529,6 +534,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
         meta = {"config": json.loads(config.to_json_best_effort()), "data_step": done,
                 "task": _task_metadata(s, state)}
         ckpt.save(done, state, meta)
+      t_last += time.perf_counter() - t_aside  # nor are evals and saves (finish() waited above)
       if preempted:
         log.warning("%s at step %d: saving a checkpoint and stopping; run the same command to "
                     "resume", preemption.reason, done)
