@@ -49,7 +49,9 @@ class MetricsWriter:
     if not self.enabled:
       return
     row = {"step": int(step), "split": split}
-    row.update({k: float(v) for k, v in metrics.items()})
+    # NaN and Inf are not JSON (json.dumps would write bare NaN, which strict parsers refuse):
+    # a metric with no finite value (e.g. MASE of a flat series) is written as null.
+    row.update({k: float(v) if math.isfinite(float(v)) else None for k, v in metrics.items()})
     if self.file is None:
       self.rows += json.dumps(row) + "\n"
       self.pending = True
@@ -97,7 +99,10 @@ def _drop_partial_line(path: Path) -> None:
 
 
 def read_metrics(workdir: str | PathLike) -> list[dict]:
-  """The rows of metrics.jsonl ([] if there is none); a half-written last row is left out."""
+  """The rows of metrics.jsonl ([] if there is none); a half-written last row is left out.
+
+  A null value (a metric that was not finite) is read back as NaN.
+  """
   path = workdir_path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
@@ -105,4 +110,5 @@ def read_metrics(workdir: str | PathLike) -> list[dict]:
   lines = data.splitlines()
   if lines and not data.endswith("\n"):
     lines = lines[:-1]  # being written right now, or cut off by a kill
-  return [json.loads(line) for line in lines if line.strip()]
+  rows = [json.loads(line) for line in lines if line.strip()]
+  return [{k: math.nan if v is None else v for k, v in row.items()} for row in rows]

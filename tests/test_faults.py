@@ -324,6 +324,22 @@ def test_metrics_survive_a_row_cut_off_by_a_kill(tmp_path):
 
 
 
+def test_metrics_that_are_not_finite_are_strict_json_null(tmp_path):
+  """MASE of a constant series is NaN: json.dumps wrote a bare NaN, which strict JSON parsers
+  (JavaScript's, Go's) refuse. It is null on disk and NaN again through read_metrics."""
+  writer = MetricsWriter(tmp_path)
+  writer.write(1, "eval", {"mase": float("nan"), "crps": np.float32("inf"), "mae": 0.5})
+  writer.close()
+
+  def refuse(name):
+    raise ValueError(f"not JSON: {name}")
+  line = (tmp_path / "metrics.jsonl").read_text()
+  assert json.loads(line, parse_constant=refuse) == {"step": 1, "split": "eval", "mase": None,
+                                                      "crps": None, "mae": 0.5}
+  [row] = read_metrics(tmp_path)
+  assert np.isnan(row["mase"]) and np.isnan(row["crps"]) and row["mae"] == 0.5
+
+
 def test_loading_while_a_run_deletes_the_step_being_read(base, tmp_path, monkeypatch):
   """A run still training (keep_checkpoints) deletes the step load() is reading: its files
   vanish mid-read, which orbax reports like corruption. load() reads the new latest instead;
