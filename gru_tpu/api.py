@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -101,6 +102,16 @@ def _check_seed(seed: int) -> None:
     raise UserError(f"seed must be an integer in [0, 2**31), got {seed!r}")
 
 
+def _check_int(name: str, value: int, low: int) -> None:
+  """A float or string count failed at the first piece (range(), `<`), past the CLI's prompt."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 class TextModel(Loaded):
   """A text model: `generate` and `stream`, with its tokenizer."""
 
@@ -120,21 +131,19 @@ class TextModel(Loaded):
 
     The arguments are checked here, not at the first piece: the CLI had already printed the
     prompt when a bad one raised."""
-    if length < 0:
-      raise UserError(f"length must be >= 0, got {length}")
-    if not temperature >= 0:  # NaN too; a negative one would sample the least likely tokens
-      raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if num_samples < 1:
-      raise UserError(f"num_samples must be >= 1, got {num_samples}")
+    _check_int("length", length, 0)
+    if not _is_real(temperature) or not temperature >= 0:  # NaN too; a negative one would
+      # sample the least likely tokens
+      raise UserError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    _check_int("num_samples", num_samples, 1)
     _check_seed(seed)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
                               or not 1 <= top_k <= self.tokenizer.vocab_size):
       raise UserError(f"top_k must be an integer in [1, {self.tokenizer.vocab_size}], got "
                       f"{top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-      raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if chunk < 1:
-      raise UserError(f"chunk must be >= 1, got {chunk}")
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+      raise UserError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    _check_int("chunk", chunk, 1)
     if isinstance(self.tokenizer, text.CharTokenizer):
       unknown = sorted({c for c in prompt if c not in self.tokenizer.index})
       if unknown:  # a notebook's prompt too, not only the CLI's

@@ -162,16 +162,22 @@ def test_bad_sampling_arguments(workdir, tmp_path):
     with pytest.raises(UserError, match=r"step must be an integer \(a checkpoint step\), got "):
       gru_tpu.load(workdir, step=bad)
   assert gru_tpu.load(workdir, step=np.int64(m.step)).step == m.step
-  for bad in (0.0, 1.5):
-    with pytest.raises(UserError, match=r"top_p must be in \(0, 1\]"):
+  for bad in (0.0, 1.5, "0.9"):
+    with pytest.raises(UserError, match=r"top_p must be a number in \(0, 1\]"):
       m.generate("x", 5, top_p=bad)
   # The closed ends are valid: every token, all the mass.
   assert len(m.generate("t", 3, top_k=V, top_p=1.0, seed=2**31 - 1)) == 3
-  for bad in (-1.0, float("nan")):  # negative: the least likely tokens first
-    with pytest.raises(UserError, match="temperature must be >= 0"):
+  for bad in (-1.0, float("nan"), "1"):  # negative: the least likely tokens first
+    with pytest.raises(UserError, match="temperature must be a number >= 0"):
       m.generate("x", 5, temperature=bad)
-  with pytest.raises(UserError, match="num_samples must be >= 1"):
-    next(m.stream("x", 5, num_samples=0))
+  # Counts that are not integers passed the checks and failed at the first piece (range(),
+  # `<`): raised when called now, like the rest.
+  for name, bad, low in (("num_samples", 0, 1), ("num_samples", 2.0, 1), ("length", 5.5, 0),
+                         ("length", "5", 0), ("length", -1, 0), ("chunk", 2.5, 1),
+                         ("chunk", True, 1)):
+    kwargs = {"length": 5, name: bad}
+    with pytest.raises(UserError, match=rf"{name} must be an integer >= {low}, got "):
+      m.stream("x", **kwargs)
   # 2**70: an OverflowError traceback; 2**32: seed 0's samples (JAX wraps seeds mod 2**32).
   for bad in (2**70, 2**32, 2**31, -1):
     with pytest.raises(UserError, match=r"seed must be an integer in \[0, 2\*\*31\)"):
