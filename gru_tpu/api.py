@@ -26,7 +26,7 @@ from etils import epath
 from flax import nnx
 
 from gru_tpu import train
-from gru_tpu.checkpoint import Checkpointer, workdir_path
+from gru_tpu.checkpoint import Checkpointer, enclosing_run, workdir_path
 from gru_tpu.data import text
 from gru_tpu.data import timeseries as ts
 from gru_tpu.errors import CheckpointError, UserError
@@ -271,10 +271,10 @@ class _Removed(Exception):
 
 def _no_checkpoint(workdir: epath.Path) -> CheckpointError:
   # A path inside a run (its checkpoints/, a step, config.json) was told to train there.
-  for run in (workdir.parent, workdir.parent.parent):
-    if run != workdir and (run / "checkpoints").is_dir():
-      return CheckpointError(f"{workdir} is inside the run directory {run}; give that: "
-                             f"--workdir {run}")
+  run = enclosing_run(workdir)
+  if run is not None:
+    return CheckpointError(f"{workdir} is inside the run directory {run}; give that: "
+                           f"--workdir {run}")
   return CheckpointError(f"{workdir} holds no checkpoint; train first (gru-tpu train --workdir "
                          f"{workdir} ...)")
 

@@ -113,6 +113,22 @@ def workdir_path(workdir: str | PathLike) -> epath.Path:
   return epath.Path(os.path.expanduser(os.fspath(workdir)))
 
 
+def enclosing_run(workdir: epath.Path, *, under: str | None = None) -> epath.Path | None:
+  """The run directory (config.json beside checkpoints/) that `workdir` lies inside, at any
+  depth, or None; with `under`, only inside that subdirectory of it. Relative paths count
+  (`--workdir .` inside RUN/checkpoints trained a second run there)."""
+  path = workdir if is_uri(workdir) else epath.Path(os.path.abspath(workdir))
+  child = path
+  for run in path.parents:
+    if not str(run).split("://", 1)[-1].strip("/"):  # past the bucket (gs://) or at /
+      break
+    if ((under is None or child.name == under) and (run / "config.json").is_file()
+        and (run / "checkpoints").is_dir()):
+      return run
+    child = run
+  return None
+
+
 def _installed(module: str) -> bool:
   try:
     return importlib.util.find_spec(module) is not None

@@ -41,7 +41,7 @@ from etils import epath
 from flax import nnx
 
 from gru_tpu import sharding
-from gru_tpu.checkpoint import Checkpointer, is_uri, workdir_path
+from gru_tpu.checkpoint import Checkpointer, enclosing_run, is_uri, workdir_path
 from gru_tpu.errors import CheckpointError, UserError
 from gru_tpu.metrics import MetricsWriter
 from gru_tpu.models import compiler_options
@@ -422,11 +422,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
   preemption = preemption or Preemption()
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir {workdir} is a file; give a directory (new or a run's)")
-  for inside in (workdir, workdir.parent):  # it trained a second run among the first's steps
-    run = inside.parent
-    if inside.name == "checkpoints" and (run / "config.json").exists():
-      raise UserError(f"--workdir {workdir} is inside the run directory {run}; give that to "
-                      f"resume it (or a new directory). Nothing was changed.")
+  run = enclosing_run(workdir, under="checkpoints")  # it trained a second run among the steps
+  if run is not None:
+    raise UserError(f"--workdir {workdir} is inside the run directory {run}; give that to "
+                    f"resume it (or a new directory). Nothing was changed.")
   _check_shared(workdir)
   mesh = sharding.make_mesh(config.mesh)
   s = setup(config, mesh)

@@ -146,7 +146,7 @@ def test_new_prompts_lengths_and_temperatures_compile_nothing_new(workdir, compi
   assert seen == []
 
 
-def test_bad_sampling_arguments(workdir, tmp_path):
+def test_bad_sampling_arguments(workdir, tmp_path, monkeypatch):
   m = gru_tpu.load(workdir)
   V = m.tokenizer.vocab_size
   for bad in (0, V + 1, 2.5):  # 2.5: a JAX TypeError inside the sampler
@@ -188,7 +188,11 @@ def test_bad_sampling_arguments(workdir, tmp_path):
     gru_tpu.load(tmp_path)
   assert not (tmp_path / "checkpoints").exists()
   # They said "holds no checkpoint; train first (gru-tpu train --workdir .../checkpoints ...)"
-  for inside in (workdir / "checkpoints", workdir / "config.json", workdir / "checkpoints" / "25"):
+  # "." and two levels down were missed (".": "train first (gru-tpu train --workdir . ...)").
+  step = gru_tpu.load(workdir).step
+  monkeypatch.chdir(workdir / "checkpoints")
+  for inside in (workdir / "checkpoints", workdir / "config.json", workdir / "checkpoints" / "25",
+                 workdir / "checkpoints" / str(step) / "state", ".", f"{step}/meta"):
     with pytest.raises(UserError, match=f"is inside the run directory {workdir}; give that: "
                                         f"--workdir {workdir}$"):
       gru_tpu.load(inside)

@@ -596,17 +596,20 @@ def test_loaded_metrics_keep_the_rows_of_the_run_that_went_on(tmp_path, killed_a
   assert list(lines["train loss"].get_xdata()) == list(range(1, 11))
 
 
-def test_a_workdir_inside_a_runs_checkpoints_is_refused(tmp_path):
-  """--workdir RUN/checkpoints trained a second run among the first's steps (exit 0)."""
+def test_a_workdir_inside_a_runs_checkpoints_is_refused(tmp_path, monkeypatch):
+  """--workdir RUN/checkpoints trained a second run among the first's steps (exit 0); so did
+  `--workdir .` from inside it and a path two levels down (a step's state/)."""
   run = tmp_path / "run"
-  (run / "checkpoints" / "4").mkdir(parents=True)
+  (run / "checkpoints" / "4" / "state").mkdir(parents=True)
   (run / "config.json").write_text("{}")
-  for inside in (run / "checkpoints", run / "checkpoints" / "4", run / "checkpoints" / "new"):
-    with pytest.raises(UserError, match=f"--workdir {inside} is inside the run directory {run}; "
-                                        f"give that to resume it"):
+  for inside in (run / "checkpoints", run / "checkpoints" / "4", run / "checkpoints" / "new",
+                 run / "checkpoints" / "4" / "state", Path("."), Path("../4/state/x")):
+    monkeypatch.chdir(run / "checkpoints" / "4")
+    with pytest.raises(UserError, match=f"--workdir {re.escape(str(inside))} is inside the run "
+                                        f"directory {run}; give that to resume it"):
       train.train_and_evaluate(tiny(num_steps=2), inside)
   assert sorted(p.relative_to(run) for p in run.rglob("*")) == [
-      Path("checkpoints"), Path("checkpoints/4"), Path("config.json")]
+      Path("checkpoints"), Path("checkpoints/4"), Path("checkpoints/4/state"), Path("config.json")]
 
 
 def test_a_workdir_another_run_is_training_in_is_refused(tmp_path):
