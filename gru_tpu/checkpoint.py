@@ -179,18 +179,21 @@ class Checkpointer:
     if create and self.directory.exists() and not self.directory.is_dir():  # not at the 1st save
       raise UserError(f"{self.directory} is a file, not a checkpoints directory; move it away "
                       f"or use another workdir. Nothing was changed.")
-    # Listed before the manager exists: a writable one removes the leftovers of cut-off saves
-    # (locally STEP.orbax-checkpoint-tmp; on GCS a STEP without its commit_success.txt).
     found = {int(m.group(1)) for p in
              (self.directory.iterdir() if self.directory.is_dir() else ())
              if (m := _STEP_DIR.match(p.name))}
     self._saving: int | None = None
+    self._cut_off_removed = not create
+    # Not orbax's cleanup_tmp_directories: on GCS it removed every folder under checkpoints/
+    # that lacks a commit_success.txt (a user's backup/, notes/), and it ran here, so a run
+    # refused after this (an incompatible config) had already changed the workdir. The first
+    # save removes cut-off steps instead (_remove_cut_off).
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=create,
             read_only=not create, save_interval_steps=1 if create else 0,
-            cleanup_tmp_directories=create))
+            cleanup_tmp_directories=False))
     latest = self.latest_step()
     self.partial_steps = sorted(found - set(self.manager.all_steps()))
     for step in self.partial_steps:
@@ -207,11 +210,28 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def _remove_cut_off(self) -> None:
+    """Removes what saves cut off mid-write left, and nothing else: STEP.orbax-checkpoint-tmp*,
+    and on GCS a STEP folder orbax does not list (no commit_success.txt). Process 0
+    only, before its first save: orbax's save creates the step on process 0 and syncs before
+    the others write, as after its own cleanup."""
+    self._cut_off_removed = True
+    if jax.process_index() != 0:
+      return
+    complete = set(self.manager.all_steps())  # on GCS: those with their commit_success.txt
+    for p in self.directory.iterdir() if self.directory.is_dir() else ():
+      m = _STEP_DIR.match(p.name)
+      if (m and m.group(1) == str(int(m.group(1))) and p.is_dir()
+          and (m.group(2) or (self.remote and int(m.group(1)) not in complete))):
+        p.rmtree()
+
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts an async save (waits for the previous one first); errors surface in wait()."""
     meta = dict(meta, checksums=checksums(state))
     try:
       self.manager.wait_until_finished()  # the previous save's error, before a new one starts
+      if not self._cut_off_removed:
+        self._remove_cut_off()
     except Exception as e:
       raise self._save_error(e) from e
     self._saving = step

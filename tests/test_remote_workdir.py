@@ -71,8 +71,8 @@ def gcs(tmp_path):
     server.wait()
 
 
-def run(env, workdir, faults="", cwd=None, wait=True):
-  p = subprocess.Popen([sys.executable, DRIVER, *FLAGS, "--workdir", str(workdir)],
+def run(env, workdir, faults="", cwd=None, wait=True, flags=()):
+  p = subprocess.Popen([sys.executable, DRIVER, *FLAGS, *flags, "--workdir", str(workdir)],
                        env=dict(env, GRU_TPU_FAULTS=faults), cwd=cwd, text=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   if not wait:
@@ -103,6 +103,17 @@ def test_gs_workdir_survives_kill_preemption_and_damage_exactly_and_loads(gcs, t
   assert rc == -9, err[-3000:]
   assert committed(bucket) == [10] and objects(bucket, "checkpoints/20/")
 
+  # A run refused for its config changes nothing, and a user's own folders under checkpoints/
+  # outlive every run: orbax's GCS cleanup took any folder without a commit_success.txt (this
+  # backup of step 10, these notes) for a cut-off save and deleted it, before the refusal too.
+  mine = ["checkpoints/backup/10/commit_success.txt", "checkpoints/notes/a.txt"]
+  for name in mine:
+    bucket.blob(PREFIX + name).upload_from_string("mine")
+  before = objects(bucket)
+  rc, err = run(env, URL, cwd=cwd, flags=["--config.model.hidden=48"])
+  assert rc == 2 and "Nothing was changed" in err, err[-3000:]
+  assert objects(bucket) == before
+
   # 2. The cut-off step is skipped; SIGTERM (a preemption notice) saves the step it is on.
   rc, err = run(env, URL, "term@24", cwd=cwd)
   assert rc == 0, err[-3000:]
@@ -127,6 +138,7 @@ def test_gs_workdir_survives_kill_preemption_and_damage_exactly_and_loads(gcs, t
   assert [n.replace("checkpoints_unreadable/", "checkpoints/", 1)
           for n in objects(bucket, f"checkpoints_unreadable/{last}/")] == before
   assert committed(bucket) == [10, 20, 30]
+  assert set(mine) <= set(objects(bucket)), objects(bucket, "checkpoints/")
   assert objects(bucket, "config.json") and objects(bucket, "tensorboard/")
   assert not list(cwd.iterdir())
 
