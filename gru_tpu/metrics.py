@@ -10,6 +10,7 @@ checkpoint are always there and later ones follow within UPLOAD_SECONDS.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -27,15 +28,31 @@ from gru_tpu.checkpoint import is_uri, workdir_path
 UPLOAD_SECONDS = 60.0
 
 
+def _kept(method):
+  """An OSError (a full disk, a GCS error) goes to self.error and later writes are skipped:
+  only process 0 writes, and the engine raises it on every process at the same step."""
+  @functools.wraps(method)
+  def run(self, *args):
+    if self.enabled and self.error is None:
+      try:
+        method(self, *args)
+      except OSError as e:
+        self.error = e
+  return run
+
+
 class MetricsWriter:
+  """Writes on process 0; `error` is its first failed write (None while all went well)."""
 
   def __init__(self, workdir: str | PathLike):
-    self.enabled = jax.process_index() == 0
-    if not self.enabled:
-      return
+    self.enabled, self.error = jax.process_index() == 0, None
+    self.file = self.tb = None
+    self._open(epath.Path(workdir))
+
+  @_kept
+  def _open(self, workdir: epath.Path) -> None:
     from tensorboardX import SummaryWriter  # gs:// through google-cloud-storage (the [gcs] extra)
-    workdir = epath.Path(workdir)
-    self.path, self.file, self.rows = workdir / "metrics.jsonl", None, ""
+    self.path, self.rows = workdir / "metrics.jsonl", ""
     self.uploaded, self.pending = time.monotonic(), False  # gs://: last upload; rows since
     if is_uri(workdir):
       self.rows = self.path.read_text() if self.path.exists() else ""
@@ -45,9 +62,8 @@ class MetricsWriter:
       self.file = Path(self.path).open("a")
     self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
+  @_kept
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
-    if not self.enabled:
-      return
     row = {"step": int(step), "split": split}
     # NaN and Inf are not JSON (json.dumps would write bare NaN, which strict parsers refuse):
     # a metric with no finite value (e.g. MASE of a flat series) is written as null.
@@ -64,26 +80,33 @@ class MetricsWriter:
       if math.isfinite(float(v)):
         self.tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
+  @_kept
   def write_text(self, step: int, tag: str, text: str) -> None:
-    if self.enabled:
-      self.tb.add_text(tag, text, int(step))
+    self.tb.add_text(tag, text, int(step))
 
+  @_kept
   def flush(self) -> None:
     """gs://: uploads the rows not yet uploaded (a local file is flushed at every write)."""
-    if self.enabled and self.file is None and self.pending:
+    if self.file is None and self.pending:
       self.path.write_text(self.rows)  # an object upload replaces the old one atomically
       self.uploaded, self.pending = time.monotonic(), False
 
   def close(self) -> None:
-    if self.enabled:
-      # Closing also runs while an error propagates (a save that found the disk full); a
-      # failed flush here must not replace that error with its own traceback.
-      first = self.file.close if self.file is not None else self.flush
-      for close in (first, self.tb.close):
-        try:
-          close()
-        except OSError as e:
-          logging.getLogger("gru_tpu").warning("could not flush metrics: %s", e)
+    """Also runs while an error propagates (a save that found the disk full): a write that
+    fails here is a warning, not a traceback in place of that error."""
+    if not self.enabled:
+      return
+    before = self.error
+    if self.file is None:
+      self.flush()
+    for f in (self.file, self.tb):
+      try:
+        if f is not None:
+          f.close()
+      except OSError as e:
+        self.error = self.error or e
+    if self.error is not before:
+      logging.getLogger("gru_tpu").warning("could not flush metrics: %s", self.error)
 
 
 def _drop_partial_line(path: Path) -> None:

@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import hashlib
 import importlib
 import json
 import logging
@@ -31,7 +32,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,7 @@ from gru_tpu.models.gru import IMPLS
 from gru_tpu.models.lm import CELLS
 
 log = logging.getLogger("gru_tpu")
+T = TypeVar("T")
 
 # Config sections whose change makes an existing checkpoint unusable for this run.
 COMPATIBLE_KEYS = ("task", "model", "data")
@@ -427,8 +429,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
     raise UserError(f"--workdir {workdir} is inside the run directory {run}; give that to "
                     f"resume it (or a new directory). Nothing was changed.")
   _check_shared(workdir)
+  _check_same_config(config)
   mesh = sharding.make_mesh(config.mesh)
-  s = setup(config, mesh)
+  s = _together(lambda: setup(config, mesh))  # e.g. a data file one host lacks
   task, step_fn = s.task, s.train_step
   # Everything opened here is closed on errors too: in-flight saves finish before a rerun (a
   # Ctrl-C in a notebook), and orbax's threads do not outlive an early error (they logged
@@ -463,6 +466,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
 
     writer = MetricsWriter(workdir)
     cleanup.callback(writer.close)
+    _check_written(writer)
     batches = _batches(task, "train", start, mesh)
     evals = []
     # Metrics stay on the device until a log step, eval, save or the end reads them all in one
@@ -530,6 +534,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
                                final=done == config.num_steps))
       if save:
         writer.flush()  # gs://: the rows up to a checkpoint are uploaded before it exists
+      if done % config.log_every == 0 or evaluate or save:
+        _check_written(writer)  # before the save: a checkpoint never outruns its rows
+      if save:
         meta = {"config": json.loads(config.to_json_best_effort()), "data_step": done,
                 "task": _task_metadata(s, state)}
         ckpt.save(done, state, meta)
@@ -687,6 +694,43 @@ def _on_process_0(write: Callable[[], Any]) -> Any:
   if not _everywhere(error is None):
     raise error or OSError("another process could not; its own error says why")
   return result
+
+
+def _together(fn: Callable[[], T]) -> T:
+  """fn() on every process; an error on any one is raised on all of them. Alone, it left the
+  others waiting in their next collective until JAX's coordination service aborted them all
+  (~5 min, exit 134, the cause in one process's log only)."""
+  error = None
+  try:
+    result = fn()
+  except Exception as e:
+    error = e
+  if not _everywhere(error is None):
+    raise error or UserError("another process of this run stopped with an error; its own "
+                             "output says which")
+  return result
+
+
+def _check_written(writer: MetricsWriter) -> None:
+  """A metrics write that failed (on process 0, the only writer) stops every process here."""
+  if not _everywhere(writer.error is None):
+    raise writer.error or OSError("process 0 could not write the metrics; its own output says "
+                                  "why")
+
+
+def _check_same_config(config) -> None:
+  """Every process runs one config. Another seed on one host silently gave it other initial
+  parameters and other rows of each batch; another data file, its own data."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  digest = hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).digest()
+  digests = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest[:16], np.int32)))
+  digests = digests.reshape(jax.process_count(), -1)
+  others = [i for i, d in enumerate(digests) if not np.array_equal(d, digests[0])]
+  if others:
+    raise UserError(f"process(es) {others} of this run were started with another config than "
+                    f"process 0; give every process the same --config and --config.* flags")
 
 
 def _everywhere(ok: bool) -> bool:
@@ -957,7 +1001,13 @@ def main(argv: list[str]) -> int:
   logging.getLogger("absl").addFilter(_no_orbax_tracebacks)
   with _log_to_stderr():
     if fv.coordinator_address or fv.distributed:
-      initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
+      try:
+        initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
+      except ValueError as e:  # --distributed off TPU: "coordinator_address should be defined"
+        print(f"gru-tpu train: jax.distributed.initialize(): {_one_line(e).rstrip('.')}; off "
+              f"TPU give --coordinator_address HOST:PORT --num_processes N --process_id I",
+              file=sys.stderr)
+        return 2
     try:
       with Preemption().on_sigterm() as preemption:  # SIGTERM: save, exit 0; Ctrl-C: exit 130
         train_and_evaluate(fv.config, fv.workdir, preemption)

@@ -389,6 +389,40 @@ def test_a_workdir_each_process_cannot_see_is_refused(tmp_path):
   assert not (tmp_path / "host1").exists()
 
 
+def test_an_error_on_one_process_stops_every_process_at_once(tmp_path):
+  """Another config on one process trained silently (its own seed: its own initial parameters
+  and rows); a data file one host lacks left the other waiting in its next collective until
+  JAX's coordination service aborted both (~5 min, exit 134). Both exit 2 at once now."""
+  text = Path(__file__).parents[1] / "configs" / "shakespeare_char.py"
+  for i in range(2):
+    (tmp_path / f"host{i}").mkdir()
+  (tmp_path / "host0" / "corpus.txt").write_text("to be or not to be, that is the question\n" * 40)
+  cases = [  # (flags for process 0, for process 1) -> what each says
+      (([], ["--config.seed=7"]), ["process(es) [1] of this run were started with another "
+                                   "config than process 0; give every process the same"] * 2),
+      (([], []), ["another process of this run stopped with an error; its own output says",
+                  "corpus.txt"]),
+  ]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  for n, (flags, said) in enumerate(cases):
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "gru_tpu.cli", "train", "--config", f"{text}:size=tiny",
+         "--workdir", str(tmp_path / f"run{n}"), "--config.data.source=files:corpus.txt",
+         "--config.num_steps=2", f"--coordinator_address=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}", *flags[i]], cwd=tmp_path / f"host{i}",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    try:
+      outs = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
+    for p, err, message in zip(procs, outs, said):
+      assert p.returncode == 2 and message in err, err[-3000:]
+    assert not (tmp_path / f"run{n}" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("flag,message", [
     ("--config.optimizer.learning_rat=0.1",
      "unknown config key 'learning_rat' (did you mean 'learning_rate'?)"),
@@ -478,7 +512,7 @@ def test_help_presets_and_stray_arguments_on_the_command_line(tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
-def test_incomplete_multi_process_flags_are_one_line(tmp_path, capsys):
+def test_incomplete_multi_process_flags_are_one_line(tmp_path, capsys, monkeypatch):
   for flags in ([], ["--num_processes=2"], ["--num_processes=2", "--process_id=2"]):
     assert train.main(["--config", f"{CONFIG}:size=tiny", "--workdir", str(tmp_path),
                        "--coordinator_address=127.0.0.1:1", *flags]) == 2
@@ -488,6 +522,14 @@ def test_incomplete_multi_process_flags_are_one_line(tmp_path, capsys):
   assert train.main(["--config", f"{CONFIG}:size=tiny", "--workdir", str(tmp_path),
                      "--num_processes=2", "--process_id=1"]) == 2
   assert "--num_processes and --process_id need --coordinator_address" in capsys.readouterr().err
+  # --distributed off TPU finds no coordinator: it was a ValueError traceback, exit 1.
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a: (_ for _ in ()).throw(
+      ValueError("coordinator_address should be defined.")))
+  assert train.main(["--config", f"{CONFIG}:size=tiny", "--workdir", str(tmp_path),
+                     "--distributed"]) == 2
+  assert capsys.readouterr().err.strip() == (
+      "gru-tpu train: jax.distributed.initialize(): coordinator_address should be defined; off "
+      "TPU give --coordinator_address HOST:PORT --num_processes N --process_id I")
   assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
@@ -658,6 +700,43 @@ def test_a_write_error_on_process_0_is_raised_on_every_process(tmp_path, monkeyp
   with pytest.raises(OSError):
     train._check_shared(train.workdir_path(tmp_path / "f" / "run"))
   assert seen == [False]
+
+
+def test_a_failed_metrics_write_stops_every_process_at_its_step(tmp_path, monkeypatch):
+  """A metrics write failed on process 0 (the only writer; a full disk, a GCS error) was raised
+  there alone: process 1 waited in its next collective until both were aborted (~5 min). All
+  hear of it at that step now, before a checkpoint could outrun its rows."""
+  from gru_tpu.metrics import MetricsWriter
+
+  class FullDisk:
+    def __init__(self, f):
+      self.f, self.rows = f, 0
+
+    def write(self, row):
+      self.rows += 1
+      if self.rows == 3:
+        raise OSError(errno.ENOSPC, "No space left on device")
+      self.f.write(row)
+
+    def __getattr__(self, name):
+      return getattr(self.f, name)
+
+  real_open = MetricsWriter._open
+
+  def full_disk_open(self, workdir):
+    real_open(self, workdir)
+    self.file = FullDisk(self.file)
+
+  monkeypatch.setattr(MetricsWriter, "_open", full_disk_open)
+  seen = []
+  monkeypatch.setattr(train, "_everywhere", lambda ok: (seen.append(ok), ok)[1])
+  with pytest.raises(OSError, match="No space left on device"):
+    train.train_and_evaluate(tiny(num_steps=30, log_every=1, checkpoint_every=5), tmp_path)
+  assert seen[-1] is False and sorted(losses(tmp_path)) == [1, 2]
+  assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+  monkeypatch.setattr(train, "_everywhere", lambda ok: False)  # what process 1 then hears
+  with pytest.raises(OSError, match="process 0 could not write the metrics"):
+    train._check_written(types.SimpleNamespace(error=None))
 
 
 def test_an_unwritable_workdir_is_one_clear_error(tmp_path, monkeypatch):
