@@ -273,7 +273,9 @@ def test_launcher_dry_run_prints_the_pod_commands():
   assert lines[0].startswith("gcloud compute tpus tpu-vm create t1 --zone=us-west4-a")
   assert "--accelerator-type=v5litepod-16" in lines[0]
   assert "--worker=all" in lines[1] and "--worker=all" in lines[2]
-  assert "gru-tpu train --config configs/synthetic.py:size=small" in lines[2]
+  # The images' Python 3.10 cannot install jax >= 0.7: a venv of uv's Python runs it.
+  assert "uv venv --allow-existing --python 3.12 ../gru_tpu_venv" in lines[2]
+  assert "../gru_tpu_venv/bin/gru-tpu train --config configs/synthetic.py:size=small" in lines[2]
   assert "--distributed --config.num_steps=10" in lines[2]
   assert "'gs://b/run; rm -rf /'" in lines[2]  # quoted: a path is never shell
 
