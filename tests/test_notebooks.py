@@ -56,12 +56,27 @@ def test_the_kernel_stops_with_its_notebook(tmp_path, monkeypatch):
   assert len(started) == 1 and not started[0].is_alive()
 
 
+# What each notebook's text promises its outputs show.
+PROMISED = {
+    "quickstart.ipynb": ["config.num_steps differs from the checkpoint's (600 vs now 800)",
+                         "step 800", "bits_per_char"],
+    "forecast.ipynb": ["seasonal_naive_mase", "coverage_80", "q0.9"],
+}
+
+
+def _text(output) -> str:
+  data = output.get("data", {})
+  return output.get("text", "") + data.get("text/plain", "") + data.get("text/html", "")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path):
   nb = execute(path)  # raises CellExecutionError on any cell error
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert not [o for o in outputs if o.output_type == "error"]
   assert any("image/png" in o.get("data", {}) for o in outputs), "no plot was drawn"
+  text = "".join(_text(o) for o in outputs)
+  assert not [p for p in PROMISED.get(path.name, []) if p not in text], text[-3000:]
 
 
 if __name__ == "__main__":
