@@ -267,6 +267,27 @@ def test_calendar_features_are_fourier_terms_of_the_year_phase():
   np.testing.assert_allclose(f, want, atol=1e-6)
 
 
+def test_calendar_features_follow_the_datas_wall_clock_across_daylight_saving():
+  """A tz-aware series is stored as UTC instants: its phases moved local noon to 11:00 in
+  winter and 10:00 in summer (Berlin), so a daily pattern shifted an hour at each change.
+  Checkpoints from before (no calendar_clock in their metadata) keep the UTC phases."""
+  from gru_tpu.tasks import forecast
+  noon = pd.DatetimeIndex(["2024-01-15 12:00", "2024-07-15 12:00"]).tz_localize("Europe/Berlin")
+  utc = noon.tz_convert("UTC").tz_localize(None).to_numpy()
+  day = ts.calendar_features(utc, ["day"], 1, "Europe/Berlin")
+  np.testing.assert_allclose(day, [[0.0, -1.0]] * 2, atol=1e-6)  # sin, cos of 2π · 0.5
+  s = ts.Series("a", utc, np.ones((2, 1)), np.zeros((2, 0)), np.zeros((2, 0)))
+  scales = forecast.fit_scales(s, 2, "none")
+  meta = {"cycles": ["day"], "calendar_terms": 1, "calendar_clock": "local"}
+  np.testing.assert_allclose(forecast.series_arrays(s, scales, meta, "Europe/Berlin")["known"],
+                             day)
+  old = {k: v for k, v in meta.items() if k != "calendar_clock"}
+  np.testing.assert_allclose(forecast.series_arrays(s, scales, old, "Europe/Berlin")["known"],
+                             ts.calendar_features(utc, ["day"], 1), atol=1e-6)
+  assert not np.allclose(ts.calendar_features(utc, ["day"], 1)[0],
+                         ts.calendar_features(utc, ["day"], 1)[1])  # the old, UTC phases
+
+
 @pytest.mark.parametrize("method", ["standard", "mean_abs", "none"])
 def test_scaling_round_trips_and_fits_observed_values_only(rng, method):
   x = rng.normal(5, 3, (50, 2))

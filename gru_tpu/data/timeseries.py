@@ -485,12 +485,13 @@ def calendar_cycles(freq: str | float) -> list[str]:
   return [c for c, limit in (("year", 300), ("week", 6), ("day", 0.9)) if days < limit]
 
 
-def calendar_features(time: np.ndarray, cycles: list[str], terms: int) -> np.ndarray:
-  """(T, 2·terms·len(cycles)): sin/cos of k·2π·phase, k = 1..terms, for each cycle's phase."""
-  import pandas as pd
+def calendar_features(time: np.ndarray, cycles: list[str], terms: int, tz=None) -> np.ndarray:
+  """(T, 2·terms·len(cycles)): sin/cos of k·2π·phase, k = 1..terms, for each cycle's phase, on
+  tz's wall clock (the UTC instants' phases moved a local daily pattern by an hour at each
+  daylight-saving change)."""
   if not cycles or terms <= 0:
     return np.zeros((len(time), 0), np.float32)
-  t = pd.DatetimeIndex(time)
+  t = _local(time, tz)
   hours = t.hour + t.minute / 60 + t.second / 3600
   phases = {"year": (t.day_of_year - 1 + hours / 24) / np.where(t.is_leap_year, 366, 365),
             "week": (t.day_of_week + hours / 24) / 7, "day": hours / 24}

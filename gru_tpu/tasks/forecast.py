@@ -213,11 +213,13 @@ def fit_scales(s: ts.Series, n_train: int, method: str, transform: str = "none")
           "past": ts.fit_scale(s.past[:n_train], "standard", f"{what} past covariates")}
 
 
-def series_arrays(s: ts.Series, scales: dict, meta: dict) -> dict:
-  """Transformed, scaled, imputed model inputs of one series, (T, ·) float32 each."""
+def series_arrays(s: ts.Series, scales: dict, meta: dict, tz=None) -> dict:
+  """Transformed, scaled, imputed model inputs of one series, (T, ·) float32 each; calendar
+  features on the wall clock of the data's timezone `tz` (UTC for checkpoints from before)."""
   y = ts.apply_scale(ts.transform(s.y, meta.get("transform", "none")), scales["y"])
+  clock = tz if meta.get("calendar_clock") == "local" else None
   known = np.concatenate([
-      ts.calendar_features(s.time, meta["cycles"], meta["calendar_terms"]),
+      ts.calendar_features(s.time, meta["cycles"], meta["calendar_terms"], clock),
       ts.fill_forward(ts.apply_scale(s.known, scales["known"]))], -1)
   out = {"y": ts.fill_forward(y), "observed": ~np.isnan(y), "known": known,
          "past": ts.fill_forward(ts.apply_scale(s.past, scales["past"]))}
@@ -343,9 +345,10 @@ class ForecastTask:
                  "id_column": p.id_column, "targets": p.targets, "known": p.known,
                  "past": p.past, "freq": p.freq, "season_length": self.season, "lags": list(lags),
                  "cycles": ts.calendar_cycles(p.freq), "calendar_terms": int(d.calendar_terms),
-                 "transform": d.transform, "scaling": d.scaling, "scales": self.scales}
-    self.store = make_store([series_arrays(s, self.scales[s.id], self.meta) for s in p.series],
-                            self.pad)
+                 "calendar_clock": "local", "transform": d.transform, "scaling": d.scaling,
+                 "scales": self.scales}
+    self.store = make_store([series_arrays(s, self.scales[s.id], self.meta, p.tz)
+                             for s in p.series], self.pad)
     stride = config.eval.backtest_stride or H
     self.windows = {"train": [], "eval": [], "calibration": [], "test": []}
     for i, (end, n, fit) in enumerate(zip(ends, self.n_train, self.n_fit)):
@@ -542,7 +545,7 @@ def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horiz
                     np.concatenate([s.known, np.zeros((extra, s.known.shape[1]))]),
                     np.concatenate([s.past, np.zeros((extra, s.past.shape[1]))]))
     scales = meta["scales"].get(s.id) or fit_scales(s, origin, meta["scaling"], transform)
-    a = series_arrays(ext, scales, meta)
+    a = series_arrays(ext, scales, meta, panel.tz)
     a["loc"] = np.array([v["loc"] for v in scales["y"]])
     a["unit"] = np.array([v["scale"] for v in scales["y"]])
     arrays.append(a)
