@@ -246,18 +246,28 @@ ENTRY %main (p: f32[2]) -> f32[2] {
 }
 """
   assert aot_compile.check_loops(accum, data_parallel=True, grad_accum=2) == ([], 1, [])
-  wrong = aot_compile.check_loops(accum, data_parallel=True)[2]  # a loop of 1 matmul, as a GRU's
+  # remat's chunk loop around the kernels is no time loop either (it failed a correct
+  # program: "time loops must hold 1 matmul(s) each (gru), found [1, 3]").
+  assert aot_compile.check_loops(accum, data_parallel=True) == ([], 1, [])
+  plain = accum.replace('custom_call_target="tpu_custom_call"', 'custom_call_target="x"')
+  wrong = aot_compile.check_loops(plain, data_parallel=True)[2]  # a loop of 1 matmul, as a GRU's
   assert wrong == ["no matmul outside the loops: the input projection is not hoisted",
                    "1 collective(s) inside a time loop (all-reduce)"]
   assert "mingru has no sequential time loop" in aot_compile.check_loops(
-      accum, data_parallel=True, grad_accum=3, cell="mingru")[2][0]  # runs twice: not it
+      plain, data_parallel=True, grad_accum=3, cell="mingru")[2][0]  # runs twice: not it
   # --compare_impls on a config it cannot compare: tracebacks (forecast: no seq_len) or a
   # message about impl='pallas', which the user never set (LSTM).
   from gru_tpu.config import load_file
-  for name, cell, message in (("co2_forecast", "gru", "needs config.seq_len"),
-                              ("synthetic", "lstm", "config.model.cell='lstm' has no kernel")):
+  # Inside grad_accum's or remat's loop each kernel's cost counted once, the traffic per trip:
+  # the table read -3x at grad_accum=4.
+  for name, cell, message, over in (
+      ("co2_forecast", "gru", "needs config.seq_len", {}),
+      ("synthetic", "lstm", "config.model.cell='lstm' has no kernel", {}),
+      ("synthetic", "gru", "counts one pass of the kernels", {"grad_accum": 4}),
+      ("synthetic", "gru", "counts one pass of the kernels", {"model.remat": True})):
     c = load_file(ROOT / "configs" / f"{name}.py", "size=tiny")
     c.model.cell = cell
+    c.update_from_flattened_dict(over)
     with pytest.raises(UserError, match=message):
       aot_compile.compare_impls(c, None)
 
