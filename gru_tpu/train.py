@@ -526,7 +526,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       profile.after(done, state, stop=preempted)
       evaluate = done % config.eval_every == 0 or done == config.num_steps
       save = done % config.checkpoint_every == 0 or done == config.num_steps or preempted
-      if done % config.log_every == 0 or evaluate or save:
+      report = done % config.log_every == 0 or evaluate or save
+      if report:
         finish()
       t_aside = time.perf_counter()
       if evaluate:
@@ -534,7 +535,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
                                final=done == config.num_steps))
       if save:
         writer.flush()  # gs://: the rows up to a checkpoint are uploaded before it exists
-      if done % config.log_every == 0 or evaluate or save:
+      if report:
         _check_written(writer)  # before the save: a checkpoint never outruns its rows
       if save:
         meta = {"config": json.loads(config.to_json_best_effort()), "data_step": done,
@@ -683,17 +684,9 @@ def _lock_workdir(workdir: epath.Path) -> int | None:
 
 
 def _on_process_0(write: Callable[[], Any]) -> Any:
-  """write() on process 0 (None elsewhere); its OSError is raised on every process: the
-  others would wait for it forever in their next collective."""
-  error, result = None, None
-  if jax.process_index() == 0:
-    try:
-      result = write()
-    except OSError as e:
-      error = e
-  if not _everywhere(error is None):
-    raise error or OSError("another process could not; its own error says why")
-  return result
+  """write() on process 0 (None elsewhere); its error is raised on every process: the others
+  would wait for it forever in their next collective."""
+  return _together(lambda: write() if jax.process_index() == 0 else None)
 
 
 def _together(fn: Callable[[], T]) -> T:

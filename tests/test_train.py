@@ -688,7 +688,7 @@ def test_a_write_error_on_process_0_is_raised_on_every_process(tmp_path, monkeyp
   assert seen[-1] is False  # told the others before raising
   monkeypatch.setattr(train, "_everywhere", lambda ok: False)  # what process 1 then hears
   monkeypatch.setattr(jax, "process_index", lambda: 1)
-  with pytest.raises(OSError, match="another process could not"):
+  with pytest.raises(UserError, match="another process of this run stopped with an error"):
     train._lock_workdir(train.workdir_path(tmp_path))
   from jax.experimental import multihost_utils  # the shared-workdir check's token, too
   monkeypatch.setattr(jax, "process_index", lambda: 0)
