@@ -180,3 +180,32 @@ def test_loss_is_next_token_cross_entropy(tmp_path):
     want.append(-logp[np.arange(2), tokens[:, t + 1]])
   np.testing.assert_allclose(float(loss), np.mean(want), rtol=1e-5)
   np.testing.assert_allclose(float(aux["bits_per_char"]), np.mean(want) / np.log(2), rtol=1e-5)
+
+
+def test_an_eval_that_wraps_around_the_split_counts_each_window_once(tmp_path):
+  """eval_steps x batch_size past the validation windows read them again from the first, and
+  the repeats counted: shakespeare's base preset scored its 217 windows 7-8 times each, the
+  first 17 once more than the rest."""
+  import jax
+  from flax import nnx
+  from gru_tpu import train
+  (tmp_path / "a.txt").write_text("".join(chr(97 + i % 23) * (1 + i % 5) for i in range(900)))
+  c = char_pystdlib.get_config("size=tiny")
+  c.data.source = f"files:{tmp_path}/a.txt"
+  c.seq_len, c.batch_size = 9, 4
+  task = TextTask(c)
+  n = (len(task.tokens("validation")) - 1) // c.seq_len
+  assert n % c.batch_size and 2 * c.batch_size < n < 4 * c.batch_size  # wraps mid-batch
+  model = task.build_model(nnx.Rngs(0))
+  model.eval()
+  it = task.batches("eval", 0, 0, 1)
+  rows = [task.loss_fn(model, next(it), jax.random.key(0)) for _ in range(5)]  # 20 rows > n
+  got = train._weighted_mean([dict(aux, loss=loss) for loss, aux in rows])["loss"]
+  every = task.tokens("validation")[np.arange(n)[:, None] * c.seq_len + np.arange(c.seq_len + 1)]
+  want = float(task.loss_fn(model, {"tokens": every}, jax.random.key(0))[0])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  halves = [task.batches("eval", 3, shard, 2) for shard in (0, 1)]  # the same rows, sharded
+  whole = next(task.batches("eval", 3, 0, 1))
+  np.testing.assert_array_equal(np.concatenate([next(h)["weight"] for h in halves]),
+                                whole["weight"])
+  assert whole["weight"].tolist() == [float(3 * c.batch_size + i < n) for i in range(4)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -52,13 +53,26 @@ class TextTask:
         self.tokens(name), seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed,
         start_step=start_step, shard=shard, num_shards=num_shards,
         shuffle=split == "train", split=name)
-    return ({"tokens": w} for w in windows)
+    if split == "train":
+      return ({"tokens": w} for w in windows)
+    # Eval reads the windows in order from the first; where eval_steps x batch_size passes
+    # their number it wraps around, and rows past the first pass (repeats) weigh 0.
+    n = (len(self.tokens(name)) - 1) // c.seq_len
+    rows = c.batch_size // num_shards
+    pos_R = shard * rows + np.arange(rows)
+    return ({"tokens": w, "weight": ((start_step + k) * c.batch_size + pos_R < n).astype(
+        np.float32)} for k, w in enumerate(windows))
 
   def loss_fn(self, model, batch, rng):
     tokens = batch["tokens"]
     logits = model(tokens[:, :-1], rngs=nnx.Rngs(dropout=rng))
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-    return loss, {"bits_per_char": loss / math.log(2)}
+    loss_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    if "weight" not in batch:  # training
+      loss = loss_BxT.mean()
+      return loss, {"bits_per_char": loss / math.log(2)}
+    w_B = batch["weight"]  # eval: 0 for a window already scored in this eval
+    loss = (loss_BxT.mean(axis=1) * w_B).sum() / jnp.maximum(w_B.sum(), 1.0)
+    return loss, {"bits_per_char": loss / math.log(2), "weight": w_B.sum()}
 
   def finalize_eval(self, metrics: dict) -> dict:
     return dict(metrics, perplexity=math.exp(min(metrics["loss"], 700.0)))
