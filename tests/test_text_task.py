@@ -67,6 +67,14 @@ def test_byte_tokenizer_trains_and_a_changed_corpus_is_refused_untouched(tmp_pat
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert "whose vocabulary differs from the one" in r.stderr and "(6 vs 9 symbols" in r.stderr
   assert {p: p.read_bytes() for p in (tmp_path / "chars").rglob("*") if p.is_file()} == before
+  (tmp_path / "b.txt").unlink()
+  (tmp_path / "a.txt").write_text("abd abc " * 300)  # other text, the same characters
+  for run, flags in (("chars", ()), ("bytes", ("--config.data.tokenizer=byte",))):
+    before = {p: p.read_bytes() for p in (tmp_path / run).rglob("*") if p.is_file()}
+    r = train(tmp_path / run, src, *flags, "--config.num_steps=8")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "whose training text differs from the one" in r.stderr
+    assert {p: p.read_bytes() for p in (tmp_path / run).rglob("*") if p.is_file()} == before
 
 
 def test_bad_text_inputs_exit_2(tmp_path):

@@ -6,6 +6,8 @@ tokenizer), perplexity (exp of the mean eval loss).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 
 import jax
@@ -87,8 +89,13 @@ class TextTask:
                                 d.sample_length, 0.8, None, None)
     return d.sample_prompt + self.tokenizer.decode(np.asarray(toks)[0])
 
+  @functools.cached_property
+  def train_sha256(self) -> str:
+    return hashlib.sha256(self.corpus.train).hexdigest()
+
   def metadata(self) -> dict:
-    return {"task": "text", "source": self.corpus.name, "tokenizer": self.tokenizer.to_json()}
+    return {"task": "text", "source": self.corpus.name, "tokenizer": self.tokenizer.to_json(),
+            "train_sha256": self.train_sha256}
 
   def resume_mismatch(self, saved: dict) -> str | None:
     """Why a checkpoint with this saved metadata cannot resume this run (None: it can)."""
@@ -97,6 +104,11 @@ class TextTask:
       n = text.tokenizer_from_json(old).vocab_size
       return (f"vocabulary differs from the one {self.corpus.name} gives now ({n} vs "
               f"{self.tokenizer.vocab_size} symbols: the text changed)")
+    old = saved.get("train_sha256")  # None: saved before it was kept
+    if old is not None and old != self.train_sha256:
+      # Same characters, other text: every window moved, so this is no longer the first run.
+      return (f"training text differs from the one {self.corpus.name} gives now (SHA-256 "
+              f"{old[:12]}... vs {self.train_sha256[:12]}...)")
     return None
 
 
