@@ -148,6 +148,11 @@ def test_tfds_mock_data_gives_str_and_is_accepted():
 def test_tfds_bad_inputs(tmp_path, tfds_dir):
   with pytest.raises(UserError, match="TFDS has no dataset 'no_such_dataset'"):
     text.load_corpus("tfds:no_such_dataset", tfds_data_dir=str(tmp_path))
+  for name, why in (("tiny shakespeare", "Parsing builder name"), ("", "Parsing builder name"),
+                    ("tiny_shakespeare/nope", "BuilderConfig nope not found"),
+                    ("tiny_shakespeare:9.9.9", "cannot be loaded at version 9.9.9")):
+    with pytest.raises(UserError, match=f"'tfds:{name}': .*{why}.*expected NAME, NAME/CONFIG"):
+      text.load_corpus(f"tfds:{name}", tfds_data_dir=str(tmp_path))
   with pytest.raises(UserError, match="tfds_manual_dir='/nonexistent/dir' is not a directory"):
     text.load_corpus("tfds:tiny_shakespeare", tfds_data_dir=str(tmp_path),
                      tfds_manual_dir="/nonexistent/dir")

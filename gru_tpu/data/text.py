@@ -96,6 +96,9 @@ def _tfds(name: str, data_dir: str, manual_dir: str, text_key: str) -> Corpus:
   except tfds.core.registered.DatasetNotFoundError:
     raise UserError(f"{source}: TFDS has no dataset {name!r}; see "
                     f"https://www.tensorflow.org/datasets/catalog") from None
+  except (ValueError, AssertionError) as e:  # a malformed name; a config or version it lacks
+    raise UserError(f"{source}: {str(e).splitlines()[0] if str(e) else 'not a TFDS name'} "
+                    f"(expected NAME, NAME/CONFIG or NAME:VERSION)") from None
   if not builder.is_prepared():
     if manual_dir and not Path(manual_dir).is_dir():
       raise UserError(f"config.data.tfds_manual_dir={manual_dir!r} is not a directory; point it "
