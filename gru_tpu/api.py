@@ -144,8 +144,16 @@ class TextModel(Loaded):
     if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
       raise UserError(f"top_p must be a number in (0, 1], got {top_p!r}")
     _check_int("chunk", chunk, 1)
+    if not isinstance(prompt, str):
+      raise UserError(f"prompt must be a str, got {type(prompt).__name__}")
+    try:
+      prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (e.g. from os.fsdecode): no tokenizer's
+      raise UserError(f"prompt is not text at index {e.start} ({prompt[e.start]!r}: {e.reason});"
+                      f" decode its bytes as UTF-8 first") from None
     if isinstance(self.tokenizer, text.CharTokenizer):
-      unknown = sorted({c for c in prompt if c not in self.tokenizer.index})
+      # An empty prompt primes with "\n" (_pieces), which a corpus may lack too.
+      unknown = sorted({c for c in prompt or "\n" if c not in self.tokenizer.index})
       if unknown:  # a notebook's prompt too, not only the CLI's
         warnings.warn(f"prompt characters not in the vocabulary become <unk>: "
                       f"{''.join(unknown)!r}", stacklevel=_stacklevel)

@@ -156,6 +156,14 @@ def test_bad_sampling_arguments(workdir, tmp_path, monkeypatch):
   with pytest.warns(UserWarning, match=r"prompt characters not in the vocabulary become <unk>: "
                                        r"'Zx'"):
     m.generate("to Zx", 2)
+  with pytest.warns(UserWarning, match=r"become <unk>: '\\n'"):  # "" primes with "\n"
+    m.generate("", 2)
+  # A lone surrogate (os.fsdecode's) warned of <unk>, then no encoder took it at the first piece.
+  with pytest.raises(UserError, match=r"prompt is not text at index 3 \('\\udce9': surrogates"):
+    m.stream("caf\udce9", 2)
+  for bad in (None, b"to", ["to"]):  # TypeErrors
+    with pytest.raises(UserError, match=f"prompt must be a str, got {type(bad).__name__}"):
+      m.stream(bad, 2)
   # The step as text or float: "no checkpoint at step 20; it has steps [20, ...]" or "changed
   # while being loaded".
   for bad in ("25", 25.0):
