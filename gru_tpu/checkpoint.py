@@ -149,9 +149,15 @@ def _check_clients(workdir: epath.Path) -> None:
                     f"'gru_tpu[gcs]' (the [tpu] extra includes it)")
 
 
-def _move_tree(src: epath.Path, dest: epath.Path, remote: bool) -> None:
+def move(src: epath.Path, dest: epath.Path, remote: bool) -> None:
+  """Moves a file or a folder (into dest's parent, created if missing)."""
   if not remote:
+    dest.parent.mkdir(parents=True, exist_ok=True)
     src.rename(dest)
+    return
+  if not src.is_dir():
+    src.copy(dest)  # an object store needs no parent folder
+    src.unlink()
     return
   # An object store has no directory to rename (gcsfs cannot rename into a prefix that holds no
   # object yet): copy every object, then delete the source.
@@ -310,7 +316,7 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"gru_tpu set aside {step}: named")
     if jax.process_index() == 0:
       dest.parent.mkdir(exist_ok=True)
-      _move_tree(self.directory / str(step), dest, self.remote)
+      move(self.directory / str(step), dest, self.remote)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"gru_tpu set aside {step}")
     self.manager.reload()

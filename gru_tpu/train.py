@@ -42,7 +42,7 @@ from etils import epath
 from flax import nnx
 
 from gru_tpu import sharding
-from gru_tpu.checkpoint import Checkpointer, enclosing_run, is_uri, workdir_path
+from gru_tpu.checkpoint import Checkpointer, enclosing_run, is_uri, move, workdir_path
 from gru_tpu.errors import CheckpointError, UserError
 from gru_tpu.metrics import MetricsWriter
 from gru_tpu.models import compiler_options
@@ -444,10 +444,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike,
       ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
       cleanup.callback(ckpt.close)
       restored = _restore(ckpt, config, s)
+      config_text = config.to_json_best_effort(indent=2) + "\n"
+      if restored is None:
+        _on_process_0(lambda: _set_aside_earlier_start(workdir, config_text))
 
       def write_config() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        (workdir / "config.json").write_text(config_text)
 
       _on_process_0(write_config)
     except OSError as e:  # read-only or full filesystem, no permission
@@ -681,6 +684,27 @@ def _lock_workdir(workdir: epath.Path) -> int | None:
                     f"{workdir / '.gru_tpu.lock'}` names it on its host); wait for it to end (or "
                     f"stop it), or use another --workdir. Nothing was changed.")
   return fd
+
+
+def _set_aside_earlier_start(workdir: epath.Path, config_text: str) -> None:
+  """A start with no checkpoint to resume, in a workdir holding an earlier start's metrics
+  (one killed before its first checkpoint, or whose checkpoints were moved away to start over),
+  appended its rows to that start's: read_metrics then showed the earlier run's later steps as
+  this one's, TensorBoard drew both, and a config.json there was overwritten. They are moved
+  to WORKDIR/earlier_start_TIME/ (a config.json alone that equals this run's stays)."""
+  found = [workdir / n for n in ("metrics.jsonl", "tensorboard") if (workdir / n).exists()]
+  config = workdir / "config.json"
+  if config.exists() and (found or config.read_text() != config_text):
+    found.append(config)
+  if not found:
+    return
+  stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+  dest = next(d for i in range(1000) if not (d := workdir / (
+      f"earlier_start_{stamp}" + (f"_{i}" if i else ""))).exists())
+  for p in found:
+    move(p, dest / p.name, is_uri(workdir))
+  log.warning("no checkpoint to resume in %s: moved the earlier start's %s to %s", workdir,
+              ", ".join(p.name for p in found), dest)
 
 
 def _on_process_0(write: Callable[[], Any]) -> Any:

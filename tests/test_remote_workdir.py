@@ -249,3 +249,25 @@ def test_gs_workdir_without_its_clients_is_one_clear_error(monkeypatch):
   monkeypatch.setattr(checkpoint, "_installed", lambda module: False)
   with pytest.raises(UserError, match=r"needs gcsfs and google-cloud-storage"):
     checkpoint.Checkpointer("gs://b/run")
+
+
+def test_an_earlier_starts_metrics_are_set_aside_in_a_gs_workdir(gcs):
+  """Objects cannot be renamed: the move is a copy and a delete, of the folder's objects too."""
+  env, bucket = gcs
+  files = {"w/metrics.jsonl": b'{"step": 1}\n', "w/config.json": b"{}\n",
+           "w/tensorboard/events.1": b"tb", "w/tensorboard/sub/events.2": b"tb2",
+           "w/checkpoints/keep.txt": b"not moved"}
+  for name, data in files.items():
+    bucket.blob(name).upload_from_string(data)
+  script = """if 1:
+    from etils import epath
+    from gru_tpu import train
+    train._set_aside_earlier_start(epath.Path("gs://bkt/w"), "{}\\n")
+  """
+  r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  names = {b.name: b.download_as_bytes() for b in bucket.list_blobs(prefix="w/")}
+  (aside,) = {n.split("/")[1] for n in names if n.startswith("w/earlier_start_")}
+  assert names == {n.replace("w/", f"w/{aside}/", 1) if "checkpoints" not in n else n: data
+                   for n, data in files.items()}

@@ -1037,3 +1037,36 @@ def test_only_log_eval_and_save_steps_read_metrics_and_nothing_recompiles(tmp_pa
   assert sorted(losses(tmp_path)) == [6, 12, 18, 24, 26]
   assert [e["step"] for e in evals] == sorted(losses(tmp_path, "eval")) == [12, 24, 26]
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [8, 16, 24, 26]
+
+
+def test_a_start_without_a_checkpoint_sets_the_earlier_starts_metrics_aside(tmp_path, caplog):
+  """Checkpoints moved away to start over (as the no-readable-checkpoint error suggests): the
+  new start appended to the old rows, so read_metrics showed the old run's steps 3-4 as this
+  one's, and a config.json in the directory was overwritten."""
+  train.train_and_evaluate(tiny(num_steps=4, eval_every=4, checkpoint_every=4), tmp_path)
+  before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*")
+            if p.is_file() and "checkpoints" not in p.parts and p.name != ".gru_tpu.lock"}
+  assert {p.name for p in before} >= {"metrics.jsonl", "config.json"}
+  shutil.move(tmp_path / "checkpoints", tmp_path.parent / "old_checkpoints")
+  with caplog.at_level(logging.WARNING, logger="gru_tpu"):
+    train.train_and_evaluate(tiny(num_steps=2, eval_every=2, checkpoint_every=2, seed=1),
+                             tmp_path)
+  assert "no checkpoint to resume" in caplog.text
+  assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "train"] == [1, 2]
+  assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
+  (aside,) = tmp_path.glob("earlier_start_*")
+  assert {Path(aside.name) / p: b for p, b in before.items()} == {
+      p.relative_to(tmp_path): p.read_bytes() for p in aside.rglob("*") if p.is_file()}
+  # A user's config.json where a first run starts is kept; the same config alone is no start.
+  fresh = tmp_path.parent / "fresh"
+  fresh.mkdir()
+  (fresh / "config.json").write_text("mine\n")
+  train.train_and_evaluate(tiny(num_steps=1, eval_every=1, checkpoint_every=1), fresh)
+  (aside,) = fresh.glob("earlier_start_*")
+  assert (aside / "config.json").read_text() == "mine\n"
+  same = tmp_path.parent / "same"
+  same.mkdir()
+  (same / "config.json").write_text(tiny(num_steps=1, eval_every=1, checkpoint_every=1)
+                                    .to_json_best_effort(indent=2) + "\n")
+  train.train_and_evaluate(tiny(num_steps=1, eval_every=1, checkpoint_every=1), same)
+  assert not list(same.glob("earlier_start_*"))
