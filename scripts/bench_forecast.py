@@ -36,17 +36,24 @@ FORECASTERS = ("gru_tpu", "gru_tpu_refit", *BASELINES)
 
 
 def get_config(name: str, overrides: list[str]):
+  """size=small with the last season as the test tail; `overrides` (KEY=VALUE) are parsed as
+  gru-tpu train's --config.KEY=VALUE (the same type checks and errors)."""
+  from absl import flags
+  from ml_collections import config_flags
+
   from gru_tpu.config import load_file
   c = load_file(ROOT / "configs" / f"{name}_forecast.py", "size=small")
+  fv = flags.FlagValues()
+  argv = ["bench_forecast", *(f"--config.{kv}" for kv in overrides)]
+  config_flags.DEFINE_config_dict("config", c, flag_values=fv, sys_argv=argv)
+  if rest := fv(argv)[1:]:
+    raise ValueError(f"unexpected argument {rest[0]!r}")
+  c = fv.config
   m = c.data.season_length or {"co2": 52, "sunspots": 11}[name]
-  c.data.horizon = c.data.test_length = m
-  for kv in overrides:
-    key, value = kv.split("=", 1)
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(json.loads(value)) if not isinstance(node[leaf], str) else value
+  given = {kv.split("=", 1)[0] for kv in overrides}
+  for key in ("horizon", "test_length"):  # after the overrides: a --set season_length counts
+    if f"data.{key}" not in given:
+      c.data[key] = m
   return c
 
 
@@ -123,7 +130,17 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--refit", action="store_true",
                  help="also refit through the validation tail (gru_tpu_refit)")
   a = p.parse_args(argv)
+  if a.seeds < 1:
+    p.error(f"--seeds must be >= 1, got {a.seeds}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from absl import flags
+
+  from gru_tpu.train import _one_line
+  for name in a.datasets:  # a bad --set before any training, as one line
+    try:
+      get_config(name, a.set)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+      p.error(f"--set: {_one_line(e)}")
   from gru_tpu.bench import check_outputs
   check_outputs(p, json=a.json, plot=a.plot)
   import jax

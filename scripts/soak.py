@@ -41,7 +41,8 @@ def main() -> None:
   argv = ["soak", *[f for f in train_flags if f != "--"]]
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
   try:  # a bad config or override is one line, as for gru-tpu train
-    fv(argv)
+    if rest := fv(argv)[1:]:  # e.g. "config.num_steps=5" without dashes: silently ignored
+      raise UserError(f"unexpected argument {rest[0]!r}; overrides are --config.KEY=VALUE")
     if fv.config is None:
       raise UserError("--config configs/NAME.py[:arg] is required (after --)")
     fv.config.to_dict()

@@ -95,4 +95,22 @@ def test_every_benchmark_script_refuses_an_unwritable_output_before_its_work(tmp
            "--config", str(scripts.parent / "configs" / "synthetic.py"), "--config.num_stepz=2")
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
   assert r.stderr.strip().splitlines()[-1].startswith("soak: ") and "num_stepz" in r.stderr
+  # Without its dashes an override was silently ignored (a soak of the default length).
+  r = soak("--json", str(tmp_path / "s.json"), "--workdir", str(tmp_path / "w"), "--",
+           "--config", str(scripts.parent / "configs" / "synthetic.py"), "config.num_steps=2")
+  assert r.returncode == 2 and "unexpected argument 'config.num_steps=2'" in r.stderr
   assert not (tmp_path / "w").exists()
+  # bench_forecast's --set: a traceback (IndexError, KeyError, JSONDecodeError) or a silent
+  # cast (48.9 -> 48) after parsing; now gru-tpu train's override parser, before any training.
+  for argv, why in ((["--seeds", "0"], "--seeds must be >= 1, got 0"),
+                    (["--set", "num_steps"], "Missing value for flag --config.num_steps"),
+                    (["--set", "nosuch=1"], "unknown config key 'nosuch'"),
+                    (["--set", "model.hidden=48.9"], "invalid literal for int()"),
+                    (["--set", "eval.calibrate=maybe"], "Non-boolean argument")):
+    with pytest.raises(SystemExit) as e:
+      bench_forecast.main(["--datasets", "sunspots", *argv])
+    assert e.value.code == 2 and why in capsys.readouterr().err, argv
+  c = bench_forecast.get_config("sunspots", ["data.season_length=5", "eval.calibrate=false"])
+  assert (c.data.horizon, c.data.test_length, c.eval.calibrate) == (5, 5, False)
+  assert bench_forecast.get_config("sunspots", ["data.season_length=5", "data.horizon=3"]
+                                   ).data.horizon == 3
