@@ -19,10 +19,11 @@ def main(argv: list[str] | None = None) -> int:
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
     usage = "\n".join(f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items())
     print(f"usage: gru-tpu COMMAND [ARGS]\n\ncommands:\n{usage}", file=sys.stderr)
-    known = not argv or argv[0] in ("-h", "--help")
-    if not known:
-      print(f"gru-tpu: unknown command {argv[0]!r}", file=sys.stderr)
-    return 0 if known else 2
+    if argv and argv[0] in ("-h", "--help"):
+      return 0
+    print(f"gru-tpu: unknown command {argv[0]!r}" if argv else "gru-tpu: a COMMAND is needed",
+          file=sys.stderr)
+    return 2  # a script's missing command is a failure, not help it asked for
   import importlib
   module, _, function = COMMANDS[argv[0]][0].partition(":")
   try:

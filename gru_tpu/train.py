@@ -79,8 +79,11 @@ class TrainingDiverged(UserError):
 def load_task(config) -> Any:
   try:
     module = importlib.import_module(f"gru_tpu.tasks.{config.task}")
-  except ModuleNotFoundError as e:
-    raise UserError(f"config.task={config.task!r}: no module gru_tpu.tasks.{config.task}") from e
+  except ModuleNotFoundError:
+    module = None
+  if not hasattr(module, "make_task"):  # forecast_eval, __init__: an AttributeError traceback
+    raise UserError(f"config.task={config.task!r} is not a task; the tasks are 'text', "
+                    f"'forecast' and 'synthetic' (gru_tpu/tasks/)")
   defaults = getattr(module, "data_defaults", None)
   missing = [k for k in defaults().keys() if k not in config.data] if defaults else []
   if missing:  # --config.task=forecast on a text config was a KeyError traceback
@@ -877,12 +880,21 @@ def _check_required(argv: list[str]) -> str:
   def value(flag):
     for i, a in enumerate(argv):
       if a == flag and i + 1 < len(argv):
+        if argv[i + 1].startswith("-"):  # absl took the next flag as the value: a run in
+          # ./--config.num_steps=0, with that override lost
+          raise UserError(f"{flag} needs a value; it is followed by the flag {argv[i + 1]!r}")
         return argv[i + 1]
       if a.startswith(flag + "="):
         return a.split("=", 1)[1]
     return None
 
   config, workdir = value("--config"), value("--workdir")
+  unknown = [a for a in argv if a.startswith("-") and a != "--" and not _is_number(a)
+             and not a.startswith("--config.") and a.split("=", 1)[0].lstrip("-") not in (
+                 "config", "workdir", "distributed", "nodistributed", "coordinator_address",
+                 "num_processes", "process_id")]
+  if unknown:  # absl names it too, but only after the check below said "--workdir is required"
+    raise UserError(f"unknown flag {unknown[0]!r}; see gru-tpu train --help")
   if not config or not workdir:
     raise UserError("both --config configs/NAME.py[:arg] and --workdir DIR are required")
   path = config.split(":", 1)[0]
@@ -890,6 +902,22 @@ def _check_required(argv: list[str]) -> str:
     raise UserError(f"--config {path}: no such file (give a config such as "
                     f"configs/synthetic.py:size=tiny)")
   return path
+
+
+def _expand_user(arg: str, before: str | None) -> str:
+  """~ in --config's path, as in --workdir's: a shell leaves --config=~/x.py unexpanded."""
+  if arg.startswith("--config=~"):
+    return "--config=" + os.path.expanduser(arg[len("--config="):])
+  return os.path.expanduser(arg) if before == "--config" and arg.startswith("~") else arg
+
+
+def _is_number(arg: str) -> bool:
+  """A negative value after its flag (--config.seed -1) is no flag."""
+  try:
+    float(arg)
+    return True
+  except ValueError:
+    return False
 
 
 def _config_file_error(e: BaseException, path: str) -> str | None:
@@ -933,6 +961,11 @@ def _one_line(e: Exception) -> str:
   m = re.search(r"'(\w+)'.*Did you mean \"(\w+)\"", msg.replace("\\", ""))
   if m:  # ml_collections' KeyError for a locked config, quoted twice over
     return f"unknown config key {m.group(1)!r} (did you mean {m.group(2)!r}?)"
+  m = re.search(r"does not exist and the type does not support indexing\. Attempting to lookup: "
+                r"([\w.]+)", msg)
+  if m:  # a key below a value (--config.seed.x=1)
+    return (f"unknown config key {m.group(1)!r}: a part of it is a value, which has no keys "
+            f"below it")
   bare = msg.strip("\"' ")
   if isinstance(e, KeyError) or re.fullmatch(r"\w+", bare):
     return f"unknown config key {bare!r}: check the --config.KEY=VALUE overrides"
@@ -969,6 +1002,7 @@ def main(argv: list[str]) -> int:
   from absl import flags
   from ml_collections import config_flags
 
+  argv = [_expand_user(a, argv[i - 1] if i else None) for i, a in enumerate(argv)]
   fv = flags.FlagValues()
   # sys_argv: the override flags are found in these args, not sys.argv (in-process calls).
   config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", flag_values=fv,

@@ -1070,3 +1070,32 @@ def test_a_start_without_a_checkpoint_sets_the_earlier_starts_metrics_aside(tmp_
                                     .to_json_best_effort(indent=2) + "\n")
   train.train_and_evaluate(tiny(num_steps=1, eval_every=1, checkpoint_every=1), same)
   assert not list(same.glob("earlier_start_*"))
+
+
+def test_flag_mistakes_are_one_line_naming_them(tmp_path, capsys, monkeypatch):
+  w, cfg = str(tmp_path / "w"), f"{CONFIG}:size=tiny"
+  monkeypatch.chdir(tmp_path)  # where a swallowed flag would have been the workdir
+  for argv, said in (
+      # absl took the next flag as the value: a run in ./--config.num_steps=0 at 200 steps
+      (["--config", cfg, "--workdir", "--config.num_steps=0"],
+       "--workdir needs a value; it is followed by the flag '--config.num_steps=0'"),
+      (["--config", "--workdir", w], "--config needs a value; it is followed by the flag"),
+      # It said "both --config ... and --workdir DIR are required"
+      (["--bogus"], "unknown flag '--bogus'; see gru-tpu train --help"),
+      (["--config", cfg, "--workdir", w, "--num_step=3"], "unknown flag '--num_step=3'"),
+      # Modules of gru_tpu.tasks that are no task: an AttributeError traceback
+      (["--config", cfg, "--workdir", w, "--config.task=forecast_eval"],
+       "config.task='forecast_eval' is not a task; the tasks are 'text', 'forecast' and"),
+      (["--config", cfg, "--workdir", w, "--config.task=nope"], "config.task='nope' is not a"),
+      (["--config", cfg, "--workdir", w, "--config.seed.x=1"],
+       "unknown config key 'seed.x': a part of it is a value, which has no keys below it"),
+  ):
+    assert train.main(argv) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gru-tpu train: ") and said in err and "\n" not in err, (argv, err)
+  # ~ was expanded in --workdir=~/x but not in --config=~/x.py
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert train.main(["--config=~/nope.py", "--workdir=~/w"]) == 2
+  assert f"--config {tmp_path}/nope.py: no such file" in capsys.readouterr().err
+  assert not any(tmp_path.iterdir())
+  assert cli.main([]) == 2 and "a COMMAND is needed" in capsys.readouterr().err
