@@ -619,3 +619,21 @@ def test_eval_batches_are_weighted_by_their_observed_targets(tmp_path):
   assert train._weighted_mean([{"loss": 1.0}, {"loss": 3.0}]) == {"loss": 2.0}
   assert train._weighted_mean([{"loss": 1.0, "weight": 0}, {"loss": 3.0, "weight": 0}]) == {
       "loss": 2.0}
+
+
+def test_an_eval_that_wraps_around_its_windows_counts_each_once():
+  """Eval reads the validation windows in order and wraps around: 11 windows in batches of 8
+  read windows 0-4 twice in the second batch, and they counted twice."""
+  task = task_for(seasonal_frame(), **{"eval.backtest_stride": 1, "data.val_length": 16})
+  n, B = len(task.windows["eval"]), task.config.batch_size
+  assert (n, B) == (11, 8)
+  model = task.build_model(nnx.Rngs(0))
+  model.eval()
+  it = task.batches("eval", 0, 0, 1)
+  rows = [task.loss_fn(model, next(it), jax.random.key(0)) for _ in range(3)]
+  got = train._weighted_mean([dict(aux, loss=loss) for loss, aux in rows])
+  once = task.store.gather(task.windows["eval"][:, 0], task.windows["eval"][:, 1], task.horizon)
+  loss, aux = task.loss_fn(model, once, jax.random.key(0))
+  np.testing.assert_allclose([got["loss"], got["mae"]], [loss, aux["mae"]], rtol=1e-5)
+  halves = [next(task.batches("eval", 1, shard, 2))["weight"] for shard in (0, 1)]
+  assert np.concatenate(halves).tolist() == [1, 1, 1, 0, 0, 0, 0, 0]

@@ -53,3 +53,13 @@ def endless(fetch: Callable[[np.ndarray], Any], order: WindowOrder, start_step: 
   lo, hi = shard * rows, (shard + 1) * rows
   ds = grain.MapDataset.range(start_step, 2**62).map(lambda k: fetch(order.rows(k, lo, hi)))
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+
+
+def first_pass_weights(batches: Iterator[dict], n: int, batch_size: int, start_step: int,
+                       shard: int, num_shards: int) -> Iterator[dict]:
+  """Unshuffled (eval) batches with a per-row "weight": 1 for a window's first reading from
+  batch 0, 0 where the order wrapped around past the n windows (a repeat)."""
+  rows = batch_size // num_shards
+  pos_R = shard * rows + np.arange(rows)
+  for k, batch in enumerate(batches, start_step):
+    yield dict(batch, weight=(k * batch_size + pos_R < n).astype(np.float32))

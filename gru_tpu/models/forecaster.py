@@ -198,6 +198,8 @@ class Forecaster(nnx.Module):
       raw = self._raw(y_BxTxH)
     p = self._dist(raw, mu, s)
     y, w = b["y"][:, first:], b["observed"][:, first:]
+    if "weight" in b:  # eval: 0 for a window already read in this eval
+      w = w * b["weight"].reshape(-1, *[1] * (w.ndim - 1))
     n = jnp.maximum(w.sum(), 1.0)
     loss = (self._elementwise_loss(p, y) * w).sum() / n
     # weight: what the engine's grad_accum weighs this batch's means by (dropped from metrics)

@@ -6,7 +6,7 @@ A task module defines `make_task(config)` returning an object with
                           is a mean over a varying number of terms also gives that number as
                           aux["weight"] (grad_accum weighs micro-batches, and eval averages
                           eval batches, by it; not logged); eval batches may carry a
-                          per-row "weight" (the text task's: 0 for a window already scored)
+                          per-row "weight" (order.first_pass_weights: 0 for a window already read)
   batches(split, start_step, shard, num_shards) -> iterator of rows [shard·B/num_shards,
                           (shard+1)·B/num_shards) of each global batch of B rows (numpy); the
                           engine passes this process's shard (sharding.data_shard)

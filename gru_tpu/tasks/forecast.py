@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gru_tpu.data import order
 from gru_tpu.data import timeseries as ts
 from gru_tpu.errors import UserError
 from gru_tpu.models.forecaster import DECODERS, NUM_PARAMS, WINDOW_NORMS, Forecaster
@@ -366,10 +367,16 @@ class ForecastTask:
 
   def batches(self, split, start_step, shard, num_shards):
     c = self.config
-    return ts.window_batches(self.store, self.windows["train" if split == "train" else "eval"],
-                             horizon=self.horizon, batch_size=c.batch_size, seed=c.seed,
-                             start_step=start_step, shard=shard,
-                             num_shards=num_shards, shuffle=split == "train")
+    windows = self.windows["train" if split == "train" else "eval"]
+    batches = ts.window_batches(self.store, windows, horizon=self.horizon,
+                                batch_size=c.batch_size, seed=c.seed, start_step=start_step,
+                                shard=shard, num_shards=num_shards, shuffle=split == "train")
+    if split == "train":
+      return batches
+    # Eval reads the windows in order and wraps around (co2: its 1 window, 64 times a batch);
+    # the repeats weigh 0, so windows count once whatever the batch size.
+    return order.first_pass_weights(batches, len(windows), c.batch_size, start_step, shard,
+                                    num_shards)
 
   def loss_fn(self, model, batch, rng):
     return model.loss(batch, rngs=nnx.Rngs(dropout=rng))

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gru_tpu.data import text
+from gru_tpu.data import order, text
 from gru_tpu.errors import UserError
 from gru_tpu.models import lm
 from gru_tpu.models.lm import SequenceLM
@@ -55,15 +55,13 @@ class TextTask:
         self.tokens(name), seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed,
         start_step=start_step, shard=shard, num_shards=num_shards,
         shuffle=split == "train", split=name)
+    batches = ({"tokens": w} for w in windows)
     if split == "train":
-      return ({"tokens": w} for w in windows)
+      return batches
     # Eval reads the windows in order from the first; where eval_steps x batch_size passes
-    # their number it wraps around, and rows past the first pass (repeats) weigh 0.
-    n = (len(self.tokens(name)) - 1) // c.seq_len
-    rows = c.batch_size // num_shards
-    pos_R = shard * rows + np.arange(rows)
-    return ({"tokens": w, "weight": ((start_step + k) * c.batch_size + pos_R < n).astype(
-        np.float32)} for k, w in enumerate(windows))
+    # their number it wraps around, and the repeats weigh 0.
+    return order.first_pass_weights(batches, (len(self.tokens(name)) - 1) // c.seq_len,
+                                    c.batch_size, start_step, shard, num_shards)
 
   def loss_fn(self, model, batch, rng):
     tokens = batch["tokens"]
