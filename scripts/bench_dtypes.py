@@ -72,8 +72,10 @@ def runs(make_config, steps: int, eval_split: str, mesh) -> dict:
       state, m = s.train_step(state, jax.device_put(next(batches), s.batch_sharding))
       losses.append(float(m["loss"]))
     evals = s.task.batches(eval_split, 0, 0, 1)
-    eval_loss = np.mean([float(s.eval_step(state, jax.device_put(next(evals), s.batch_sharding))
-                               ["loss"]) for _ in range(4)])
+    # Weighed as the engine weighs eval batches (observed targets; windows read twice: 0).
+    eval_loss = train._weighted_mean(jax.device_get([
+        s.eval_step(state, jax.device_put(next(evals), s.batch_sharding)) for _ in range(4)]))[
+        "loss"]
     final[dt] = state["params"]
     out[dt] = {"loss_scale": train.loss_scale(c),
                "train_loss_last10": float(np.mean(losses[-10:])), "eval_loss": float(eval_loss)}
