@@ -84,6 +84,10 @@ def test_bad_text_inputs_exit_2(tmp_path):
   r = train(tmp_path / "b", f"--config.data.source=files:{tmp_path}/short.txt",
             "--config.num_steps=2")
   assert r.returncode == 2 and "leaves no window in the" in r.stderr
+  c = char_pystdlib.get_config("size=tiny")  # it trained on, logging empty samples
+  c.data.sample_length = -1
+  with pytest.raises(UserError, match=r"config.data.sample_length=-1: expected an integer >= 0"):
+    TextTask(c)
 
 
 def test_seq_len_must_leave_a_window_in_the_validation_split(tmp_path):

@@ -28,6 +28,9 @@ class TextTask:
   def __init__(self, config):
     self.config = config
     d = config.data
+    if d.get("sample_length", 0) < 0:  # trained on, logging an empty sample at every eval
+      raise UserError(f"config.data.sample_length={d.sample_length}: expected an integer >= 0 "
+                      f"(0: the prompt alone)")
     self.corpus = text.load_corpus(d.source, tfds_data_dir=d.get("tfds_data_dir", ""),
                                    tfds_manual_dir=d.get("tfds_manual_dir", ""),
                                    tfds_text_key=d.get("tfds_text_key", "text"))
