@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 COMMANDS = {
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
   module, _, function = COMMANDS[argv[0]][0].partition(":")
   try:
     code = getattr(importlib.import_module(module), function or "main")(argv[1:])
+    sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
     if code:
       # The failure is reported, in one line. An unreadable checkpoint also fails orbax's other
       # pending reads, whose futures asyncio logs as tracebacks when they are garbage-collected,
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     hint = "; run the same command to resume from the latest checkpoint" * (argv[0] == "train")
     print(f"gru-tpu {argv[0]}: interrupted{hint}", file=sys.stderr)
     return 130
+  except BrokenPipeError:  # `gru-tpu ... --help | head`: the reader is gone; stop quietly
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+    return 1
 
 
 if __name__ == "__main__":

@@ -94,3 +94,12 @@ def test_a_failed_command_ends_with_its_one_line(tmp_path):
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [f"gru-tpu sample: {tmp_path} holds no checkpoint; "
                                            f"train first (gru-tpu train --workdir {tmp_path} ...)"]
+
+
+def test_a_closed_stdout_is_a_quiet_exit_1():
+  """`gru-tpu train --help | head -1`: a BrokenPipeError traceback when the reader was gone."""
+  p = subprocess.Popen([sys.executable, "-m", "gru_tpu.cli", "train", "--help"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  p.stdout.close()  # before it writes: its print meets a closed pipe
+  err = p.stderr.read()
+  assert p.wait(timeout=300) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
