@@ -199,16 +199,24 @@ def test_text_files_and_a_forecast_csv_read_from_gs(gcs):
     c = text.load_corpus("files:gs://bkt/data/*.txt")
     print(repr(c.train + c.validation + c.test))
     print(timeseries.read_csv("gs://bkt/series.csv").to_dict("list"))
-    for source in ("files:gs://bkt/data/**/*.txt", "files:gs://bkt/nothing/*.txt"):
+    for source in ("files:gs://bkt/data/**/*.txt", "files:gs://bkt/nothing/*.txt",
+                   "files:gs://nobkt/*.txt"):
       try:
         text.load_corpus(source)
       except UserError as e:
         print(e)
+    try:
+      timeseries.read_csv("gs://nobkt/series.csv")
+    except UserError as e:
+      print(e)
   """
   r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
-  corpus, frame, recursive, empty = r.stdout.splitlines()
+  corpus, frame, recursive, empty, no_bucket, no_csv = r.stdout.splitlines()
+  # A missing bucket was train's OSError line: "b/nobkt/o; free space or fix permissions"
+  assert "'files:gs://nobkt/*.txt': cannot read it (FileNotFoundError" in no_bucket
+  assert "gs://nobkt/series.csv" in no_csv, no_csv
   assert corpus == repr(b"first file\nsecond file\n")  # sorted by name, this level only
   assert frame == repr({"date": ["2024-01-01", "2024-01-02"], "sales": [3, 4]})
   assert "a gs:// glob takes * and ? within one directory level, not **" in recursive

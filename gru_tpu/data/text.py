@@ -151,11 +151,17 @@ def load_corpus(source: str, *, tfds_data_dir: str = "", tfds_manual_dir: str = 
   if source == "pystdlib":
     corpus = _pystdlib()
   elif source.startswith("files:"):
-    paths = _glob_files(source, source[len("files:"):])
-    if not paths:
-      raise UserError(f"config.data.source={source!r}: the glob matches no files; check the "
-                      f"path (relative paths are from the current directory)")
-    corpus = split_90_5_5(source, b"".join(p.read_bytes() for p in paths))
+    try:
+      paths = _glob_files(source, source[len("files:"):])
+      if not paths:
+        raise UserError(f"config.data.source={source!r}: the glob matches no files; check the "
+                        f"path (relative paths are from the current directory)")
+      data = b"".join(p.read_bytes() for p in paths)
+    except OSError as e:  # a missing bucket, no permission: train's OSError line spoke of disks
+      raise UserError(f"config.data.source={source!r}: cannot read it ({type(e).__name__}: "
+                      f"{' '.join(str(e).split()) or e.strerror}); check the path, and for gs:// "
+                      f"the bucket and its read permission") from None
+    corpus = split_90_5_5(source, data)
   elif source.startswith("tfds:"):
     corpus = _tfds(source[len("tfds:"):], tfds_data_dir, tfds_manual_dir, tfds_text_key)
   else:
