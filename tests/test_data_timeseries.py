@@ -70,6 +70,17 @@ def test_csv_panel_with_covariates(tmp_path):
     ("date,y\n2024-01-01,1\n2024-01-01,2\n", {}, r"line 3: duplicated timestamp"),
     ("date,y\n2024-01-01,\n2024-01-02,\n", {}, r"target 'y' has no values"),
     ("date,y\n,1\n", {}, r"line 2: empty timestamp"),
+    # Read as UTC with utc=True: a 22 h step, forecasts written in UTC, exit 0.
+    ("date,y\n2024-01-01T00:00,1\n2024-01-02T00:00,2\n2024-01-03T00:00+02:00,3\n", {},
+     r"line 4: timestamp '2024-01-03T00:00\+02:00' in time column 'date' has a UTC offset, "
+     r"which the first row's '2024-01-01T00:00' lacks"),
+    ("date,y\n2024-01-01 00:00Z,1\n2024-01-02 00:00,2\n", {}, r"line 3: .* lacks a UTC offset"),
+    # It named line 2's '0' (the first NaT of a datetime parse), not the bad cell.
+    ("date,y\n0,1\n1,2\n?,3\n3,4\n", {}, r"line 4: time '\?' in time column 'date' is not a "
+                                         r"number, as the column's other times are"),
+    # A traceback ('Q' is a bad directive), exit 1
+    ("date,y\n2024-01-01,1\n", dict(time_format="%Q"),
+     r"config.data.time_format='%Q': cannot parse the times \('Q' is a bad directive"),
     # blank lines count: pandas skips them, the line number must not
     ("date,y\n2024-01-01,1\n\n\n2024-01-02,x\n", {}, r"line 5: target column 'y' holds 'x'"),
     ("date,y\n2024-01-01,1\n2024-01-02,inf\n", {}, r"line 3: .* holds inf, not a finite"),
@@ -353,3 +364,11 @@ def test_windows_cover_pad_plus_horizon_and_batches_resume_and_shard():
   np.testing.assert_array_equal(np.concatenate(halves), first[2])
   other = next(ts.window_batches(store, windows, **dict(kw, seed=4)))["y"]
   assert not np.array_equal(other, first[0])
+
+
+def test_a_trailing_comma_on_every_row_is_no_index_column(tmp_path):
+  """Excel's export: pandas took the dates as the index and the values as the times."""
+  p = load(write(tmp_path, "date,y\n2024-01-01,1.5,\n2024-01-02,2.5,\n2024-01-03,3.5,\n"),
+           time_column="date", target="y")
+  np.testing.assert_array_equal(p.series[0].y[:, 0], [1.5, 2.5, 3.5])
+  assert str(p.series[0].time[0]).startswith("2024-01-01")

@@ -92,7 +92,7 @@ def read_csv(path: str):
     raise UserError(f"csv:{path}: no such file (relative paths are from the current directory)")
   data = p.read_bytes()
   try:
-    df = pd.read_csv(io.BytesIO(data))
+    df = pd.read_csv(io.BytesIO(data), index_col=False)  # a trailing comma: no index column
   except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
     raise UserError(f"csv:{path}: not a readable CSV ({' '.join(str(e).split())}); save it as "
                     f"comma-separated UTF-8 with a header row") from None
@@ -193,6 +193,10 @@ def _day_first(raw, col: str, where) -> bool:
   return False
 
 
+# A UTC offset ending a timestamp that has a time of day: 13:00Z, 13:00+02:00, 13:00:00-0500.
+_OFFSET = r"\d:\d\d(?::\d\d(?:\.\d*)?)?\s*(?:Z|[+-]\d\d(?::?\d\d)?)$"
+
+
 def _times(df, col: str, where, time_format: str = ""):
   """(times, tz): datetime64[ns] (UTC if the column had offsets) or int64/float64, and the
   column's timezone (None if naive), which forecasts are written back in. `time_format`: a
@@ -210,12 +214,29 @@ def _times(df, col: str, where, time_format: str = ""):
     t = pd.DatetimeIndex(s)
   else:
     raw = s.astype(str)
+    number = pd.to_numeric(raw, errors="coerce")
+    if number.notna().sum() > len(raw) / 2:  # numbers with a few bad cells: name one of those
+      i = int(np.flatnonzero(number.isna().to_numpy())[0])
+      raise UserError(f"{where(i)}: time {s.iloc[i]!r} in time column {col!r} is not a number, "
+                      f"as the column's other times are; fix the value")
     how = (dict(format=time_format) if time_format else
            dict(format="mixed", dayfirst=_day_first(raw, col, where)))
     try:  # pandas 2 returns offsets that change as an object Index; DatetimeIndex refuses it
       t = pd.DatetimeIndex(pd.to_datetime(raw, errors="coerce", **how))
     except ValueError:  # UTC offsets that change within the column (daylight saving)
-      t = pd.to_datetime(raw, errors="coerce", utc=True, **how)
+      aware = raw.str.contains(_OFFSET).to_numpy()
+      if aware.any() and not aware.all():  # utc=True would read the naive ones as UTC
+        i = int(np.flatnonzero(aware != aware[0])[0])
+        raise UserError(f"{where(i)}: timestamp {s.iloc[i]!r} in time column {col!r} "
+                        f"{'has' if aware[i] else 'lacks'} a UTC offset, which the first row's "
+                        f"{s.iloc[0]!r} {'lacks' if aware[i] else 'has'}; give every "
+                        f"timestamp an offset or none") from None
+      try:
+        t = pd.to_datetime(raw, errors="coerce", utc=True, **how)
+      except ValueError as e:  # not a date, or an invalid format string
+        what = f"config.data.time_format={time_format!r}" if time_format else f"column {col!r}"
+        raise UserError(f"{what}: cannot parse the times ({' '.join(str(e).split())})"
+                        ) from None
     if t.isna().any():
       i = int(np.flatnonzero(t.isna())[0])
       fix = (f"it does not match config.data.time_format={time_format!r}" if time_format else
