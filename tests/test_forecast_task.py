@@ -180,8 +180,10 @@ def test_engine_end_to_end_beats_naive_and_reports_baselines(tmp_path):
     m.forecast(hist, 7)
   with pytest.raises(UserError, match="horizon must be >= 1"):
     m.forecast(hist, 0)
-  with pytest.raises(UserError, match=r"horizon must be an integer, got 3.0"):
-    m.forecast(hist, 3.0)
+  for name, kwargs in (("horizon", {"horizon": 3.0}), ("horizon", {"horizon": True}),
+                       ("num_samples", {"horizon": 2, "num_samples": 20.0})):  # a TypeError
+    with pytest.raises(UserError, match=rf"{name} must be an integer, got "):
+      m.forecast(hist, **kwargs)
   assert len(m.forecast(hist, np.int64(2), num_samples=2)) == 2
   with pytest.raises(UserError, match=r"num_samples must be >= 2, got 1 \(a student_t head"):
     m.forecast(hist, 2, num_samples=1)  # was a frame without its quantile columns
@@ -357,6 +359,11 @@ def test_bad_task_inputs():
   with pytest.raises(UserError, match="quantile head needs levels at or beyond 0.1 and 0.9"):
     task_for(seasonal_frame(), **{"model.head": "quantile",
                                   "model.quantiles": (0.25, 0.5, 0.75)})
+  late = seasonal_frame()  # values only from the validation tail on: trained unscaled, and
+  late.loc[:137, "y"] = np.nan  # its NaN naive baselines left their means silently
+  with pytest.raises(UserError, match=r"series 'y' has no observed 'y' in its training part "
+                                      r"\(its first 138 steps"):
+    task_for(late)
   huge = seasonal_frame()
   huge.loc[60, "y"] = 1e300  # finite, but its variance overflows: every scaled value would be 0
   with pytest.raises(UserError, match="series 'y': the training part of the targets .* too "

@@ -340,6 +340,13 @@ class ForecastTask:
     self.n_fit = [{"validation": n, "test": n + V, "end": end}[until]
                   for n, end in zip(self.n_train, ends)]
     self.in_sample = {"eval": until != "validation", "test": until == "end"}
+    for s, n in zip(p.series, self.n_fit):
+      for c in np.flatnonzero(np.isnan(s.y[:n]).all(0)):
+        # It trained unscaled, and its naive baselines (NaN) dropped out of their means while
+        # the model's metrics kept it: the side-by-side compared other windows.
+        raise UserError(f"{p.name}: series {s.id!r} has no observed {p.targets[c]!r} in its "
+                        f"training part (its first {n} steps, before the validation and test "
+                        f"tails); drop the series or give it earlier values")
     self.scales = {s.id: fit_scales(s, n, d.scaling, d.transform)
                    for s, n in zip(p.series, self.n_fit)}
     self.meta = {"task": "forecast", "source": p.name, "time_column": p.time_column,
@@ -506,10 +513,11 @@ def forecast_frame(model: Forecaster, config, meta: dict, panel: ts.Panel, horiz
   """
   import pandas as pd
   d = config.data
-  try:
-    horizon = operator.index(horizon)  # numpy integers too; 3.0 or "3" are a caller's slip
-  except TypeError:
-    raise UserError(f"horizon must be an integer, got {horizon!r}") from None
+  for name, value in (("horizon", horizon), ("num_samples", num_samples)):
+    # numpy integers too; 3.0, "3" or True are a caller's slip (True was horizon 1)
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+      raise UserError(f"{name} must be an integer, got {value!r}")
+  horizon, num_samples = operator.index(horizon), operator.index(num_samples)
   if horizon < 1:
     raise UserError(f"horizon must be >= 1, got {horizon}")
   check_samples(model.head, num_samples)
