@@ -484,6 +484,10 @@ BAD_CALLS = [
     (dict(initial_carry=np.zeros((1, B, H))), r"initial_carry must be \(2, 8, 6\)"),
     # The imaginary part was dropped silently and y came back complex64 (of the real part).
     (dict(x=np.zeros((B, T, I), np.complex64)), r"GRU: x_BxTxI must be real .* got complex64"),
+    # Values read from a file: JAX's TypeError named no argument.
+    (dict(x=np.zeros((B, T, I)).astype(str)), r"GRU: x_BxTxI must be a numeric array of shape "
+                                              r"\(B, T, 5\), got <U32 values"),
+    (dict(x=np.zeros((B, T, I), object)), r"x_BxTxI must be a numeric array .* got object"),
 ]
 
 

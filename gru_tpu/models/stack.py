@@ -145,7 +145,11 @@ class RecurrentStack(nnx.Module):
     seq_lengths (B,) marks right padding: the carry freezes after each sequence's end, y is zero
     there, and the reverse direction starts at each sequence's own last valid step.
     """
-    x_BxTxI = jnp.asarray(x_BxTxI)
+    try:
+      x_BxTxI = jnp.asarray(x_BxTxI)
+    except TypeError:  # strings or objects (values read from a file): JAX named no argument
+      raise ValueError(f"{type(self).__name__}: x_BxTxI must be a numeric array of shape (B, T, "
+                       f"{self.in_features}), got {np.asarray(x_BxTxI).dtype} values") from None
     B, T = self._check_input(x_BxTxI)
     seq_lengths = self._check_lengths(seq_lengths, B, T)
     D = self.num_directions
