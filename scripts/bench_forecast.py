@@ -10,8 +10,9 @@ of the history before the tail, linearly interpolated where missing), sMAPE, CRP
 coverage of gru_tpu and of the naive, seasonal-naive and ETS (Holt-Winters, additive trend and
 season) baselines fitted to the same history. With --seeds N the model is trained N times; the
 table shows the mean [min, max], the JSON every run. --set overrides config keys of both
-datasets (e.g. --set num_steps=500 model.hidden=32). --plot draws the first seed's test-tail
-forecast (median, 80 % band) against the truth, seasonal naive and ETS. The JSON also keeps each
+datasets (e.g. --set num_steps=500 model.hidden=32; parsed as gru-tpu train's
+--config.KEY=VALUE). --plot draws the first seed's test-tail forecast (median, 80 % band)
+against the truth, seasonal naive and ETS. The JSON also keeps each
 run's last validation-tail metrics (`validation`): choose settings on those, not on the test.
 --refit adds the protocol "choose on validation, then refit": per seed a second run trains
 through the validation tail as well (data.train_until=test), with the first run's interval
