@@ -70,6 +70,9 @@ def test_csv_panel_with_covariates(tmp_path):
     ("date,y\n2024-01-01,1\n2024-01-01,2\n", {}, r"line 3: duplicated timestamp"),
     ("date,y\n2024-01-01,\n2024-01-02,\n", {}, r"target 'y' has no values"),
     ("date,y\n,1\n", {}, r"line 2: empty timestamp"),
+    # A European export: one column named 'date;y', and nothing said about the separator.
+    ("date;y\n2024-01-01;1\n", {}, r"no time column 'date' \(columns: date;y\); the file is not "
+                                   r"comma-separated: save it as CSV with commas"),
     # Read as UTC with utc=True: a 22 h step, forecasts written in UTC, exit 0.
     ("date,y\n2024-01-01T00:00,1\n2024-01-02T00:00,2\n2024-01-03T00:00+02:00,3\n", {},
      r"line 4: timestamp '2024-01-03T00:00\+02:00' in time column 'date' has a UTC offset, "

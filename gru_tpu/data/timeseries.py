@@ -433,6 +433,8 @@ def panel_from_frame(df, *, time_column: str, targets: list[str], id_column: str
     if col not in have:
       fix = (f"fix config.data.{key} or the file" if freq is None else  # training
              "the model was trained with it: give a file that has it")  # forecasting
+      if len(have) == 1 and any(sep in have[0] for sep in ";\t|"):  # "date;y": one column
+        fix = "the file is not comma-separated: save it as CSV with commas"
       raise UserError(f"{name}: no {role} column {col!r} (columns: {', '.join(have)}); {fix}")
   if not targets:
     raise UserError(f"{name}: no target column; set config.data.target")
