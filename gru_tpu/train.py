@@ -332,8 +332,12 @@ def _check_compatible(saved_meta: dict, config, task, step: int, directory: epat
               "so this run will not equal one trained with them from the start")
   batches = ("the batches from step %d on are not the ones the first run would have seen, so "
              "this run will not equal one trained with it from the start")
+  micro = ("the micro-batches from step %d on are not the first run's (their dropout draws "
+           "and the gradient's rounding differ), so this run will not equal one trained with it "
+           "from the start")
   for key, effect in (("num_steps", schedule), ("optimizer", schedule), ("seed", batches),
-                      ("batch_size", batches), ("seq_len", batches)):  # batch k: f(these, k)
+                      ("batch_size", batches), ("seq_len", batches),  # batch k: f(these, k)
+                      ("grad_accum", micro)):
     if key in saved and saved[key] != now.get(key):
       log.warning("config.%s differs from the checkpoint's (%s vs now %s): " + effect, key,
                   saved[key], now.get(key), step)

@@ -962,6 +962,12 @@ def test_resuming_with_another_length_optimizer_or_data_order_says_it_is_not_exa
       f"config.{key} differs from the checkpoint's ({a} vs now {b}): the batches from step 20 on "
       f"are not the ones the first run would have seen, so this run will not equal one trained "
       f"with it from the start" for key, a, b in (("seed", 0, 1), ("batch_size", 16, 8))]
+  seen.clear()  # it said nothing, although each micro-batch's dropout key is fold_in(rng, i)
+  train._check_compatible(saved, tiny(grad_accum=2), None, 20, tmp_path)
+  assert seen == ["config.grad_accum differs from the checkpoint's (1 vs now 2): the "
+                  "micro-batches from step 20 on are not the first run's (their dropout draws "
+                  "and the gradient's rounding differ), so this run will not equal one trained "
+                  "with it from the start"]
 
 
 def test_a_text_run_resumes_with_keys_added_since_and_its_data_moved(tmp_path):
