@@ -879,8 +879,9 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
   log.info("process %d of %d", jax.process_index(), jax.process_count())
 
 
-def _check_required(argv: list[str]) -> str:
-  """The --config file's path; UserError when it or --workdir is missing."""
+def _check_required(argv: list[str], known: set[str]) -> str:
+  """The --config file's path; UserError when it or --workdir is missing, or for a flag not in
+  `known` (the defined flags' names)."""
   def value(flag):
     for i, a in enumerate(argv):
       if a == flag and i + 1 < len(argv):
@@ -893,10 +894,12 @@ def _check_required(argv: list[str]) -> str:
     return None
 
   config, workdir = value("--config"), value("--workdir")
+  def defined(arg: str) -> bool:
+    name = arg.split("=", 1)[0].lstrip("-")
+    return name in known or name.startswith("no") and name[2:] in known  # --nodistributed
+
   unknown = [a for a in argv if a.startswith("-") and a != "--" and not _is_number(a)
-             and not a.startswith("--config.") and a.split("=", 1)[0].lstrip("-") not in (
-                 "config", "workdir", "distributed", "nodistributed", "coordinator_address",
-                 "num_processes", "process_id")]
+             and not a.startswith("--config.") and not defined(a)]
   if unknown:  # absl names it too, but only after the check below said "--workdir is required"
     raise UserError(f"unknown flag {unknown[0]!r}; see gru-tpu train --help")
   if not config or not workdir:
@@ -1023,7 +1026,7 @@ def main(argv: list[str]) -> int:
     print(USAGE + "\n\n" + fv.get_help(include_special_flags=False))
     return 0
   try:
-    path = _check_required(argv)
+    path = _check_required(argv, set(fv))
     # ml_collections loads the file into sys.modules["config_config"] with load_module(), which
     # executes it into the module a previous in-process run left there: a file without a
     # get_config of its own ran the previous config's.

@@ -214,11 +214,6 @@ def _times(df, col: str, where, time_format: str = ""):
     t = pd.DatetimeIndex(s)
   else:
     raw = s.astype(str)
-    number = pd.to_numeric(raw, errors="coerce")
-    if number.notna().sum() > len(raw) / 2:  # numbers with a few bad cells: name one of those
-      i = int(np.flatnonzero(number.isna().to_numpy())[0])
-      raise UserError(f"{where(i)}: time {s.iloc[i]!r} in time column {col!r} is not a number, "
-                      f"as the column's other times are; fix the value")
     how = (dict(format=time_format) if time_format else
            dict(format="mixed", dayfirst=_day_first(raw, col, where)))
     try:  # pandas 2 returns offsets that change as an object Index; DatetimeIndex refuses it
@@ -238,6 +233,11 @@ def _times(df, col: str, where, time_format: str = ""):
         raise UserError(f"{what}: cannot parse the times ({' '.join(str(e).split())})"
                         ) from None
     if t.isna().any():
+      number = pd.to_numeric(raw, errors="coerce")
+      if number.notna().sum() > len(raw) / 2:  # numbers with a few bad cells: name one of those
+        i = int(np.flatnonzero(number.isna().to_numpy())[0])
+        raise UserError(f"{where(i)}: time {s.iloc[i]!r} in time column {col!r} is not a "
+                        f"number, as the column's other times are; fix the value")
       i = int(np.flatnonzero(t.isna())[0])
       fix = (f"it does not match config.data.time_format={time_format!r}" if time_format else
              "use ISO dates such as 2024-01-31 or 2024-01-31 13:00, or plain numbers")
